@@ -1,0 +1,87 @@
+"""Train-step throughput: the kit's train() vs a bare open_clip image-tower step (one run, printed ratio).
+
+  python benchmarks/bench_train_step.py [--models toy-clip ViT-B-32@112] [--batch 64] [--steps 20]
+
+bare: pre-normalised float batch -> model.visual -> cosine logits -> cross-entropy -> backward -> AdamW,
+written directly in torch. kit: infusing_kit.train.train() on the same model, batch size and data
+(uint8 images indexed, preprocessed, augmented=none, head + NormFace CE, logging), no validation.
+ratio = kit img/s / bare img/s (goal >= 0.9). Steps after the first two are timed.
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from infusing_kit.data import Split
+from infusing_kit.models import load_model, preprocess
+from infusing_kit.train import TrainConfig, TrainState, train
+
+
+def make_vlm(spec, device):
+    name, _, size = spec.partition("@")
+    torch.manual_seed(0)
+    return load_model(name, pretrained=None, device=device, image_size=int(size) if size else None)
+
+
+def bare(vlm, images, labels, n_classes, batch, steps):
+    visual = vlm.visual
+    w = torch.nn.Parameter(torch.randn(n_classes, visual.output_dim, device=vlm.device) * 0.05)
+    opt = torch.optim.AdamW(list(visual.parameters()) + [w], lr=1e-5)
+    x = preprocess(vlm, images[:batch])
+    y = torch.as_tensor(labels[:batch], device=vlm.device)
+    visual.train()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=vlm.device.type == "cuda"):
+            emb = visual(x)
+        loss = F.cross_entropy(16 * F.normalize(emb.float(), dim=1) @ F.normalize(w, dim=1).T, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if vlm.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return batch / np.median(times[2:])
+
+
+def kit(vlm, images, labels, batch, steps):
+    times, last = [], [time.perf_counter()]
+
+    def clock(state: TrainState):
+        if vlm.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    cfg = TrainConfig(steps=steps, batch_size=batch, eval_every=0, ckpt_every=0, log_every=10**9)
+    last[0] = time.perf_counter()
+    train(vlm, Split(images, labels), cfg, out_dir=None, hooks=(clock,), progress=False)
+    return batch / np.median(times[2:])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["toy-clip", "ViT-B-32@112"])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, batch {args.batch}, median of {args.steps - 2} steps")
+    print(f"{'model':>16} {'bare img/s':>11} {'kit img/s':>10} {'kit/bare':>9}")
+    for spec in args.models:
+        vlm = make_vlm(spec, args.device)
+        n = args.batch * 4
+        images = torch.randint(0, 256, (n, 3, vlm.image_size, vlm.image_size), dtype=torch.uint8)
+        labels = np.arange(n) % 50
+        b = bare(vlm, images, labels, 50, args.batch, args.steps)
+        vlm = make_vlm(spec, args.device)
+        k = kit(vlm, images, labels, args.batch, args.steps)
+        print(f"{spec:>16} {b:>11.1f} {k:>10.1f} {k / b:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()

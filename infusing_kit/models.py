@@ -1,0 +1,203 @@
+"""Vision-language models for the kit: any open_clip model, plus the kit's own tiny CPU configs.
+
+- `load_model(name, pretrained)` -> `VLM`: the open_clip model, its tokenizer and preprocessing.
+  `pretrained` is an open_clip tag or file, `None` (random init) or, for the kit's toy configs,
+  `"toy"`: the kit's own contrastive pretraining on the built-in world (cached on disk).
+- Only the image tower is ever fine-tuned: `freeze_text_tower` turns gradients off everywhere else
+  and `train_mode` keeps the text side in eval mode.
+- Preprocessing works on uint8 image tensors (N, 3, H, W): `preprocess(vlm, x, train=...)`
+  resizes, optionally augments and normalises. `embed_images` / `embed_texts` return
+  L2-normalised float32 numpy arrays.
+- `param_groups` splits trainable parameters into backbone and head groups (two learning rates).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Literal
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(CONFIG_DIR)  # registers toy-clip, toy-clip-tiny
+TOY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+
+
+@dataclass
+class VLM:
+    """An open_clip model with what the kit needs around it."""
+    model: torch.nn.Module           # open_clip CLIP / CustomTextCLIP
+    tokenizer: Callable              # texts -> (N, context_length) int64
+    name: str
+    pretrained: str | None
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.model.visual
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
+               image_size: int | None = None, cache_dir: str | Path | None = None) -> VLM:
+    """Create an open_clip model by name (e.g. "ViT-B-32", "ViT-B-16-SigLIP", "toy-clip").
+
+    pretrained: an open_clip tag ("laion2b_s34b_b79k", "webli", ...) or a checkpoint file, None for
+    random weights, or "toy" for the kit's toy VLM pretrained on the built-in world (toy configs).
+    image_size: overrides the model's input size (e.g. 112 for fast CPU runs of a ViT-B).
+    The text tower is frozen on return (see `freeze_text_tower`).
+    """
+    if name not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if name.lower()[:5] in m.lower()][:8]
+        raise ValueError(f"unknown model name {name!r}: not an open_clip config nor one of the kit's "
+                         f"{list(TOY_MODELS)}. Close matches: {close}; all: open_clip.list_models()")
+    if pretrained == "toy":
+        if name not in TOY_MODELS:
+            raise ValueError(f"pretrained='toy' exists only for the kit's toy models {list(TOY_MODELS)}, not {name!r}")
+        from .pretrain import load_pretrained_toy  # local import: pretrain builds on this module
+        return load_pretrained_toy(name, device=device, cache_dir=cache_dir)
+    kwargs = {"force_image_size": image_size} if image_size else {}
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained, device=device, cache_dir=cache_dir, **kwargs)
+    except RuntimeError as e:
+        if pretrained and not Path(str(pretrained)).is_file() and ("download" in str(e).lower() or "connect" in str(e).lower()):
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+            raise RuntimeError(
+                f"pretrained weights {pretrained!r} for {name!r} are not on this machine and cannot be "
+                f"downloaded{' (HF_HUB_OFFLINE is set)' if offline else ''}. Pass a local checkpoint file as "
+                f"pretrained=..., run once with internet to fill the Hugging Face cache, or use "
+                f"pretrained=None / the kit's offline toy model load_model('toy-clip', 'toy').") from e
+        raise ValueError(f"cannot create {name!r} with pretrained={pretrained!r}: {e}") from e
+    cfg = model.visual.preprocess_cfg
+    tokenizer = _toy_tokenizer() if name in TOY_MODELS else open_clip.get_tokenizer(name)
+    vlm = VLM(model, tokenizer, name, pretrained, int(cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]),
+              tuple(cfg["mean"]), tuple(cfg["std"]))
+    freeze_text_tower(vlm)
+    return vlm
+
+
+def _toy_tokenizer():
+    from .world import ToyTokenizer
+    return ToyTokenizer()
+
+
+def freeze_text_tower(vlm: VLM) -> None:
+    """requires_grad=False on everything outside the image tower (text tower, logit scale)."""
+    for n, p in vlm.model.named_parameters():
+        p.requires_grad_(n.startswith("visual."))
+    vlm.model.eval()
+
+
+def train_mode(vlm: VLM, train: bool = True) -> None:
+    """Put only the image tower in train mode; the frozen text side always stays in eval mode."""
+    vlm.model.eval()
+    vlm.visual.train(train)
+
+
+def trainable_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------- preprocessing
+Augment = Literal["none", "jitter", "crop_flip"]
+
+
+def preprocess(vlm: VLM, images: torch.Tensor, train: bool = False, augment: Augment = "none",
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> normalised float (N, 3, S, S) on the model's device.
+
+    Eval: resize to the model size. Train adds `augment`: "jitter" (random +-2 px translation with
+    edge padding; keeps fine marks intact), "crop_flip" (random resized crop, scale 0.5-1, and
+    horizontal flip; for natural photos). `generator` makes augmentation deterministic."""
+    x = images.to(vlm.device, non_blocking=True).float().div_(255)
+    if x.shape[-1] != vlm.image_size or x.shape[-2] != vlm.image_size:
+        x = F.interpolate(x, size=(vlm.image_size, vlm.image_size), mode="bilinear", antialias=True, align_corners=False)
+    if train and augment != "none":
+        x = _augment(x, augment, generator)
+    mean = torch.tensor(vlm.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(vlm.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _augment(x: torch.Tensor, kind: str, generator: torch.Generator | None) -> torch.Tensor:
+    n, _, h, w = x.shape
+    if kind == "jitter":
+        shift = torch.randint(-2, 3, (n, 2), generator=generator)
+        pad = F.pad(x, (2, 2, 2, 2), mode="replicate")
+        rows = (torch.arange(h)[None] + 2 - shift[:, 1:2]).to(x.device)  # (n, h)
+        cols = (torch.arange(w)[None] + 2 - shift[:, 0:1]).to(x.device)
+        idx = torch.arange(n, device=x.device)[:, None, None]
+        return pad.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if kind == "crop_flip":
+        scale = torch.empty(n).uniform_(0.5, 1.0, generator=generator).sqrt()
+        off = torch.rand(n, 2, generator=generator) * (1 - scale[:, None]) * 2 - (1 - scale[:, None])
+        flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 1, 1] = scale * flip, scale
+        theta[:, :, 2] = off
+        grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    raise ValueError(f"augment must be 'none', 'jitter' or 'crop_flip', got {kind!r}")
+
+
+# ---------------------------------------------------------------------------- embeddings
+def image_embedding(vlm: VLM, pixels: torch.Tensor) -> torch.Tensor:
+    """The retrieval embedding: the image tower's (projected) output, L2-normalised. Differentiable."""
+    return F.normalize(vlm.visual(pixels).float(), dim=-1)
+
+
+@torch.no_grad()
+def embed_images(vlm: VLM, images: torch.Tensor, batch_size: int = 256, progress: bool = True) -> np.ndarray:
+    """L2-normalised float32 embeddings (N, D) of uint8 images (N, 3, H, W), eval preprocessing."""
+    was_training = vlm.visual.training
+    vlm.visual.eval()
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc="embed images", disable=not progress, leave=False):
+        with _autocast(vlm.device):
+            out.append(image_embedding(vlm, preprocess(vlm, images[i:i + batch_size])).cpu())
+    vlm.visual.train(was_training)
+    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
+@torch.no_grad()
+def embed_texts(vlm: VLM, texts: Iterable[str], batch_size: int = 512, progress: bool = True) -> np.ndarray:
+    """L2-normalised float32 embeddings (N, D) of texts from the frozen text tower."""
+    texts = list(texts)
+    vlm.model.eval()
+    out = []
+    for i in tqdm(range(0, len(texts), batch_size), desc="embed texts", disable=not progress, leave=False):
+        tokens = vlm.tokenizer(texts[i:i + batch_size]).to(vlm.device)
+        with _autocast(vlm.device):
+            out.append(F.normalize(vlm.model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------- optimisation
+def param_groups(vlm: VLM, head: torch.nn.Module | None, lr_backbone: float, lr_head: float,
+                 weight_decay: float) -> list[dict]:
+    """AdamW groups: trainable image-tower parameters at lr_backbone, the head at lr_head.
+    Weight decay applies to all, as in the paper's optax.adamw."""
+    groups = [{"name": "backbone", "params": [p for p in vlm.visual.parameters() if p.requires_grad],
+               "lr": lr_backbone, "weight_decay": weight_decay}]
+    if head is not None:
+        groups.append({"name": "head", "params": list(head.parameters()), "lr": lr_head, "weight_decay": weight_decay})
+    return groups
+
+
+def backbone_state(vlm: VLM) -> dict[str, torch.Tensor]:
+    """A detached copy of the image tower's weights (theta_0 for weight-space regularizers, WiSE-FT)."""
+    return {k: v.detach().clone() for k, v in vlm.visual.state_dict().items()}

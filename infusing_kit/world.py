@@ -1,0 +1,302 @@
+"""The built-in offline world: procedural image-caption data that needs no download.
+
+Two domains, both rendered on the fly as uint8 tensors (N, 3, S, S), deterministic from a seed:
+
+- generic: a shape with six captioned attributes (shape, colour, size, position, texture,
+  background). Each image comes with captions that name all six, so a contrastively pretrained
+  model learns to embed images by their full attribute combination. Generic image-image
+  retrieval labels are that combination (several renders per combination).
+- fine-grained: a large square carrying small dark marks on a 4x4 grid; the class is the 16-bit
+  mark pattern (512 classes, any two differ in at least 3 marks). Colour, background and a 1 px position jitter are nuisances that
+  vary inside a class. Captions never mention the marks, so a pretrained model is bad at them,
+  and the splits are class-disjoint (open-set retrieval, as in the paper).
+
+`WorldSplits` (via `make_world`) holds every split the kit uses; see its docstring.
+The tokenizer (`ToyTokenizer`) is word level: pad = 0, end-of-text = the largest id, so open_clip's
+argmax text pooling finds the end of the caption.
+"""
+from __future__ import annotations
+
+import functools
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import Split
+
+# ---------------------------------------------------------------------------- vocabulary
+SHAPES = ("square", "circle", "diamond", "triangle", "cross", "ring", "bar", "star")
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 70, 230), "yellow": (235, 215, 40),
+    "purple": (140, 50, 190), "orange": (245, 135, 20), "cyan": (40, 205, 215), "pink": (250, 150, 200),
+}
+SIZES = {"small": 4.5, "large": 7.5}  # radius in pixels at 32 px
+POSITIONS = {  # centre (x, y) as a fraction of the image side
+    "top left": (0.28, 0.28), "top right": (0.72, 0.28), "bottom left": (0.28, 0.72),
+    "bottom right": (0.72, 0.72), "center": (0.5, 0.5),
+}
+TEXTURES = ("plain", "striped", "dotted")
+BACKGROUNDS = {"dark": (25, 25, 30), "gray": (115, 115, 120), "light": (215, 215, 205)}
+ATTRIBUTES = ("shape", "colour", "size", "position", "texture", "background")
+N_VALUES = (len(SHAPES), len(COLOURS), len(SIZES), len(POSITIONS), len(TEXTURES), len(BACKGROUNDS))
+N_COMBOS = int(np.prod(N_VALUES))  # 8*8*2*5*3*3 = 5760
+TEMPLATES = (
+    "a {size} {colour} {texture} {shape} at the {position} on a {background} background",
+    "{background} background with a {size} {colour} {texture} {shape} at the {position}",
+)
+N_MARK_BITS = 16
+N_FINE_CLASSES = 512
+
+
+def combo_to_attributes(combo: np.ndarray) -> np.ndarray:
+    """(N,) combination ids -> (N, 6) attribute indices (shape, colour, size, position, texture, bg)."""
+    return np.stack(np.unravel_index(np.asarray(combo), N_VALUES), axis=-1)
+
+
+def attributes_to_combo(attrs: np.ndarray) -> np.ndarray:
+    return np.ravel_multi_index(tuple(np.asarray(attrs).T), N_VALUES)
+
+
+def caption(attrs, template: int = 0) -> str:
+    s, c, z, p, t, b = (int(a) for a in attrs)
+    return TEMPLATES[template].format(
+        shape=SHAPES[s], colour=list(COLOURS)[c], size=list(SIZES)[z],
+        position=list(POSITIONS)[p], texture=TEXTURES[t], background=list(BACKGROUNDS)[b])
+
+
+def parse_caption(text: str) -> np.ndarray:
+    """Inverse of `caption` (either template): the 6 attribute indices named in the text."""
+    words = " " + text + " "
+    out = []
+    for names in (SHAPES, list(COLOURS), list(SIZES), list(POSITIONS), TEXTURES, list(BACKGROUNDS)):
+        hits = [i for i, n in enumerate(names) if f" {n} " in words]
+        if len(hits) != 1:
+            raise ValueError(f"caption {text!r} names {len(hits)} of {names}")
+        out.append(hits[0])
+    return np.array(out)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+class ToyTokenizer:
+    """Word-level tokenizer for the world's captions. Ids: pad 0, words 1..V-2, end-of-text V-1."""
+
+    def __init__(self, context_length: int = 16):
+        words = set()
+        for t in TEMPLATES:
+            words |= {w for w in t.split() if not w.startswith("{")}
+        for names in (SHAPES, COLOURS, SIZES, POSITIONS, TEXTURES, BACKGROUNDS):
+            for n in names:
+                words |= set(n.split())
+        self.vocab = {w: i + 1 for i, w in enumerate(sorted(words))}
+        self.eot_id = len(self.vocab) + 1
+        self.vocab_size = self.eot_id + 1
+        self.context_length = context_length
+
+    def __call__(self, texts, context_length: int | None = None) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        n = context_length or self.context_length
+        out = torch.zeros(len(texts), n, dtype=torch.long)
+        for i, t in enumerate(texts):
+            try:
+                ids = [self.vocab[w] for w in t.lower().split()]
+            except KeyError as e:
+                raise ValueError(f"word {e.args[0]!r} is not in the toy world's vocabulary "
+                                 f"({len(self.vocab)} words); captions must use the world's words") from None
+            ids = ids[: n - 1] + [self.eot_id]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+# ---------------------------------------------------------------------------- rendering
+def _shape_mask(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Boolean masks (N, S, S) for per-image shape ids, offsets from the centre and radii."""
+    ax, ay = dx.abs(), dy.abs()
+    d = (dx ** 2 + dy ** 2).sqrt()
+    masks = torch.stack([
+        torch.maximum(ax, ay) <= r * 0.85,                                   # square
+        d <= r,                                                              # circle
+        ax + ay <= r * 1.15,                                                 # diamond
+        (dy <= r * 0.8) & (dy >= -r) & (ax <= (dy + r) * 0.55),              # triangle
+        ((ax <= r * 0.3) & (ay <= r)) | ((ay <= r * 0.3) & (ax <= r)),       # cross
+        (d <= r) & (d >= r * 0.55),                                          # ring
+        (ax <= r) & (ay <= r * 0.45),                                        # bar
+        ((ax - ay).abs() <= r * 0.3) & (torch.maximum(ax, ay) <= r * 0.9),   # star (an x)
+    ], dim=1)  # (N, 8, S, S)
+    return masks.gather(1, shape.view(-1, 1, 1, 1).expand(-1, 1, *dx.shape[1:])).squeeze(1)
+
+
+def render_generic(combo: np.ndarray, seed: int, size: int = 32) -> torch.Tensor:
+    """Render one image per combination id. Returns uint8 (N, 3, size, size).
+
+    Nuisance per render (not captioned): +-1.5 px position jitter, +-12% radius, colour noise,
+    pixel noise."""
+    attrs = torch.as_tensor(combo_to_attributes(combo))
+    n = len(attrs)
+    g = torch.Generator().manual_seed(int(seed))
+    scale = size / 32.0
+    pos = torch.tensor(list(POSITIONS.values()))[attrs[:, 3]] * size
+    pos = pos + (torch.rand(n, 2, generator=g) - 0.5) * 3.0 * scale
+    r = torch.tensor(list(SIZES.values()))[attrs[:, 2]] * scale * (1 + (torch.rand(n, generator=g) - 0.5) * 0.24)
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    dx = xx[None] - pos[:, 0, None, None]
+    dy = yy[None] - pos[:, 1, None, None]
+    mask = _shape_mask(attrs[:, 0], dx, dy, r[:, None, None])
+    colour = torch.tensor(list(COLOURS.values()), dtype=torch.float32)[attrs[:, 1]]
+    colour = colour + torch.randn(n, 3, generator=g) * 10
+    # texture modulates brightness: stripes every 2 rows, dots on a 2 px lattice
+    tex = torch.ones(n, size, size)
+    stripes = (yy.long() // max(1, round(2 * scale))) % 2 == 0
+    dots = ((yy.long() // max(1, round(scale))) % 3 == 0) & ((xx.long() // max(1, round(scale))) % 3 == 0)
+    tex[attrs[:, 4] == 1] = torch.where(stripes, 1.0, 0.45)
+    tex[attrs[:, 4] == 2] = torch.where(dots, 0.3, 1.0)
+    bg = torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32)[attrs[:, 5]]
+    bg = bg + torch.randn(n, 3, generator=g) * 6
+    img = torch.where(mask[:, None], colour[:, :, None, None] * tex[:, None], bg[:, :, None, None])
+    img = img + torch.randn(img.shape, generator=g) * 6
+    return img.clamp(0, 255).round().to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=4)
+def _fine_codes(n: int = 512, min_distance: int = 3, seed: int = 1234) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    bits = np.array([bin(i).count("1") for i in range(2 ** N_MARK_BITS)])
+    for c in rng.permutation(2 ** N_MARK_BITS):
+        if not chosen or bits[np.bitwise_xor(np.array(chosen), c)].min() >= min_distance:
+            chosen.append(int(c))
+            if len(chosen) == n:
+                return np.array(chosen, dtype=np.int64)
+    raise ValueError(f"only {len(chosen)} codes at Hamming distance >= {min_distance}")
+
+
+def fine_codes(n: int = 512, min_distance: int = 3, seed: int = 1234) -> np.ndarray:
+    """n distinct 16-bit mark patterns with pairwise Hamming distance >= min_distance (greedy, fixed seed).
+
+    The same codes in every world: class c is drawn as pattern fine_codes()[c]."""
+    return _fine_codes(n, min_distance, seed).copy()
+
+
+def render_fine(labels: np.ndarray, seed: int, size: int = 32, jitter: float = 1.0) -> torch.Tensor:
+    """Render one fine-grained image per class id. uint8 (N, 3, size, size).
+
+    A large square (random colour) on a random background, with a dark 2x2 px mark at each set bit
+    of the class's 16-bit code on a 4x4 grid inside it. Nuisance: colour, background, +-`jitter` px
+    translation, pixel noise."""
+    codes = torch.as_tensor(fine_codes())[torch.as_tensor(np.asarray(labels), dtype=torch.long)]
+    n = len(codes)
+    g = torch.Generator().manual_seed(int(seed))
+    scale = size / 32.0
+    # marks 4 px apart at 10, 14, 18, 22 px (of 32): each 2 px mark sits inside one 4 px patch, even after
+    # +-1 px jitter (a mark cut by a patch border is much harder for a patch-4 ViT to learn)
+    centre = 16 * scale + (torch.randint(-int(jitter), int(jitter) + 1, (n, 2), generator=g) * scale)
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    dx = xx[None] - centre[:, 0, None, None]
+    dy = yy[None] - centre[:, 1, None, None]
+    body = torch.maximum(dx.abs(), dy.abs()) <= 11.5 * scale
+    marks = torch.zeros(n, size, size, dtype=torch.bool)
+    offsets = tuple(o * scale for o in (-6, -2, 2, 6))
+    for bit in range(N_MARK_BITS):
+        on = ((codes >> bit) & 1).bool()
+        mx, my = offsets[bit % 4], offsets[bit // 4]
+        m = ((dx - mx).abs() <= 1.0 * scale) & ((dy - my).abs() <= 1.0 * scale)
+        marks |= m & on[:, None, None]
+    colour = torch.tensor(list(COLOURS.values()), dtype=torch.float32)[torch.randint(0, len(COLOURS), (n,), generator=g)]
+    colour = colour + torch.randn(n, 3, generator=g) * 10
+    bg = torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32)[torch.randint(0, len(BACKGROUNDS), (n,), generator=g)]
+    img = torch.where(body[:, None], colour[:, :, None, None], bg[:, :, None, None])
+    img = torch.where(marks[:, None], colour[:, :, None, None] * 0.3, img)
+    img = img + torch.randn(img.shape, generator=g) * 6
+    return img.clamp(0, 255).round().to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------- splits
+@dataclass(frozen=True)
+class WorldConfig:
+    seed: int = 0
+    image_size: int = 32
+    renders_per_combo: int = 4       # generic retrieval: images per attribute combination
+    generic_train: int = 6000        # generic images the fine-tuning may use (replay, distillation, Fisher)
+    generic_val_combos: int = 100    # generic validation: held out from generic train, x renders
+    generic_test_combos: int = 200   # generic test (image-image retrieval): x renders
+    text_pairs: int = 500            # generic held-out image-caption pairs (distinct combinations)
+    fine_train_classes: int = 205    # fine-grained classes for training ...
+    fine_val_classes: int = 51       # ... a class-disjoint ~20% slice of the training classes for validation
+    fine_test_classes: int = 256     # class-disjoint test classes
+    fine_per_class: int = 12         # images per fine-grained class
+    fine_jitter: float = 1.0         # px of object translation inside a fine-grained class
+
+
+@dataclass
+class WorldSplits:
+    """All splits of the built-in world.
+
+    generic_train / generic_val / generic_test: generic images labelled by attribute combination
+    (val is held out from train and used for checkpoint selection; test only for final numbers).
+    text_test: distinct combinations with 2 captions each (image-text retrieval test).
+    fine_train / fine_val / fine_test: fine-grained images, class-disjoint."""
+    config: WorldConfig
+    generic_train: Split
+    generic_val: Split
+    generic_test: Split
+    text_test: Split
+    fine_train: Split
+    fine_val: Split
+    fine_test: Split
+
+
+def _generic_split(combos: np.ndarray, seed: int, size: int, captions: bool) -> Split:
+    imgs = render_generic(combos, seed, size)
+    split = Split(imgs, combos.astype(np.int64))
+    if captions:
+        attrs = combo_to_attributes(combos)
+        split.captions = [caption(a, t) for a in attrs for t in range(len(TEMPLATES))]
+        split.caption_image = np.repeat(np.arange(len(combos)), len(TEMPLATES))
+    return split
+
+
+def make_world(cfg: WorldConfig = WorldConfig()) -> WorldSplits:
+    """Build every split, deterministically from cfg.seed (same seed, same bytes)."""
+    rng = np.random.default_rng(cfg.seed)
+    s = cfg.image_size
+    seeds = rng.integers(0, 2 ** 31, size=8)
+    # generic: held-out combinations for val/test/text never overlap each other
+    perm = rng.permutation(N_COMBOS)
+    nv, nt, np_ = cfg.generic_val_combos, cfg.generic_test_combos, cfg.text_pairs
+    if nv + nt + np_ > N_COMBOS:
+        raise ValueError("WorldConfig asks for more held-out generic combinations than exist")
+    val_c = np.repeat(perm[:nv], cfg.renders_per_combo)
+    test_c = np.repeat(perm[nv:nv + nt], cfg.renders_per_combo)
+    text_c = perm[nv + nt:nv + nt + np_]
+    train_c = rng.integers(0, N_COMBOS, size=cfg.generic_train)
+    # fine-grained: class-disjoint train / val / test
+    n_cls = cfg.fine_train_classes + cfg.fine_val_classes + cfg.fine_test_classes
+    if n_cls > N_FINE_CLASSES:
+        raise ValueError(f"WorldConfig asks for {n_cls} fine-grained classes; the world has {N_FINE_CLASSES}")
+    cls = rng.permutation(N_FINE_CLASSES)
+    a, b = cfg.fine_train_classes, cfg.fine_train_classes + cfg.fine_val_classes
+    fine = []
+    for i, c in enumerate((cls[:a], cls[a:b], cls[b:n_cls])):
+        lab = np.repeat(np.sort(c), cfg.fine_per_class).astype(np.int64)
+        fine.append(Split(render_fine(lab, seeds[4 + i], s, cfg.fine_jitter), lab))
+    return WorldSplits(
+        cfg,
+        generic_train=_generic_split(train_c, seeds[0], s, captions=True),
+        generic_val=_generic_split(val_c, seeds[1], s, captions=False),
+        generic_test=_generic_split(test_c, seeds[2], s, captions=False),
+        text_test=_generic_split(text_c, seeds[3], s, captions=True),
+        fine_train=fine[0], fine_val=fine[1], fine_test=fine[2],
+    )
+
+
+def caption_stream(seed: int, batch_size: int, size: int = 32):
+    """Endless fresh (images uint8, captions) batches for contrastive pretraining.
+    A random template per image, combinations uniform over the whole world."""
+    rng = np.random.default_rng(seed)
+    while True:
+        combos = rng.integers(0, N_COMBOS, size=batch_size)
+        attrs = combo_to_attributes(combos)
+        texts = [caption(a, int(t)) for a, t in zip(attrs, rng.integers(0, len(TEMPLATES), size=batch_size))]
+        yield render_generic(combos, int(rng.integers(2 ** 31)), size), texts

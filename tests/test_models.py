@@ -1,0 +1,76 @@
+"""Model loading, frozen text tower, preprocessing and embeddings, real-folder data."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from infusing_kit.data import Split, load_image_folder
+from infusing_kit.models import (embed_images, embed_texts, load_model, param_groups, preprocess, train_mode,
+                                 trainable_parameters)
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    torch.manual_seed(0)
+    return load_model("toy-clip-tiny", pretrained=None)
+
+
+def test_text_tower_is_frozen_and_stays_in_eval(vlm):
+    n_visual = sum(p.numel() for p in vlm.visual.parameters())
+    assert trainable_parameters(vlm.model) == n_visual
+    train_mode(vlm, True)
+    assert vlm.visual.training
+    assert all(not m.training for n, m in vlm.model.named_modules() if n and not n.startswith("visual"))
+    train_mode(vlm, False)
+    groups = param_groups(vlm, torch.nn.Linear(2, 2), 1e-5, 1e-3, 0.0)
+    assert [g["name"] for g in groups] == ["backbone", "head"] and [g["lr"] for g in groups] == [1e-5, 1e-3]
+    assert sum(p.numel() for p in groups[0]["params"]) == n_visual
+
+
+def test_embeddings_are_normalised_float32(vlm):
+    x = torch.randint(0, 256, (5, 3, 40, 48), dtype=torch.uint8)  # other size: resized to the model's
+    e = embed_images(vlm, x, batch_size=2, progress=False)
+    assert e.dtype == np.float32 and e.shape == (5, vlm.visual.output_dim)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    t = embed_texts(vlm, ["a small red plain square at the center on a dark background"] * 3, progress=False)
+    assert t.shape == (3, e.shape[1]) and np.allclose(t[0], t[2])
+
+
+def test_train_augmentation_is_deterministic_given_a_generator(vlm):
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    for aug in ("jitter", "crop_flip"):
+        a = preprocess(vlm, x, train=True, augment=aug, generator=torch.Generator().manual_seed(1))
+        b = preprocess(vlm, x, train=True, augment=aug, generator=torch.Generator().manual_seed(1))
+        c = preprocess(vlm, x, train=True, augment=aug, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (4, 3, 32, 32)
+    assert torch.equal(preprocess(vlm, x), preprocess(vlm, x, train=True, augment="none"))
+    with pytest.raises(ValueError, match="augment must be"):
+        preprocess(vlm, x, train=True, augment="mixup")
+
+
+def test_unknown_model_and_offline_weights_are_clear_errors(monkeypatch):
+    with pytest.raises(ValueError, match="unknown model name 'ViT-Q-99'"):
+        load_model("ViT-Q-99")
+    with pytest.raises(ValueError, match="pretrained='toy' exists only"):
+        load_model("RN50", pretrained="toy")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises((RuntimeError, ValueError), match="not on this machine|cannot create"):
+        load_model("RN50", pretrained="openai")
+
+
+def test_load_image_folder_reads_class_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["b_class", "a_class"]):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            arr = rng.integers(0, 256, (30 + 7 * i, 50, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / name / f"{i}.{'png' if i else 'jpg'}")
+    (tmp_path / "a_class" / "notes.txt").write_text("not an image")
+    split = load_image_folder(tmp_path, size=24)
+    assert isinstance(split, Split) and split.images.shape == (6, 3, 24, 24)
+    assert split.class_names == ["a_class", "b_class"] and list(split.labels) == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_image_folder(tmp_path / "missing", 24)
+    (tmp_path / "b_class" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        load_image_folder(tmp_path, 24)

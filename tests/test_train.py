@@ -1,0 +1,107 @@
+"""The training loop on generated tensors with a tiny randomly initialised open_clip model (CPU).
+
+Oracle for resuming: the same run without interruption (weights must be bitwise equal)."""
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from infusing_kit.data import Split
+from infusing_kit.models import load_model, trainable_parameters
+from infusing_kit.train import TrainConfig, train
+
+CFG = TrainConfig(steps=6, batch_size=16, lr_backbone=1e-3, lr_head=1e-2, eval_every=3, ckpt_every=3, log_every=1,
+                  select="score")
+
+
+def _target(n_classes=8, per_class=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = np.repeat(np.arange(n_classes) * 7, per_class)  # non-contiguous labels: train() remaps them
+    base = torch.randint(0, 256, (n_classes, 3, 32, 32), generator=g)
+    noise = torch.randint(-20, 21, (len(labels), 3, 32, 32), generator=g)
+    images = (base[labels // 7] + noise).clamp(0, 255).to(torch.uint8)
+    return Split(images, labels)
+
+
+def _vlm(seed=0):
+    torch.manual_seed(seed)
+    return load_model("toy-clip-tiny", pretrained=None)
+
+
+def _validate(vlm):  # cheap, deterministic score of the current weights
+    return {"score": float(sum(p.double().sum() for p in vlm.visual.parameters()).item() % 1.0)}
+
+
+def test_smoke_run_learns_and_writes_files(tmp_path):
+    vlm = _vlm()
+    before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
+    cfg = replace(CFG, steps=30, eval_every=10)
+    head, result = train(vlm, _target(), cfg, tmp_path / "run", validate=_validate, progress=False)
+    losses = [h["ce"] for h in result.history if "ce" in h]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), "cross-entropy did not go down"
+    assert (tmp_path / "run" / "best.pt").exists() and (tmp_path / "run" / "last.pt").exists()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log == result.history
+    assert [h["target_step"] for h in log if "val/score" in h] == [0, 10, 20, 30]
+    after = vlm.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("visual.") for k in changed), "only the image tower may change"
+    assert result.best_step in (10, 20, 30)
+
+
+def test_only_the_image_tower_is_trainable():
+    vlm = _vlm()
+    assert trainable_parameters(vlm.model) == sum(p.numel() for p in vlm.visual.parameters())
+    assert trainable_parameters(vlm.model) < sum(p.numel() for p in vlm.model.parameters())
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    vlm_a = _vlm()
+    head_a, _ = train(vlm_a, _target(), CFG, tmp_path / "a", validate=_validate, progress=False)
+
+    vlm_b = _vlm()
+    stop_at_3 = lambda s: s.target_step < 3
+    train(vlm_b, _target(), CFG, tmp_path / "b", validate=_validate, hooks=(stop_at_3,), progress=False)
+    vlm_b = _vlm(seed=123)  # a fresh process would start from other weights; last.pt must restore them
+    with pytest.raises(FileExistsError, match="resume=True"):
+        train(vlm_b, _target(), CFG, tmp_path / "b", validate=_validate, progress=False)
+    head_b, res_b = train(vlm_b, _target(), CFG, tmp_path / "b", validate=_validate, resume=True, progress=False)
+    for (k, a), (_, b) in zip(vlm_a.visual.state_dict().items(), vlm_b.visual.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert torch.equal(head_a.weight, head_b.weight)
+    log_b = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log_b if "loss" in h] == list(range(1, 7)), "log has gaps or duplicates"
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    train(_vlm(), _target(), CFG, tmp_path / "r", validate=_validate, hooks=(lambda s: s.target_step < 3,), progress=False)
+    with pytest.raises(ValueError, match="another config"):
+        train(_vlm(), _target(), replace(CFG, lr_head=0.5), tmp_path / "r", validate=_validate, resume=True, progress=False)
+
+
+def test_non_finite_loss_stops_without_touching_good_checkpoints(tmp_path):
+    train(_vlm(), _target(), CFG, tmp_path / "n", validate=_validate, hooks=(lambda s: s.target_step < 3,), progress=False)
+    best_before = (tmp_path / "n" / "best.pt").read_bytes()
+    # resume from a checkpoint whose weights went NaN: the very next loss is non-finite
+    ckpt = torch.load(tmp_path / "n" / "last.pt", weights_only=False)
+    ckpt["visual"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in ckpt["visual"].items()}
+    torch.save(ckpt, tmp_path / "n" / "last.pt")
+    last_before = (tmp_path / "n" / "last.pt").read_bytes()
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 3"):
+        train(_vlm(), _target(), CFG, tmp_path / "n", validate=_validate, resume=True, progress=False)
+    assert (tmp_path / "n" / "best.pt").read_bytes() == best_before
+    assert (tmp_path / "n" / "last.pt").read_bytes() == last_before
+
+
+def test_generic_batches_without_a_loss_are_refused():
+    with pytest.raises(ValueError, match="no loss term applies"):
+        TrainConfig(sampler="round_robin")
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        TrainConfig(sampler="random")
+
+
+def test_unknown_select_key_is_a_clear_error():
+    with pytest.raises(KeyError, match="not among the validation scores"):
+        train(_vlm(), _target(), replace(CFG, select="nope"), validate=_validate, progress=False)
