@@ -162,7 +162,7 @@ def embed_images(vlm: VLM, images: torch.Tensor, batch_size: int = 256, progress
     was_training = vlm.visual.training
     vlm.visual.eval()
     out = []
-    for i in tqdm(range(0, len(images), batch_size), desc="embed images", disable=not progress, leave=False):
+    for i in progress_bar(range(0, len(images), batch_size), progress, desc="embed images", leave=False):
         with _autocast(vlm.device):
             out.append(image_embedding(vlm, preprocess(vlm, images[i:i + batch_size])).cpu())
     vlm.visual.train(was_training)
@@ -175,11 +175,17 @@ def embed_texts(vlm: VLM, texts: Iterable[str], batch_size: int = 512, progress:
     texts = list(texts)
     vlm.model.eval()
     out = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="embed texts", disable=not progress, leave=False):
+    for i in progress_bar(range(0, len(texts), batch_size), progress, desc="embed texts", leave=False):
         tokens = vlm.tokenizer(texts[i:i + batch_size]).to(vlm.device)
         with _autocast(vlm.device):
             out.append(F.normalize(vlm.model.encode_text(tokens).float(), dim=-1).cpu())
     return torch.cat(out).numpy().astype(np.float32)
+
+
+def progress_bar(iterable=None, enabled: bool = True, **kwargs):
+    """tqdm, off when enabled=False or the environment sets TQDM_DISABLE (CI, papermill)."""
+    quiet = os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
+    return tqdm(iterable, disable=quiet or not enabled, **kwargs)
 
 
 def _autocast(device: torch.device):

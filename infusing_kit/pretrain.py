@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import world
 from .losses import clip_contrastive_loss
-from .models import VLM, freeze_text_tower, load_model, preprocess
+from .models import VLM, freeze_text_tower, load_model, preprocess, progress_bar
 
 WORLD_VERSION = 1  # bump when the world's rendering changes, so cached models are rebuilt
 
@@ -75,7 +74,7 @@ def pretrain(cfg: PretrainConfig = PretrainConfig(), device: str | torch.device 
     stream = world.caption_stream(cfg.seed, cfg.batch_size, vlm.image_size)
     vlm.model.train()
     t0, losses = time.time(), []
-    for step in (bar := tqdm(range(cfg.steps), desc=f"pretrain {cfg.model}", disable=not progress)):
+    for step in (bar := progress_bar(range(cfg.steps), progress, desc=f"pretrain {cfg.model}")):
         images, texts = next(stream)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)

@@ -17,6 +17,7 @@ before anything is written.
 from __future__ import annotations
 
 import copy
+import math
 import json
 import os
 import time
@@ -25,11 +26,13 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from .data import SAMPLERS, Sampler, Split, batch_indices, domain_at, step_generator
 from .losses import CosineClassifier, MarginLoss, classification_loss
-from .models import VLM, Augment, image_embedding, param_groups, preprocess, train_mode
+from .models import VLM, Augment, image_embedding, param_groups, preprocess, progress_bar, train_mode
+from .regularizers import (embedding_distillation, lwf_distillation, quadratic_penalty_, quadratic_weights,
+                           relational_distillation)
+from .teacher import TeacherEmbeddings
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,21 @@ class TrainConfig:
     scale: float = 16.0
     ce_weight: float = 1.0
     augment: Augment = "none"         # train-time augmentation of target and generic batches
+    # --- weight-space regularizers (every step, image tower only; analytic gradients, see regularizers.py)
+    l2sp: float = 0.0                 # lambda_w of L2-SP to the pretrained weights
+    l2sp_form: Literal["mean", "sum"] = "mean"   # mean: sum_T mean_T (the paper); sum: 1/2 ||theta - theta0||^2
+    l2sp_split_qkv: bool = True       # mean form: fused q/k/v tensors count as three tensors, as in the JAX model
+    ewc: float = 0.0                  # EWC weight (needs fisher=... in train())
+    l2_zero: float = 0.0              # plain L2 to zero (a control)
+    # --- function-space regularizers on generic batches (need generic data and a teacher)
+    distill: float = 0.0              # lambda_e of embedding distillation to the pretrained model
+    distill_kind: Literal["mse", "cosine"] = "mse"
+    relational: float = 0.0           # Gram-matrix (relational) distillation
+    lwf: float = 0.0                  # LwF logit distillation on zero-shot logits of the generic classes
+    lwf_temperature: float = 2.0
+    # --- optimisation-side regularizers
+    lp_ft_steps: int = 0              # LP-FT: the first N target steps train the head only (backbone frozen)
+    freeze_blocks: int = -1           # freeze the patch embedding and the first N transformer blocks (-1: none)
     # --- validation and checkpoints
     eval_every: int = 50              # target steps between validations (0: never)
     select: str = "fine_map@20"       # key of validate()'s dict that the kept checkpoint maximises
@@ -68,8 +86,8 @@ class TrainConfig:
                              "or use sampler='target_only'.")
 
     def generic_terms(self) -> list[str]:
-        """Loss terms computed on generic batches (the regularizers add theirs here)."""
-        return []
+        """Loss terms computed on generic batches."""
+        return [t for t in ("distill", "relational", "lwf") if getattr(self, t) > 0]
 
 
 @dataclass
@@ -91,9 +109,26 @@ class TrainResult:
     out_dir: Path | None = None
 
 
+@dataclass
+class Anchors:
+    """What the regularizers compare against, fixed before training starts."""
+    params: list[torch.Tensor]                        # trainable image-tower parameters (theta)
+    names: list[str]
+    theta0: list[torch.Tensor] | None = None          # their pretrained values
+    quad: list[tuple[str, float, list | None]] = field(default_factory=list)  # (name, coef, weights) of penalties
+    teacher_emb: torch.Tensor | None = None           # (N_generic, D) pre-extracted teacher embeddings
+    live_teacher: torch.nn.Module | None = None       # or a frozen copy of the pretrained tower
+    class_emb: torch.Tensor | None = None             # (C, D) generic class-prompt embeddings (LwF)
+    logit_scale: float = 100.0
+    trainable: list[bool] = field(default_factory=list)  # which of params train after LP-FT warm-up
+
+
 def train_step(vlm: VLM, head: CosineClassifier, batch: Split, idx: torch.Tensor, domain: int, cfg: TrainConfig,
-               generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Named, weighted loss terms for one batch. domain 0 = target (classifier), 1 = generic."""
+               generator: torch.Generator, anchors: Anchors | None = None) -> dict[str, torch.Tensor]:
+    """Named, weighted loss terms for one batch (autograd terms only). domain 0 = target, 1 = generic.
+
+    target batch: ce;  generic batch: distill / relational / lwf against the frozen pretrained model.
+    Weight-space penalties are added after backward by `quadratic_penalty_` (see train())."""
     images = batch.images[idx]
     pixels = preprocess(vlm, images, train=True, augment=cfg.augment, generator=generator)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=vlm.device.type == "cuda"):
@@ -102,7 +137,27 @@ def train_step(vlm: VLM, head: CosineClassifier, batch: Split, idx: torch.Tensor
     if domain == 0:
         labels = torch.as_tensor(batch.labels[idx.numpy()], device=emb.device)
         terms["ce"] = cfg.ce_weight * classification_loss(head(emb), labels, cfg.classifier, cfg.margin, cfg.scale)
+        return terms
+    teacher = _teacher_embedding(vlm, images, idx, anchors)  # of the un-augmented image, eval preprocessing
+    if cfg.distill > 0:
+        terms["distill"] = cfg.distill * embedding_distillation(emb, teacher, cfg.distill_kind)
+    if cfg.relational > 0:
+        terms["relational"] = cfg.relational * relational_distillation(emb, teacher)
+    if cfg.lwf > 0:
+        cls = anchors.class_emb
+        terms["lwf"] = cfg.lwf * lwf_distillation(anchors.logit_scale * emb @ cls.T, anchors.logit_scale * teacher @ cls.T,
+                                                  cfg.lwf_temperature)
     return terms
+
+
+def _teacher_embedding(vlm: VLM, images: torch.Tensor, idx: torch.Tensor, anchors: Anchors | None) -> torch.Tensor:
+    if anchors is not None and anchors.teacher_emb is not None:
+        return anchors.teacher_emb[idx.to(anchors.teacher_emb.device)]
+    if anchors is not None and anchors.live_teacher is not None:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=vlm.device.type == "cuda"):
+            return torch.nn.functional.normalize(anchors.live_teacher(preprocess(vlm, images)).float(), dim=-1)
+    raise ValueError("distillation needs a teacher: train(..., teacher=extract_teacher(model, generic.images)) "
+                     "or teacher='live'")
 
 
 def _remap(labels) -> tuple[torch.Tensor, int]:
@@ -119,21 +174,33 @@ def _atomic_save(obj, path: Path) -> None:
 def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None = None,
           generic: Split | None = None, validate: Callable[[VLM], dict] | None = None,
           hooks: tuple[Callable[[TrainState], bool | None], ...] = (), resume: bool = False,
-          progress: bool = True) -> tuple[CosineClassifier, TrainResult]:
+          progress: bool = True, teacher: TeacherEmbeddings | Literal["live"] | None = None,
+          fisher: dict[str, torch.Tensor] | None = None,
+          class_emb: torch.Tensor | None = None) -> tuple[CosineClassifier, TrainResult]:
     """Fine-tune vlm.visual (in place) on `target`; returns the head and a TrainResult.
 
+    generic: generic data for the samplers' generic batches (distillation terms apply to them).
+    teacher: pre-extracted embeddings of generic.images by the pretrained model (checked by fingerprint),
+    or "live" for a frozen copy of the tower. fisher: diagonal Fisher for EWC (`fisher_diagonal`).
+    class_emb: (C, D) generic class-prompt embeddings for LwF.
     validate(vlm) -> dict of validation scores; the kept (and, at the end, loaded) checkpoint maximises
     validate()[cfg.select] over the validations after step 0. out_dir=None keeps nothing on disk.
     resume=True continues from out_dir/last.pt; without it an out_dir holding a run is refused."""
-    # ==== setup: data, head, optimiser =====================================================
+    # ==== setup: data, head, frozen parts, optimiser =======================================
     if cfg.sampler != "target_only" and generic is None:
         raise ValueError(f"sampler={cfg.sampler!r} needs generic data: pass generic=Split(...)")
+    if cfg.generic_terms() and cfg.sampler == "target_only":
+        raise ValueError(f"{cfg.generic_terms()} apply to generic batches, but sampler='target_only' draws none; "
+                         "use sampler='round_robin' (the paper), 'balanced' or 'proportional'")
     device = vlm.device
     labels, n_classes = _remap(target.labels)
     target = Split(target.images, labels.numpy())
     head = CosineClassifier(vlm.visual.output_dim, n_classes, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    requires_grad_before = {n: p.requires_grad for n, p in vlm.visual.named_parameters()}
+    _freeze_first_blocks(vlm, cfg.freeze_blocks)
     opt = torch.optim.AdamW(param_groups(vlm, head, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay),
                             betas=(0.9, 0.999), eps=1e-8)
+    anchors = _anchors(vlm, cfg, generic, teacher, fisher, class_emb)
     domains = (target, generic)
     sizes = (len(target), len(generic) if generic is not None else 0)
 
@@ -148,6 +215,8 @@ def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None 
                 diff = {k: (v, asdict(cfg)[k]) for k, v in ckpt["config"].items() if asdict(cfg).get(k) != v}
                 raise ValueError(f"{out / 'last.pt'} was written with another config {diff}; resume with the same "
                                  "TrainConfig or start a new out_dir")
+            if ckpt.get("theta0") is not None:  # the pretrained weights, not the resumed ones, anchor L2-SP / EWC
+                anchors.theta0 = [ckpt["theta0"][n].to(device) for n in anchors.names]
             vlm.visual.load_state_dict(ckpt["visual"])
             head.load_state_dict(ckpt["head"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -185,7 +254,9 @@ def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None 
 
     def save_last() -> None:
         if out is not None:
+            theta0 = None if anchors.theta0 is None else {n: t for n, t in zip(anchors.names, anchors.theta0)}
             _atomic_save({"visual": vlm.visual.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
+                          "theta0": theta0,
                           "step": step, "target_step": target_step, "history": history, "config": asdict(cfg),
                           "best_score": best["score"], "best_step": best["step"]}, out / "last.pt")
 
@@ -195,17 +266,24 @@ def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None 
         run_validation()  # the pretrained model: logged, never selected
     train_mode(vlm, True)
     pending: list[tuple[int, torch.Tensor]] = []  # losses not yet checked for finiteness (avoids a sync per step)
-    bar = tqdm(total=cfg.steps, initial=target_step, desc="train", disable=not progress)
+    bar = progress_bar(None, progress, total=cfg.steps, initial=target_step, desc="train")
     while target_step < cfg.steps:
         domain = domain_at(step, cfg.sampler, cfg.seed, sizes)
         data = domains[domain]
         gen = step_generator(cfg.seed, step)
         idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step)
-        terms = train_step(vlm, head, data, idx, domain, cfg, gen)
+        frozen_warmup = target_step < cfg.lp_ft_steps  # LP-FT: head only, backbone gets no gradient at all
+        _set_backbone_trainable(anchors, requires_grad_before, cfg.freeze_blocks, not frozen_warmup)
+        terms = train_step(vlm, head, data, idx, domain, cfg, gen, anchors)
         loss = sum(terms.values())
-        pending.append((step, loss.detach()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if not frozen_warmup:
+            for name, coef, weights in anchors.quad:  # weight-space penalties: analytic gradient, no graph
+                terms[name] = quadratic_penalty_(anchors.params, None if name == "l2_zero" else anchors.theta0,
+                                                 weights, coef)
+            loss = sum(terms.values())
+        pending.append((step, loss.detach()))
         opt.step()
         step += 1
         target_step += domain == 0
@@ -232,6 +310,8 @@ def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None 
             break
     bar.close()
     train_mode(vlm, False)
+    for n, p in vlm.visual.named_parameters():  # hand the model back with the trainable set it came with
+        p.requires_grad_(requires_grad_before[n])
 
     # ==== the kept checkpoint ===============================================================
     if best["state"] is not None:
@@ -249,3 +329,55 @@ def _check_finite(pending: list[tuple[int, torch.Tensor]], terms: dict[str, torc
         raise FloatingPointError(
             f"non-finite loss at step {bad} (last terms: { {k: float(v.detach()) for k, v in terms.items()} }). "
             "Training stopped; checkpoints already written were kept. Lower the learning rates or loss weights.")
+
+
+def _freeze_first_blocks(vlm: VLM, n_blocks: int) -> None:
+    """requires_grad=False on the patch embedding, class/position embeddings, pre-LN and blocks 0..n_blocks-1."""
+    if n_blocks < 0:
+        return
+    blocks = getattr(getattr(vlm.visual, "transformer", None), "resblocks", None)
+    if blocks is None:
+        raise ValueError(f"freeze_blocks needs an open_clip VisionTransformer tower, {vlm.name} has none")
+    if n_blocks > len(blocks):
+        raise ValueError(f"freeze_blocks={n_blocks} but {vlm.name} has {len(blocks)} blocks")
+    stem = ("conv1.", "class_embedding", "positional_embedding", "ln_pre.")
+    for name, p in vlm.visual.named_parameters():
+        if name.startswith(stem) or any(name.startswith(f"transformer.resblocks.{i}.") for i in range(n_blocks)):
+            p.requires_grad_(False)
+
+
+def _set_backbone_trainable(anchors: Anchors, before: dict[str, bool], freeze_blocks: int, on: bool) -> None:
+    for p, want in zip(anchors.params, anchors.trainable):
+        p.requires_grad_(want and on)
+
+
+def _anchors(vlm: VLM, cfg: TrainConfig, generic: Split | None, teacher, fisher, class_emb) -> Anchors:
+    named = [(n, p) for n, p in vlm.visual.named_parameters() if p.requires_grad]
+    a = Anchors(params=[p for _, p in named], names=[n for n, _ in named])
+    a.trainable = [True] * len(named)
+    a.theta0 = [p.detach().clone() for p in a.params]
+    params = dict(named)
+    if cfg.l2sp > 0:
+        kind = "l2sp_mean" if cfg.l2sp_form == "mean" else "l2sp_sum"
+        a.quad.append(("l2sp", cfg.l2sp, quadratic_weights(params, kind, cfg.l2sp_split_qkv)))
+    if cfg.ewc > 0:
+        if fisher is None:
+            raise ValueError("TrainConfig.ewc > 0 needs train(..., fisher=fisher_diagonal(model, generic images, ...))")
+        a.quad.append(("ewc", cfg.ewc, [fisher[n].to(vlm.device) for n in a.names]))
+    if cfg.l2_zero > 0:
+        a.quad.append(("l2_zero", cfg.l2_zero, quadratic_weights(params, "l2_zero")))
+    if cfg.generic_terms():
+        if teacher is None:
+            raise ValueError(f"{cfg.generic_terms()} need a teacher: train(..., teacher=extract_teacher(model, "
+                             "generic.images)) or teacher='live'")
+        if teacher == "live":
+            a.live_teacher = copy.deepcopy(vlm.visual).eval().requires_grad_(False)
+        else:
+            teacher.check(vlm, generic.images)
+            a.teacher_emb = teacher.embeddings.to(vlm.device)
+    if cfg.lwf > 0:
+        if class_emb is None:
+            raise ValueError("TrainConfig.lwf > 0 needs train(..., class_emb=(C, D) generic class-prompt embeddings)")
+        a.class_emb = torch.nn.functional.normalize(torch.as_tensor(class_emb).float(), dim=-1).to(vlm.device)
+        a.logit_scale = float(vlm.model.logit_scale.exp())
+    return a

@@ -1,0 +1,172 @@
+"""Regularizers from continual learning that keep what the pretrained model knew (method.md section 4).
+
+Weight space (theta: image-tower tensors T, theta0: their pretrained values; the head is never included):
+  L2-SP, mean form (the paper):  R = sum_T mean_{i in T} (theta_i - theta0_i)^2
+      every tensor counts equally. open_clip fuses q, k, v into one in_proj tensor while the paper's
+      JAX model keeps three; split_qkv=True takes the mean of each third (= 3x the fused mean).
+  L2-SP, sum form (Li et al. 2018, "Explicit inductive bias for transfer learning"):  R = 1/2 ||theta - theta0||^2
+  EWC (Kirkpatrick et al. 2017):  R = 1/2 sum_i F_i (theta_i - theta0_i)^2, F the diagonal Fisher on generic data
+  L2 to zero (a control, plain weight decay as a loss):  R = 1/2 ||theta||^2
+All four are quadratics 1/2 sum_i w_i (theta_i - c_i)^2; `quadratic_penalty_` adds their analytic gradient
+w (theta - c) to .grad with torch._foreach ops after backward, so they cost no autograd graph.
+
+Function space, on L2-normalised embeddings (student s, frozen pretrained teacher t, batch B, dim D):
+  embedding distillation, mse:    mean_b 1/D ||s_b - t_b||^2
+  embedding distillation, cosine: mean_b (1 - cos(s_b, t_b))
+  relational (Gram) distillation (Park et al. 2019, RKD-style): mean_{a,b} (s_a.s_b - t_a.t_b)^2
+  LwF logit distillation (Li & Hoiem 2016): T^2 KL(softmax(z_t / T) || softmax(z_s / T)), mean over the batch,
+      z = logit_scale * emb @ class_prompt_emb^T (zero-shot logits of the generic classes)
+Post hoc: WiSE-FT (Wortsman et al. 2022): theta(alpha) = (1 - alpha) theta0 + alpha theta1.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ---------------------------------------------------------------------------- weight space
+
+
+def is_fused_qkv(name: str) -> bool:
+    """open_clip (nn.MultiheadAttention) and timm name their fused q/k/v tensors like this."""
+    return name.endswith("in_proj_weight") or name.endswith("in_proj_bias") or ".qkv." in name
+
+
+def l2sp(params: dict[str, Tensor], ref: dict[str, Tensor], form: Literal["mean", "sum"] = "mean",
+         split_qkv: bool = True) -> Tensor:
+    """L2-SP value with autograd (the reference; training uses `quadratic_penalty_`). See module docstring."""
+    missing = set(params) - set(ref)
+    if missing:
+        raise KeyError(f"no pretrained reference for {sorted(missing)[:5]}")
+    total = 0.0
+    for name, p in params.items():
+        d2 = (p - ref[name]) ** 2
+        if form == "sum":
+            total = total + d2.sum() / 2
+        elif split_qkv and is_fused_qkv(name):
+            total = total + sum(part.mean() for part in d2.chunk(3, dim=0))
+        else:
+            total = total + d2.mean()
+    return total if isinstance(total, Tensor) else torch.tensor(0.0)
+
+
+def ewc_penalty(params: dict[str, Tensor], ref: dict[str, Tensor], fisher: dict[str, Tensor]) -> Tensor:
+    """EWC: 1/2 sum_i F_i (theta_i - theta0_i)^2."""
+    return sum(((p - ref[n]) ** 2 * fisher[n]).sum() for n, p in params.items()) / 2
+
+
+def l2_zero(params: dict[str, Tensor]) -> Tensor:
+    """1/2 ||theta||^2."""
+    return sum((p ** 2).sum() for p in params.values()) / 2
+
+
+def quadratic_weights(params: dict[str, Tensor], kind: Literal["l2sp_mean", "l2sp_sum", "ewc", "l2_zero"],
+                      split_qkv: bool = True, fisher: dict[str, Tensor] | None = None) -> list[Tensor | float]:
+    """Per-tensor w of 1/2 sum_i w_i (theta_i - c_i)^2 for each penalty (a float per tensor, or F for EWC)."""
+    if kind == "l2sp_mean":
+        return [2.0 * (3 if split_qkv and is_fused_qkv(n) else 1) / p.numel() for n, p in params.items()]
+    if kind in ("l2sp_sum", "l2_zero"):
+        return [1.0] * len(params)
+    if kind == "ewc":
+        if fisher is None:
+            raise ValueError("EWC needs a diagonal Fisher: fisher=fisher_diagonal(...)")
+        return [fisher[n] for n in params]
+    raise ValueError(f"unknown quadratic penalty {kind!r}")
+
+
+@torch.no_grad()
+def quadratic_penalty_(params: list[Tensor], centres: list[Tensor] | None, weights: list, coef: float) -> Tensor:
+    """Add coef * w * (theta - c) to each p.grad (c = 0 when centres is None); return coef * 1/2 sum w (theta - c)^2.
+
+    The same value and gradient as autograd through `l2sp` / `ewc_penalty` / `l2_zero`, without a graph."""
+    diffs = list(params) if centres is None else torch._foreach_sub(params, centres)
+    if all(isinstance(w, float) for w in weights):
+        sq = torch._foreach_norm(diffs)
+        value = sum(w * s ** 2 for w, s in zip(weights, sq)) * (coef / 2)
+        scaled = torch._foreach_mul(diffs, [coef * w for w in weights])
+    else:
+        scaled = torch._foreach_mul(diffs, [w * coef for w in weights])
+        value = sum((d * s).sum() for d, s in zip(diffs, scaled)) / 2
+    for p, g in zip(params, scaled):
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+    return value
+
+
+def fisher_diagonal(vlm, images: Tensor, labels, class_emb: Tensor, logit_scale: float | None = None,
+                    progress: bool = False) -> dict[str, Tensor]:
+    """Diagonal empirical Fisher of the image tower on generic data:  F_i = mean_x (d log p(y_x | x) / d theta_i)^2,
+
+    with p(y | x) = softmax(logit_scale * emb(x) @ class_emb^T) the frozen zero-shot classifier over the generic
+    classes (class_emb: (C, D) prompt embeddings). One backward pass per image (a square of a batch gradient
+    is not a mean of squares); eval preprocessing. Use a few hundred to a few thousand images."""
+    from .models import image_embedding, preprocess, progress_bar
+    visual = vlm.visual
+    was_training = visual.training
+    visual.eval()
+    params = {n: p for n, p in visual.named_parameters() if p.requires_grad}
+    scale = float(vlm.model.logit_scale.exp()) if logit_scale is None else logit_scale
+    cls = F.normalize(torch.as_tensor(class_emb).to(vlm.device).float(), dim=-1)
+    labels = torch.as_tensor(np.asarray(labels))
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in progress_bar(range(len(images)), progress, desc="fisher"):
+        emb = image_embedding(vlm, preprocess(vlm, images[i:i + 1]))
+        log_p = F.log_softmax(scale * emb @ cls.T, dim=-1)[0, int(labels[i])]
+        grads = torch.autograd.grad(log_p, list(params.values()))
+        torch._foreach_addcmul_(list(fisher.values()), grads, grads)
+    visual.train(was_training)
+    return {n: f / len(images) for n, f in fisher.items()}
+
+
+# ---------------------------------------------------------------------------- function space
+
+
+def embedding_distillation(student: Tensor, teacher: Tensor, kind: Literal["mse", "cosine"] = "mse") -> Tensor:
+    """mse: mean_b 1/D ||s_b - t_b||^2 (the paper's L_e);  cosine: mean_b (1 - cos(s_b, t_b)). Shapes (B, D)."""
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    raise ValueError(f"distillation kind must be 'mse' or 'cosine', got {kind!r}")
+
+
+def relational_distillation(student: Tensor, teacher: Tensor) -> Tensor:
+    """mean over the B x B Gram entries of (s_a . s_b - t_a . t_b)^2. Shapes (B, D), L2-normalised."""
+    return ((student @ student.T - teacher @ teacher.T) ** 2).mean()
+
+
+def lwf_distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 2.0) -> Tensor:
+    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), summed over classes, mean over the batch (Hinton et al.'s T^2
+    keeps gradients comparable across temperatures). Shapes (B, C)."""
+    t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    s = F.log_softmax(student_logits / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+# ---------------------------------------------------------------------------- post hoc
+
+
+def wise_ft(theta0: dict[str, Tensor], theta1: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """WiSE-FT weight interpolation: (1 - alpha) theta0 + alpha theta1 (alpha 0: pretrained, 1: fine-tuned).
+    Non-float entries (counters) are taken from theta1."""
+    if set(theta0) != set(theta1):
+        raise KeyError(f"state dicts differ: {sorted(set(theta0) ^ set(theta1))[:5]}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    out = {}
+    for k, b in theta1.items():
+        a = theta0[k]
+        if not b.is_floating_point():
+            out[k] = b.clone()
+        elif alpha == 0.0:
+            out[k] = a.clone()
+        elif alpha == 1.0:
+            out[k] = b.clone()
+        else:
+            out[k] = torch.lerp(a, b, alpha)
+    return out
