@@ -6,6 +6,10 @@ bare: pre-normalised float batch -> model.visual -> cosine logits -> cross-entro
 written directly in torch. kit: infusing_kit.train.train() on the same model, batch size and data
 (uint8 images indexed, preprocessed, augmented=none, head + NormFace CE, logging), no validation.
 ratio = kit img/s / bare img/s (goal >= 0.9). Steps after the first two are timed.
+
+Then, per regularizer, the kit's mean step time relative to naive fine-tuning on the same model (goal for
+the full combination with pre-extracted teacher embeddings: <= 1.10x). Round-robin runs alternate target
+and generic batches; their mean step time covers both kinds.
 """
 import argparse
 import time
@@ -63,6 +67,47 @@ def kit(vlm, images, labels, batch, steps):
     return batch / np.median(times[2:])
 
 
+REGULARIZERS = {
+    "naive": {},
+    "l2sp (mean, foreach)": {"l2sp": 10.0},
+    "ewc": {"ewc": 10.0},
+    "distill, pre-extracted": {"distill": 1.0, "sampler": "round_robin"},
+    "distill, live teacher": {"distill": 1.0, "sampler": "round_robin", "_live": True},
+    "full (l2sp + distill)": {"l2sp": 10.0, "distill": 1.0, "sampler": "round_robin"},
+}
+
+
+def regularizer_times(spec, device, batch, steps):
+    from dataclasses import replace
+    from infusing_kit.teacher import extract_teacher
+    out = {}
+    for name, changes in REGULARIZERS.items():
+        changes = dict(changes)
+        live = changes.pop("_live", False)
+        vlm = make_vlm(spec, device)
+        n = batch * 4
+        images = torch.randint(0, 256, (n, 3, vlm.image_size, vlm.image_size), dtype=torch.uint8)
+        target, generic = Split(images, np.arange(n) % 50), Split(images.flip(0).contiguous(), np.arange(n) % 7)
+        extra = {}
+        if changes.get("distill"):
+            extra["teacher"] = "live" if live else extract_teacher(vlm, generic.images, progress=False)
+        if changes.get("ewc"):
+            extra["fisher"] = {k: torch.rand_like(p) for k, p in vlm.visual.named_parameters()}
+        times, last = [], [0.0]
+
+        def clock(state):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            times.append(now - last[0])
+            last[0] = now
+        cfg = replace(TrainConfig(steps=steps, batch_size=batch, eval_every=0, ckpt_every=0, log_every=10**9), **changes)
+        last[0] = time.perf_counter()
+        train(vlm, target, cfg, generic=generic, hooks=(clock,), progress=False, **extra)
+        out[name] = float(np.mean(times[4:]))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["toy-clip", "ViT-B-32@112"])
@@ -81,6 +126,11 @@ def main():
         vlm = make_vlm(spec, args.device)
         k = kit(vlm, images, labels, args.batch, args.steps)
         print(f"{spec:>16} {b:>11.1f} {k:>10.1f} {k / b:>9.3f}")
+    for spec in args.models:
+        t = regularizer_times(spec, args.device, args.batch, args.steps)
+        print(f"\n{spec}: mean step time per regularizer (x naive)")
+        for name, v in t.items():
+            print(f"  {name:>24} {1000 * v:8.1f} ms  {v / t['naive']:5.2f}x")
 
 
 if __name__ == "__main__":

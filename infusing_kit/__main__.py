@@ -1,8 +1,10 @@
 """Command line: a thin adapter from arguments to the library.
 
   python -m infusing_kit experiment --preset toy-naive [--smoke] [--seed N] --out DIR [--device cpu]
-  python -m infusing_kit pretrain [--smoke] [--seed N]        # fill the toy-VLM cache
+  python -m infusing_kit pretrain [--seed N]                  # fill the toy-VLM cache
   python -m infusing_kit presets                              # list the presets
+  python -m infusing_kit search --preset NAME --trials N --storage runs/search.db [--final-seeds 0 1 2]
+  python -m infusing_kit report --registry runs/results.jsonl [--figures figures/]
 """
 from __future__ import annotations
 
@@ -21,11 +23,27 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--smoke", action="store_true", help="tiny model, world and schedule (about a minute)")
     exp.add_argument("--seed", type=int, default=0, help="seed of the world, the toy pretraining and the fine-tuning")
     exp.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    exp.add_argument("--registry", help="results file (JSON lines) to append this run to")
     pre = sub.add_parser("pretrain", help="pretrain the toy VLM into the cache (no-op when cached)")
     pre.add_argument("--smoke", action="store_true")
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--device", default="cpu")
     sub.add_parser("presets", help="list the experiment presets")
+    se = sub.add_parser("search", help="choose a preset's strengths on validation (Optuna, resumable)")
+    se.add_argument("--preset", required=True)
+    se.add_argument("--trials", type=int, default=8, help="finished trials the study should hold")
+    se.add_argument("--storage", default="runs/search.db", help="SQLite file of the Optuna studies")
+    se.add_argument("--out", default="runs/search", help="folder for the trials' runs")
+    se.add_argument("--smoke", action="store_true")
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--device", default="cpu")
+    se.add_argument("--final-seeds", type=int, nargs="*", default=[],
+                    help="then run the chosen configuration with these seeds, with test evaluation")
+    se.add_argument("--registry", default="runs/results.jsonl", help="where the final runs are recorded")
+    rep = sub.add_parser("report", help="comparison table and figures from a results registry")
+    rep.add_argument("--registry", default="runs/results.jsonl")
+    rep.add_argument("--figures", default="figures", help="folder for figure PNG/SVG files")
+    rep.add_argument("--smoke", action="store_true", help="summarise smoke runs instead of full ones")
     args = parser.parse_args(argv)
 
     from . import experiment  # imported late: `--help` stays fast
@@ -39,16 +57,46 @@ def main(argv: list[str] | None = None) -> int:
         load_pretrained_toy(cfg.model, device=args.device, cfg=cfg)
         print(cache_path(cfg))
         return 0
+    if args.command == "report":
+        return _report(args)
     if args.preset not in experiment.PRESETS:
         parser.error(f"--preset {args.preset!r} is unknown; choose one of {sorted(experiment.PRESETS)}")
+    if args.command == "search":
+        from .search import final_runs, search
+        best = search(args.preset, args.trials, args.storage, args.out, smoke=args.smoke, seed=args.seed,
+                      device=args.device)
+        print(json.dumps(best, indent=1))
+        if args.final_seeds:
+            final_runs(args.preset, best["params"], args.final_seeds, f"{args.out}/final", args.registry,
+                       smoke=args.smoke, device=args.device)
+            print(f"appended {len(args.final_seeds)} runs to {args.registry}")
+        return 0
     try:
-        m = experiment.run_experiment(args.preset, args.out, smoke=args.smoke, seed=args.seed, device=args.device)
+        m = experiment.run_experiment(args.preset, args.out, smoke=args.smoke, seed=args.seed, device=args.device,
+                                      registry=args.registry)
     except FileExistsError as e:
         parser.error(str(e))
     summary = {when: {axis: {k: round(v, 3) for k, v in m[when][axis].items()} for axis in m[when]}
                for when in ("pretrained", "finetuned")}
     print(json.dumps(summary, indent=1))
     print(f"wrote {args.out}/metrics.json in {m['seconds']:.0f} s")
+    return 0
+
+
+def _report(args) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    from . import figures
+    from .results import load_results, markdown_table, summarise
+    summary = summarise(load_results(args.registry, smoke=args.smoke))
+    if not summary:
+        print(f"no finished runs in {args.registry}", file=sys.stderr)
+        return 1
+    print(markdown_table(summary))
+    suffix = "-smoke" if args.smoke else ""
+    paths = figures.save(figures.tradeoff(summary), f"{args.figures}/tradeoff{suffix}")
+    paths += figures.save(figures.figure1(summary), f"{args.figures}/figure1{suffix}")
+    print("figures:", ", ".join(str(p) for p in paths))
     return 0
 
 

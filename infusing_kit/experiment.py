@@ -20,10 +20,15 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from . import world as W
 from .metrics import image_text_recall, retrieval_metrics
 from .models import VLM, embed_images, embed_texts
 from .pretrain import PretrainConfig, load_pretrained_toy
+from .regularizers import fisher_diagonal, wise_ft
+from .teacher import extract_teacher
 from .train import TrainConfig, train
 
 K = 20
@@ -34,14 +39,58 @@ class Preset:
     description: str
     train: TrainConfig
     smoke_train: TrainConfig
+    wise_ft: bool = False  # post hoc: interpolate with the pretrained weights, alpha chosen on validation
+    search: tuple = ()     # (field, low, high, log) ranges that `search` explores on validation
 
 
-NAIVE = TrainConfig(steps=400, batch_size=128, lr_backbone=5e-4, lr_head=5e-3, eval_every=50,
+NAIVE = TrainConfig(steps=500, batch_size=128, lr_backbone=5e-4, lr_head=5e-3, eval_every=50,
                     select="fine_map@20", ckpt_every=100, augment="none")
+SMOKE_NAIVE = replace(NAIVE, steps=150, lr_head=1e-2, eval_every=50, ckpt_every=50)
+
+
+def _method(description: str, search: tuple = (), wise_ft: bool = False, **changes) -> Preset:
+    """A regularized method: the naive schedule (same target steps, same data) plus `changes`; its checkpoint
+    is chosen by the mean of fine-grained and generic validation mAP@20 (method.md section 5)."""
+    changes = {"select": "mean_map@20", **changes}
+    return Preset(description, replace(NAIVE, **changes), replace(SMOKE_NAIVE, **changes), wise_ft, search)
+
+
+# Strengths below were chosen on validation by `python -m infusing_kit search` (README, "Choosing strengths").
 PRESETS: dict[str, Preset] = {
-    "toy-naive": Preset("image tower fine-tuned on the fine-grained domain, no regularizer; "
-                        "checkpoint chosen on fine-grained validation only", NAIVE,
-                        replace(NAIVE, steps=150, batch_size=128, lr_head=1e-2, eval_every=50, ckpt_every=50)),
+    "toy-naive": Preset("image tower fine-tuned on the fine-grained domain, no regularizer; checkpoint chosen on "
+                        "fine-grained validation only", NAIVE, SMOKE_NAIVE),
+    "toy-paper": _method("the paper's combination: L2-SP (per-tensor mean) + embedding distillation on generic "
+                         "batches, round robin, NormFace classifier on target batches",
+                         l2sp=30.0, distill=3.0, sampler="round_robin",
+                         search=(("l2sp", 1.0, 1000.0, True), ("distill", 0.3, 30.0, True))),
+    "toy-l2sp": _method("L2-SP to the pretrained weights, per-tensor mean (the paper's form)", l2sp=100.0,
+                        search=(("l2sp", 1.0, 10000.0, True),)),
+    "toy-l2sp-sum": _method("L2-SP, classic summed form 1/2||theta - theta0||^2 (Li et al. 2018)", l2sp=1.0,
+                            l2sp_form="sum", search=(("l2sp", 1e-3, 100.0, True),)),
+    "toy-ewc": _method("EWC with a diagonal Fisher of the zero-shot classifier on generic data", ewc=1e4,
+                       search=(("ewc", 10.0, 1e7, True),)),
+    "toy-l2-zero": _method("plain L2 to zero (control: pulls towards 0, not towards what the model knew)",
+                           l2_zero=1e-2, search=(("l2_zero", 1e-4, 1.0, True),)),
+    "toy-distill": _method("embedding distillation (MSE) to the pretrained model on generic batches, round robin",
+                           distill=3.0, sampler="round_robin", search=(("distill", 0.3, 100.0, True),)),
+    "toy-distill-cos": _method("embedding distillation (cosine) on generic batches, round robin", distill=3.0,
+                               distill_kind="cosine", sampler="round_robin", search=(("distill", 0.1, 30.0, True),)),
+    "toy-relational": _method("relational (Gram-matrix) distillation on generic batches, round robin",
+                              relational=10.0, sampler="round_robin", search=(("relational", 0.3, 300.0, True),)),
+    "toy-lwf": _method("LwF: KL to the pretrained zero-shot logits of the generic classes, round robin", lwf=1.0,
+                       sampler="round_robin", search=(("lwf", 0.03, 30.0, True),)),
+    "toy-mix-balanced": _method("embedding distillation with the balanced sampler (generic with probability 1/2)",
+                                distill=3.0, sampler="balanced", search=(("distill", 0.3, 100.0, True),)),
+    "toy-mix-proportional": _method("embedding distillation with the size-proportional sampler", distill=3.0,
+                                    sampler="proportional", search=(("distill", 0.3, 100.0, True),)),
+    "toy-low-lr": _method("a 10x lower backbone learning rate", lr_backbone=5e-5,
+                          search=(("lr_backbone", 1e-5, 5e-4, True),)),
+    "toy-lp-ft": _method("LP-FT: the head is trained alone for the first 100 target steps", lp_ft_steps=100,
+                         search=(("lp_ft_steps", 0, 300, False),)),
+    "toy-freeze": _method("the patch embedding and the first 2 of 4 blocks frozen", freeze_blocks=2,
+                          search=(("freeze_blocks", 0, 4, False),)),
+    "toy-wise-ft": _method("WiSE-FT: naive fine-tuning, then weights interpolated towards the pretrained ones "
+                           "(alpha chosen on validation)", wise_ft=True, select="fine_map@20"),
 }
 SMOKE_WORLD = dict(generic_train=1000, generic_val_combos=40, generic_test_combos=60, text_pairs=150,
                    fine_train_classes=150, fine_val_classes=30, fine_test_classes=64, fine_per_class=8)
@@ -79,9 +128,24 @@ def validation_fn(world: W.WorldSplits):
     return validate
 
 
+def _kept_validation(history: list[dict], best_step: int | None) -> dict[str, float]:
+    rows = [h for h in history if "val/mean_map@20" in h and h["target_step"] == best_step]
+    return {k[4:]: v for k, v in rows[-1].items() if k.startswith("val/")} if rows else {}
+
+
+def generic_class_prompts(vlm: VLM) -> torch.Tensor:
+    """(5760, D) text embeddings of one caption per generic attribute combination (the generic 'classes')."""
+    attrs = W.combo_to_attributes(np.arange(W.N_COMBOS))
+    return torch.from_numpy(embed_texts(vlm, [W.caption(a) for a in attrs], progress=False))
+
+
 def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",
-                   progress: bool = True, cache_dir: str | Path | None = None) -> dict:
-    """Run a preset end to end and write out_dir/metrics.json (refusing to overwrite an existing one)."""
+                   progress: bool = True, cache_dir: str | Path | None = None, overrides: dict | None = None,
+                   test: bool = True, registry: str | Path | None = None) -> dict:
+    """Run a preset end to end and write out_dir/metrics.json (refusing to overwrite an existing one).
+
+    overrides: TrainConfig fields to change (a search trial). test=False skips the test sets entirely
+    (hyper-parameter search looks at validation only). registry: a results file to append one row to."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     out = Path(out_dir)
@@ -89,19 +153,70 @@ def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: 
         raise FileExistsError(f"{out / 'metrics.json'} exists; choose a new --out folder (nothing was overwritten)")
     t0 = time.time()
     p = PRESETS[preset]
-    cfg = replace(p.smoke_train if smoke else p.train, seed=seed)
+    cfg = replace(p.smoke_train if smoke else p.train, seed=seed, **(overrides or {}))
     wcfg, pcfg = world_config(seed, smoke), pretrain_config(seed, smoke)
     world = W.make_world(wcfg)
     vlm = load_pretrained_toy(pcfg.model, device=device, cache_dir=cache_dir, cfg=pcfg, progress=progress)
-    before = evaluate(vlm, world)
+    before = evaluate(vlm, world) if test else None
+    extra = {}
+    if cfg.generic_terms():
+        extra["teacher"] = extract_teacher(vlm, world.generic_train.images, progress=False)
+    if cfg.ewc > 0 or cfg.lwf > 0:
+        prompts = generic_class_prompts(vlm)
+        if cfg.lwf > 0:
+            extra["class_emb"] = prompts
+        if cfg.ewc > 0:
+            n = min(1000, len(world.generic_train))
+            extra["fisher"] = fisher_diagonal(vlm, world.generic_train.images[:n], world.generic_train.labels[:n], prompts)
+    theta0 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
+    validate = validation_fn(world)
     head, result = train(vlm, world.fine_train, cfg, out_dir=out / "run", generic=world.generic_train,
-                         validate=validation_fn(world), progress=progress)
-    after = evaluate(vlm, world)
+                         validate=validate, progress=progress, **extra)
+    val = _kept_validation(result.history, result.best_step)
+    wise = None
+    if p.wise_ft:  # choose alpha on validation, like any other strength
+        theta1 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
+        wise = []
+        for alpha in np.linspace(0, 1, 11):
+            vlm.visual.load_state_dict(wise_ft(theta0, theta1, float(alpha)))
+            wise.append({"alpha": round(float(alpha), 2), **validate(vlm)})
+        best = max(wise, key=lambda r: r[f"mean_map@{K}"])
+        vlm.visual.load_state_dict(wise_ft(theta0, theta1, best["alpha"]))
+        val = {k: v for k, v in best.items() if k != "alpha"}
+    after = evaluate(vlm, world) if test else None
+    tmp = out / f"model.pt.tmp{os.getpid()}"
+    torch.save({"visual": vlm.visual.state_dict(), "head": head.state_dict()}, tmp)
+    os.replace(tmp, out / "model.pt")  # the kept (or WiSE-FT) image tower, for galleries and UMAPs
     metrics = {"preset": preset, "description": p.description, "seed": seed, "smoke": smoke, "model": pcfg.model,
-               "world": asdict(wcfg), "pretrain": asdict(pcfg), "train": asdict(cfg),
-               "best_step": result.best_step, "train_seconds": round(result.seconds, 1),
-               "seconds": round(time.time() - t0, 1), "pretrained": before, "finetuned": after}
+               "world": asdict(wcfg), "pretrain": asdict(pcfg), "train": asdict(cfg), "overrides": overrides or {},
+               "best_step": result.best_step, "val": val, "wise_ft": wise,
+               "train_seconds": round(result.seconds, 1), "seconds": round(time.time() - t0, 1),
+               "pretrained": before, "finetuned": after}
     tmp = out / f"metrics.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, out / "metrics.json")
+    if registry is not None:
+        from .results import append_result
+        append_result(registry, metrics, run_dir=out)
     return metrics
+
+
+def cached_run(preset: str, root: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",
+               registry: str | Path | None = None, progress: bool = True):
+    """Run a preset once and reuse it: (metrics, fine-tuned VLM, pretrained VLM, world).
+
+    Results live in root/<preset>[-smoke]-s<seed>/ (metrics.json, model.pt, run/log.jsonl); notebooks share
+    them instead of training the same model again. Delete that folder to recompute."""
+    out = Path(root) / f"{preset}{'-smoke' if smoke else ''}-s{seed}"
+    if not (out / "metrics.json").exists():
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} holds an unfinished run (no metrics.json); delete the folder to recompute")
+        run_experiment(preset, out, smoke=smoke, seed=seed, device=device, progress=progress, registry=registry)
+    metrics = json.loads((out / "metrics.json").read_text())
+    world = W.make_world(W.WorldConfig(**metrics["world"]))
+    pcfg = PretrainConfig(**metrics["pretrain"])
+    pretrained = load_pretrained_toy(pcfg.model, device=device, cfg=pcfg, progress=progress)
+    tuned = load_pretrained_toy(pcfg.model, device=device, cfg=pcfg, progress=progress)
+    tuned.visual.load_state_dict(torch.load(out / "model.pt", map_location=device, weights_only=True)["visual"])
+    metrics["history"] = [json.loads(l) for l in (out / "run" / "log.jsonl").read_text().splitlines()]
+    return metrics, tuned, pretrained, world

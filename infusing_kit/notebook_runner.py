@@ -25,13 +25,15 @@ def notebook_paths(only: list[str] | None = None) -> list[Path]:
 
 
 def run_notebook(path: Path, out_dir: Path, smoke: bool, results_dir: Path | None = None,
-                 timeout: int = 1800) -> float:
+                 figures_dir: Path | None = None, timeout: int = 1800) -> float:
     """Execute one notebook; returns its wall time in seconds. Raises papermill's error on a failing cell."""
     import papermill as pm
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {"SMOKE": smoke}
     if results_dir is not None:
-        params["RESULTS_DIR"] = str(results_dir)
+        params["RESULTS_DIR"] = str(Path(results_dir).resolve())
+    if figures_dir is not None:
+        params["FIGURES_DIR"] = str(Path(figures_dir).resolve())
     t0 = time.time()
     pm.execute_notebook(str(path), str(out_dir / path.name), parameters=params, kernel_name="python3",
                         cwd=str(path.parent), progress_bar=False, execution_timeout=timeout)

@@ -1,0 +1,139 @@
+"""Figures shared by the notebooks and `python -m infusing_kit report` (matplotlib; colour-blind-safe
+colours fixed per method in results.COLOURS; PNG and SVG).
+
+- `figure1(summary)`: the paper's Figure 1 style, deltas vs the pretrained model on three axes.
+- `tradeoff(summary)`: fine-grained gain vs forgetting, one point per method with error bars over seeds.
+- `curves(history)`: validation scores over training steps (forgetting as it happens).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .results import AXES, COLOURS
+
+
+def _colour(method: str) -> str:
+    return COLOURS.get(method, "#444444")
+
+
+def save(fig, path_stem: str | Path) -> list[Path]:
+    """Write path_stem.png (150 dpi) and path_stem.svg; returns the paths."""
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    return paths
+
+
+def figure1(summary: list[dict], methods: tuple[str, ...] = ("toy-naive", "toy-paper"), ax=None):
+    """Grouped bars: change vs the pretrained model (x100) per axis, mean +- std over seeds."""
+    rows = [s for s in summary if s["method"] in methods]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 3.6))
+    x = np.arange(len(AXES))
+    width = 0.8 / max(1, len(rows))
+    for i, s in enumerate(rows):
+        means = [100 * s[f"{a}_mean"] for a in AXES]
+        stds = [100 * s[f"{a}_std"] for a in AXES]
+        bars = ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
+                      color=_colour(s["method"]), label=f"{s['method']} ({s['seeds']} seeds)")
+        ax.bar_label(bars, labels=[f"{m:+.1f}" for m in means], fontsize=8, padding=2)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x, ["in-domain\nfine-grained mAP@20", "out-of-domain\ngeneric mAP@20", "out-of-domain\nimage->text R@1"])
+    ax.set_ylabel("change vs pretrained (points, x100)")
+    ax.legend(frameon=False, fontsize=8)
+    ax.set_title("Fine-tuning the image tower: gain and forgetting (test sets)")
+    return ax.figure
+
+
+def tradeoff(summary: list[dict], forgetting: str = "i2t", ax=None):
+    """Fine-grained gain (y) vs change on a retention axis (x); up and right is better."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 4.4))
+    for s in summary:
+        ax.errorbar(100 * s[f"{forgetting}_mean"], 100 * s["fine_mean"], xerr=100 * s[f"{forgetting}_std"],
+                    yerr=100 * s["fine_std"], fmt="o", ms=7, capsize=3, color=_colour(s["method"]),
+                    label=s["method"].removeprefix("toy-"))
+    ax.axvline(0, color="black", lw=0.6, ls=":")
+    ax.set_xlabel(f"change in {AXES[forgetting][2]} vs pretrained (points)")
+    ax.set_ylabel("gain in fine-grained mAP@20 (points)")
+    ax.set_title("Trade-off: each method at its validation-chosen strength")
+    ax.legend(fontsize=7, ncol=2, frameon=False, loc="best")
+    return ax.figure
+
+
+def curves(history: list[dict], label: str = "", axes=None):
+    """Validation fine-grained and generic mAP@20 against target steps."""
+    rows = [h for h in history if "val/fine_map@20" in h]
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = [h["target_step"] for h in rows]
+    for ax, key, title in zip(axes, ("val/fine_map@20", "val/generic_map@20"),
+                              ("fine-grained validation mAP@20", "generic validation mAP@20")):
+        ax.plot(steps, [h[key] for h in rows], marker="o", label=label or None)
+        ax.set_xlabel("target steps")
+        ax.set_title(title)
+        ax.set_ylim(0, 1)
+    if label:
+        axes[0].legend(frameon=False)
+    return axes[0].figure
+
+
+def show_images(images, titles=None, ncols: int = 8, scale: float = 1.1):
+    """A grid of uint8 (N, 3, H, W) images."""
+    n = len(images)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * scale, nrows * scale * (1.25 if titles else 1)),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            if titles:
+                ax.set_title(titles[i], fontsize=6)
+    return fig
+
+
+def gallery(query_images, index_images, neighbours: np.ndarray, relevant: np.ndarray, row_labels=None):
+    """Retrieval gallery: each row a query then its top-k; a green frame marks a correct neighbour, red a wrong one."""
+    nq, k = neighbours.shape
+    fig, axes = plt.subplots(nq, k + 1, figsize=((k + 1) * 1.0, nq * 1.05), squeeze=False)
+    for r in range(nq):
+        axes[r, 0].imshow(query_images[r].permute(1, 2, 0).numpy(), interpolation="nearest")
+        axes[r, 0].set_ylabel(row_labels[r] if row_labels else "", fontsize=7)
+        for c in range(k):
+            ax = axes[r, c + 1]
+            ax.imshow(index_images[neighbours[r, c]].permute(1, 2, 0).numpy(), interpolation="nearest")
+            for side in ax.spines.values():
+                side.set_edgecolor("#009E73" if relevant[r, c] else "#D55E00")
+                side.set_linewidth(2.5)
+        for ax in axes[r]:
+            ax.set_xticks([]), ax.set_yticks([])
+    axes[0, 0].set_title("query", fontsize=8)
+    for c in range(k):
+        axes[0, c + 1].set_title(f"#{c + 1}", fontsize=8)
+    return fig
+
+
+def umap_scatter(emb_sets: dict[str, np.ndarray], seed: int = 0, ax=None, title: str = ""):
+    """UMAP (cosine) of several embedding sets, one colour each; fitted on their union."""
+    import umap
+    names = list(emb_sets)
+    x = np.concatenate([emb_sets[n] for n in names])
+    xy = umap.UMAP(n_neighbors=15, min_dist=0.2, metric="cosine", random_state=seed).fit_transform(x)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 4.2))
+    palette = ["#0072B2", "#D55E00", "#009E73", "#CC79A7"]
+    start = 0
+    for i, n in enumerate(names):
+        m = len(emb_sets[n])
+        ax.scatter(xy[start:start + m, 0], xy[start:start + m, 1], s=4, alpha=0.6, color=palette[i % 4], label=n)
+        start += m
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title(title)
+    ax.legend(markerscale=3, fontsize=7, frameon=False)
+    return ax.figure

@@ -1,0 +1,96 @@
+"""The results registry and the comparison it feeds (table, trade-off figure, Figure-1 style deltas).
+
+A registry is a JSON-lines file, one row per finished run (append-only: rows are never rewritten):
+  {"method", "seed", "smoke", "overrides", "train": TrainConfig, "val": {...}, "pretrained": {...},
+   "finetuned": {...}, "seconds", "run_dir", "finished"}
+`summarise(rows)` turns rows into one line per method: mean and standard deviation over seeds of the
+three deltas vs the pretrained model (fine-grained mAP@20 gain, generic mAP@20 change, i2t R@1 change),
+plus the share of the naive gain kept and of the naive forgetting left.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+AXES = {  # name: (group in metrics.json, key, label)
+    "fine": ("in_domain", "map@20", "fine-grained mAP@20"),
+    "generic": ("generic_image", "map@20", "generic image mAP@20"),
+    "i2t": ("image_text", "i2t_r@1", "image->text R@1"),
+}
+# one colour per method, everywhere (Okabe-Ito and Tol's colour-blind-safe palettes)
+COLOURS = {
+    "toy-naive": "#D55E00", "toy-paper": "#0072B2", "toy-l2sp": "#56B4E9", "toy-l2sp-sum": "#88CCEE",
+    "toy-ewc": "#009E73", "toy-l2-zero": "#999999", "toy-distill": "#CC79A7", "toy-distill-cos": "#AA4499",
+    "toy-relational": "#882255", "toy-lwf": "#E69F00", "toy-mix-balanced": "#DDCC77",
+    "toy-mix-proportional": "#999933", "toy-low-lr": "#332288", "toy-lp-ft": "#44AA99", "toy-freeze": "#117733",
+    "toy-wise-ft": "#F0E442",
+}
+
+
+def append_result(path: str | Path, metrics: dict, run_dir: str | Path | None = None) -> dict:
+    """Append one finished run to the registry (creating it). Returns the row."""
+    row = {"method": metrics["preset"], "seed": metrics["seed"], "smoke": metrics["smoke"],
+           "overrides": metrics.get("overrides", {}), "train": metrics["train"], "val": metrics.get("val", {}),
+           "pretrained": metrics["pretrained"], "finetuned": metrics["finetuned"], "seconds": metrics["seconds"],
+           "run_dir": str(run_dir) if run_dir else None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def load_results(path: str | Path, smoke: bool | None = None) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no results registry at {path}; run experiments with --registry {path} first")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i} is not valid JSON ({e}); fix or remove that line") from e
+    return [r for r in rows if smoke is None or r["smoke"] == smoke]
+
+
+def deltas(row: dict) -> dict[str, float]:
+    """Fine-tuned minus pretrained, on the three axes (test metrics)."""
+    return {a: row["finetuned"][g][k] - row["pretrained"][g][k] for a, (g, k, _) in AXES.items()}
+
+
+def summarise(rows: list[dict], baseline: str = "toy-naive") -> list[dict]:
+    """One dict per method: n seeds, mean/std of each delta, and kept-gain / left-forgetting vs the baseline."""
+    rows = [r for r in rows if r.get("finetuned")]
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != baseline, m != "toy-paper", m))
+    out = []
+    for m in methods:
+        d = [deltas(r) for r in rows if r["method"] == m]
+        s = {"method": m, "seeds": len(d)}
+        for a in AXES:
+            v = np.array([x[a] for x in d])
+            s[f"{a}_mean"], s[f"{a}_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        out.append(s)
+    base = next((s for s in out if s["method"] == baseline), None)
+    for s in out:
+        if base is not None:
+            s["gain_kept"] = s["fine_mean"] / base["fine_mean"] if base["fine_mean"] else float("nan")
+            for a in ("generic", "i2t"):
+                s[f"{a}_drop_left"] = s[f"{a}_mean"] / base[f"{a}_mean"] if base[f"{a}_mean"] < 0 else float("nan")
+    return out
+
+
+def markdown_table(summary: list[dict]) -> str:
+    head = ("| method | seeds | fine mAP@20 gain | generic mAP@20 change | i2t R@1 change | gain kept | "
+            "generic drop left | i2t drop left |\n|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for s in summary:
+        cells = [s["method"], str(s["seeds"])]
+        cells += [f"{s[f'{a}_mean']:+.3f} ± {s[f'{a}_std']:.3f}" for a in AXES]
+        cells += [f"{s[k]:.0%}" if k in s and np.isfinite(s[k]) else "n/a"
+                  for k in ("gain_kept", "generic_drop_left", "i2t_drop_left")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
