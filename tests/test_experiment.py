@@ -1,0 +1,76 @@
+"""The toy VLM and whole experiments.
+
+Smoke-sized pretraining of the tiny config must beat chance on held-out image-text retrieval by a wide
+margin; the cache must be reused and rebuilt when deleted; the CLI's --smoke experiment must write a
+complete metrics.json (with the default toy VLM, which the test session shares through the cache)."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from infusing_kit import experiment, world
+from infusing_kit.metrics import image_text_recall
+from infusing_kit.models import embed_images, embed_texts
+from infusing_kit.pretrain import SMOKE_PRETRAIN, cache_path, load_pretrained_toy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_pretraining_beats_chance_and_is_cached(tmp_path):
+    cfg = replace(SMOKE_PRETRAIN, steps=150)
+    vlm = load_pretrained_toy(cfg.model, cache_dir=tmp_path, cfg=cfg, progress=False)
+    path = cache_path(cfg, tmp_path)
+    assert path.exists()
+    w = world.make_world(world.WorldConfig(seed=5, **experiment.SMOKE_WORLD))
+    rec = image_text_recall(embed_images(vlm, w.text_test.images, progress=False),
+                            embed_texts(vlm, w.text_test.captions, progress=False), w.text_test.caption_image)
+    chance = 2 / len(w.text_test.captions)
+    assert rec["i2t_r@1"] > 8 * chance, rec
+    mtime = path.stat().st_mtime_ns
+    again = load_pretrained_toy(cfg.model, cache_dir=tmp_path, cfg=cfg, progress=False)
+    assert path.stat().st_mtime_ns == mtime, "the cache was rewritten instead of reused"
+    for a, b in zip(vlm.model.state_dict().values(), again.model.state_dict().values()):
+        assert (a == b).all()
+    path.write_bytes(b"broken")
+    with pytest.raises(RuntimeError, match="delete it to pretrain again"):
+        load_pretrained_toy(cfg.model, cache_dir=tmp_path, cfg=cfg, progress=False)
+
+
+@pytest.mark.slow
+def test_cli_smoke_experiment_writes_complete_metrics(tmp_path):
+    out = tmp_path / "exp"
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "infusing_kit", "experiment", "--preset", "toy-naive", "--smoke", "--out", str(out),
+           "--registry", str(tmp_path / "results.jsonl")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    for when in ("pretrained", "finetuned"):
+        assert set(m[when]) == {"in_domain", "generic_image", "image_text"}
+        assert {"map@20", "mmp@20", "r@1"} <= set(m[when]["in_domain"]) and {"map@20", "mmp@20", "r@1"} <= set(m[when]["generic_image"])
+        assert {"i2t_r@1", "i2t_r@5", "t2i_r@1", "t2i_r@5"} <= set(m[when]["image_text"])
+        assert all(0 <= v <= 1 for d in m[when].values() for v in d.values())
+    assert m["seed"] == 0 and m["smoke"] and m["train"]["steps"] == experiment.SMOKE_NAIVE.steps
+    # forgetting shows even at smoke scale
+    assert m["finetuned"]["image_text"]["i2t_r@1"] < m["pretrained"]["image_text"]["i2t_r@1"]
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert again.returncode != 0 and "exists" in again.stderr, "an existing metrics.json must not be overwritten"
+
+
+def test_unknown_preset_is_a_clear_cli_error():
+    res = subprocess.run([sys.executable, "-m", "infusing_kit", "experiment", "--preset", "nope", "--out", "x"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 2 and "toy-naive" in res.stderr
+
+
+def test_every_preset_keeps_the_naive_schedule():
+    for name, p in experiment.PRESETS.items():
+        for cfg, base in ((p.train, experiment.NAIVE), (p.smoke_train, experiment.SMOKE_NAIVE)):
+            assert cfg.steps == base.steps and cfg.batch_size == base.batch_size, name
+        if name != "toy-naive" and not p.wise_ft:
+            assert p.train.select == "mean_map@20", f"{name} must select on mean validation (method.md 5)"
