@@ -17,7 +17,6 @@ before anything is written.
 from __future__ import annotations
 
 import copy
-import math
 import json
 import os
 import time
@@ -273,7 +272,7 @@ def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None 
         gen = step_generator(cfg.seed, step)
         idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step)
         frozen_warmup = target_step < cfg.lp_ft_steps  # LP-FT: head only, backbone gets no gradient at all
-        _set_backbone_trainable(anchors, requires_grad_before, cfg.freeze_blocks, not frozen_warmup)
+        _set_backbone_trainable(anchors, not frozen_warmup)
         terms = train_step(vlm, head, data, idx, domain, cfg, gen, anchors)
         loss = sum(terms.values())
         opt.zero_grad(set_to_none=True)
@@ -346,7 +345,8 @@ def _freeze_first_blocks(vlm: VLM, n_blocks: int) -> None:
             p.requires_grad_(False)
 
 
-def _set_backbone_trainable(anchors: Anchors, before: dict[str, bool], freeze_blocks: int, on: bool) -> None:
+def _set_backbone_trainable(anchors: Anchors, on: bool) -> None:
+    """LP-FT: switch the tower's trainable parameters off during the head-only warm-up, back on after."""
     for p, want in zip(anchors.params, anchors.trainable):
         p.requires_grad_(want and on)
 
