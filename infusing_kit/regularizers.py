@@ -8,7 +8,7 @@ Weight space (theta: image-tower tensors T, theta0: their pretrained values; the
   EWC (Kirkpatrick et al. 2017):  R = 1/2 sum_i F_i (theta_i - theta0_i)^2, F the diagonal Fisher on generic data
   L2 to zero (a control, plain weight decay as a loss):  R = 1/2 ||theta||^2
 All four are quadratics 1/2 sum_i w_i (theta_i - c_i)^2; `quadratic_penalty_` adds their analytic gradient
-w (theta - c) to .grad with torch._foreach ops after backward, so they cost no autograd graph.
+w (theta - c) to .grad with a few torch._foreach kernels after backward, so they cost no autograd graph.
 
 Function space, on L2-normalised embeddings (student s, frozen pretrained teacher t, batch B, dim D):
   embedding distillation, mse:    mean_b 1/D ||s_b - t_b||^2
@@ -20,6 +20,7 @@ Post hoc: WiSE-FT (Wortsman et al. 2022): theta(alpha) = (1 - alpha) theta0 + al
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -77,24 +78,34 @@ def quadratic_weights(params: dict[str, Tensor], kind: Literal["l2sp_mean", "l2s
     raise ValueError(f"unknown quadratic penalty {kind!r}")
 
 
-@torch.no_grad()
-def quadratic_penalty_(params: list[Tensor], centres: list[Tensor] | None, weights: list, coef: float) -> Tensor:
-    """Add coef * w * (theta - c) to each p.grad (c = 0 when centres is None); return coef * 1/2 sum w (theta - c)^2.
+def quadratic_roots(weights: list, coef: float) -> list[float | Tensor]:
+    """r = sqrt(coef * w) per tensor, computed once before training (see `quadratic_penalty_`)."""
+    if coef < 0:
+        raise ValueError(f"a penalty weight must be >= 0, got {coef}")
+    return [math.sqrt(coef * w) if isinstance(w, (int, float)) else (coef * w).sqrt() for w in weights]
 
-    The same value and gradient as autograd through `l2sp` / `ewc_penalty` / `l2_zero`, without a graph."""
-    diffs = list(params) if centres is None else torch._foreach_sub(params, centres)
-    if all(isinstance(w, float) for w in weights):
-        sq = torch._foreach_norm(diffs)
-        value = sum(w * s ** 2 for w, s in zip(weights, sq)) * (coef / 2)
-        scaled = torch._foreach_mul(diffs, [coef * w for w in weights])
-    else:
-        scaled = torch._foreach_mul(diffs, [w * coef for w in weights])
-        value = sum((d * s).sum() for d, s in zip(diffs, scaled)) / 2
-    for p, g in zip(params, scaled):
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
+
+@torch.no_grad()
+def quadratic_penalty_(params: list[Tensor], centres: list[Tensor] | None, roots: list) -> Tensor:
+    """Add w (theta - c) to each p.grad (c = 0 when centres is None); return 1/2 sum w (theta - c)^2.
+
+    roots = `quadratic_roots(weights, coef)`, so w = coef * weights. With u = r (theta - c) the value is
+    1/2 sum ||u||^2 and the gradient r u: a fixed handful of foreach kernels whatever the number of tensors
+    (no per-tensor Python loop, no autograd graph). The same value and gradient as autograd through
+    `l2sp` / `ewc_penalty` / `l2_zero` (tests/test_regularizers.py)."""
+    u = torch._foreach_mul(params, roots) if centres is None else torch._foreach_sub(params, centres)
+    if centres is not None:
+        torch._foreach_mul_(u, roots)
+    value = torch.stack(torch._foreach_norm(u)).square().sum() / 2
+    torch._foreach_mul_(u, roots)
+    if all(p.grad is not None for p in params):
+        torch._foreach_add_([p.grad for p in params], u)
+    else:  # a tensor that took no part in the loss (or a direct call on fresh tensors)
+        for p, g in zip(params, u):
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
     return value
 
 

@@ -29,8 +29,8 @@ import torch
 from .data import SAMPLERS, Sampler, Split, batch_indices, domain_at, step_generator
 from .losses import CosineClassifier, MarginLoss, classification_loss
 from .models import VLM, Augment, image_embedding, param_groups, preprocess, progress_bar, train_mode
-from .regularizers import (embedding_distillation, lwf_distillation, quadratic_penalty_, quadratic_weights,
-                           relational_distillation)
+from .regularizers import (embedding_distillation, lwf_distillation, quadratic_penalty_, quadratic_roots,
+                           quadratic_weights, relational_distillation)
 from .teacher import TeacherEmbeddings
 
 
@@ -114,12 +114,11 @@ class Anchors:
     params: list[torch.Tensor]                        # trainable image-tower parameters (theta)
     names: list[str]
     theta0: list[torch.Tensor] | None = None          # their pretrained values
-    quad: list[tuple[str, float, list | None]] = field(default_factory=list)  # (name, coef, weights) of penalties
+    quad: list[tuple[str, list | None, list]] = field(default_factory=list)  # (name, centres, roots) of penalties
     teacher_emb: torch.Tensor | None = None           # (N_generic, D) pre-extracted teacher embeddings
     live_teacher: torch.nn.Module | None = None       # or a frozen copy of the pretrained tower
     class_emb: torch.Tensor | None = None             # (C, D) generic class-prompt embeddings (LwF)
     logit_scale: float = 100.0
-    trainable: list[bool] = field(default_factory=list)  # which of params train after LP-FT warm-up
 
 
 def train_step(vlm: VLM, head: CosineClassifier, batch: Split, idx: torch.Tensor, domain: int, cfg: TrainConfig,
@@ -215,7 +214,8 @@ def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None 
                 raise ValueError(f"{out / 'last.pt'} was written with another config {diff}; resume with the same "
                                  "TrainConfig or start a new out_dir")
             if ckpt.get("theta0") is not None:  # the pretrained weights, not the resumed ones, anchor L2-SP / EWC
-                anchors.theta0 = [ckpt["theta0"][n].to(device) for n in anchors.names]
+                for t, n in zip(anchors.theta0, anchors.names):  # in place: the penalties hold these tensors
+                    t.copy_(ckpt["theta0"][n])
             vlm.visual.load_state_dict(ckpt["visual"])
             head.load_state_dict(ckpt["head"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -278,9 +278,8 @@ def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if not frozen_warmup:
-            for name, coef, weights in anchors.quad:  # weight-space penalties: analytic gradient, no graph
-                terms[name] = quadratic_penalty_(anchors.params, None if name == "l2_zero" else anchors.theta0,
-                                                 weights, coef)
+            for name, centres, roots in anchors.quad:  # weight-space penalties: analytic gradient, no graph
+                terms[name] = quadratic_penalty_(anchors.params, centres, roots)
             loss = sum(terms.values())
         pending.append((step, loss.detach()))
         opt.step()
@@ -347,25 +346,24 @@ def _freeze_first_blocks(vlm: VLM, n_blocks: int) -> None:
 
 def _set_backbone_trainable(anchors: Anchors, on: bool) -> None:
     """LP-FT: switch the tower's trainable parameters off during the head-only warm-up, back on after."""
-    for p, want in zip(anchors.params, anchors.trainable):
-        p.requires_grad_(want and on)
+    for p in anchors.params:
+        p.requires_grad_(on)
 
 
 def _anchors(vlm: VLM, cfg: TrainConfig, generic: Split | None, teacher, fisher, class_emb) -> Anchors:
     named = [(n, p) for n, p in vlm.visual.named_parameters() if p.requires_grad]
     a = Anchors(params=[p for _, p in named], names=[n for n, _ in named])
-    a.trainable = [True] * len(named)
     a.theta0 = [p.detach().clone() for p in a.params]
     params = dict(named)
     if cfg.l2sp > 0:
         kind = "l2sp_mean" if cfg.l2sp_form == "mean" else "l2sp_sum"
-        a.quad.append(("l2sp", cfg.l2sp, quadratic_weights(params, kind, cfg.l2sp_split_qkv)))
+        a.quad.append(("l2sp", a.theta0, quadratic_roots(quadratic_weights(params, kind, cfg.l2sp_split_qkv), cfg.l2sp)))
     if cfg.ewc > 0:
         if fisher is None:
             raise ValueError("TrainConfig.ewc > 0 needs train(..., fisher=fisher_diagonal(model, generic images, ...))")
-        a.quad.append(("ewc", cfg.ewc, [fisher[n].to(vlm.device) for n in a.names]))
+        a.quad.append(("ewc", a.theta0, quadratic_roots([fisher[n].to(vlm.device) for n in a.names], cfg.ewc)))
     if cfg.l2_zero > 0:
-        a.quad.append(("l2_zero", cfg.l2_zero, quadratic_weights(params, "l2_zero")))
+        a.quad.append(("l2_zero", None, quadratic_roots(quadratic_weights(params, "l2_zero"), cfg.l2_zero)))
     if cfg.generic_terms():
         if teacher is None:
             raise ValueError(f"{cfg.generic_terms()} need a teacher: train(..., teacher=extract_teacher(model, "

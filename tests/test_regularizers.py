@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from infusing_kit.data import Split
 from infusing_kit.models import load_model, preprocess
 from infusing_kit.regularizers import (embedding_distillation, ewc_penalty, fisher_diagonal, l2_zero, l2sp,
-                                       lwf_distillation, quadratic_penalty_, quadratic_weights,
+                                       lwf_distillation, quadratic_penalty_, quadratic_roots, quadratic_weights,
                                        relational_distillation, wise_ft)
 from infusing_kit.teacher import extract_teacher
 from infusing_kit.train import TrainConfig, train
@@ -57,7 +57,8 @@ def test_analytic_gradient_equals_autograd(kind):
     for t in theta.values():
         t.grad = None
     weights = quadratic_weights(theta, kind, split_qkv=True, fisher=fisher)
-    got = quadratic_penalty_(list(theta.values()), None if kind == "l2_zero" else list(theta0.values()), weights, coef)
+    got = quadratic_penalty_(list(theta.values()), None if kind == "l2_zero" else list(theta0.values()),
+                             quadratic_roots(weights, coef))
     assert float(got) == pytest.approx(value.item())
     for n, t in theta.items():
         torch.testing.assert_close(t.grad, want[n])

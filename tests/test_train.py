@@ -57,17 +57,19 @@ def test_only_the_image_tower_is_trainable():
     assert trainable_parameters(vlm.model) < sum(p.numel() for p in vlm.model.parameters())
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("cfg", [CFG, replace(CFG, l2sp=50.0)], ids=["naive", "l2sp"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, cfg):
     vlm_a = _vlm()
-    head_a, _ = train(vlm_a, _target(), CFG, tmp_path / "a", validate=_validate, progress=False)
+    head_a, _ = train(vlm_a, _target(), cfg, tmp_path / "a", validate=_validate, progress=False)
 
     vlm_b = _vlm()
     stop_at_3 = lambda s: s.target_step < 3
-    train(vlm_b, _target(), CFG, tmp_path / "b", validate=_validate, hooks=(stop_at_3,), progress=False)
-    vlm_b = _vlm(seed=123)  # a fresh process would start from other weights; last.pt must restore them
+    train(vlm_b, _target(), cfg, tmp_path / "b", validate=_validate, hooks=(stop_at_3,), progress=False)
+    # a fresh process would start from other weights; last.pt must restore them, and L2-SP's anchor with them
+    vlm_b = _vlm(seed=123)
     with pytest.raises(FileExistsError, match="resume=True"):
-        train(vlm_b, _target(), CFG, tmp_path / "b", validate=_validate, progress=False)
-    head_b, res_b = train(vlm_b, _target(), CFG, tmp_path / "b", validate=_validate, resume=True, progress=False)
+        train(vlm_b, _target(), cfg, tmp_path / "b", validate=_validate, progress=False)
+    head_b, res_b = train(vlm_b, _target(), cfg, tmp_path / "b", validate=_validate, resume=True, progress=False)
     for (k, a), (_, b) in zip(vlm_a.visual.state_dict().items(), vlm_b.visual.state_dict().items()):
         assert torch.equal(a, b), k
     assert torch.equal(head_a.weight, head_b.weight)
