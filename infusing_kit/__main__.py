@@ -4,6 +4,7 @@
   python -m infusing_kit pretrain [--seed N]                  # fill the toy-VLM cache
   python -m infusing_kit presets                              # list the presets
   python -m infusing_kit search --preset NAME --trials N --storage runs/search.db [--final-seeds 0 1 2]
+  python -m infusing_kit trials --storage runs/search.db --out runs/trials.jsonl   # search trials as JSON lines
   python -m infusing_kit report --registry runs/results.jsonl [--figures figures/]
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--final-seeds", type=int, nargs="*", default=[],
                     help="then run the chosen configuration with these seeds, with test evaluation")
     se.add_argument("--registry", default="runs/results.jsonl", help="where the final runs are recorded")
+    tr = sub.add_parser("trials", help="export the finished search trials of Optuna SQLite files as JSON lines")
+    tr.add_argument("--storage", nargs="+", required=True, help="SQLite files written by `search`")
+    tr.add_argument("--out", required=True, help="JSON-lines file to write; must not exist yet")
     rep = sub.add_parser("report", help="comparison table and figures from a results registry")
     rep.add_argument("--registry", default="runs/results.jsonl")
     rep.add_argument("--figures", default="figures", help="folder for figure PNG/SVG files")
@@ -59,6 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "report":
         return _report(args)
+    if args.command == "trials":
+        from .search import trial_rows
+        if Path(args.out).exists():
+            parser.error(f"--out {args.out} exists; choose a new file (nothing was overwritten)")
+        rows = [r for storage in args.storage for r in trial_rows(storage)]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"wrote {len(rows)} trials of {len({r['study'] for r in rows})} studies to {args.out}")
+        return 0
     if args.preset not in experiment.PRESETS:
         parser.error(f"--preset {args.preset!r} is unknown; choose one of {sorted(experiment.PRESETS)}")
     if args.command == "search":

@@ -24,7 +24,9 @@ def _study(preset: str, storage: str | Path, smoke: bool, seed: int):
     storage.parent.mkdir(parents=True, exist_ok=True)
     name = f"{preset}{'-smoke' if smoke else ''}-seed{seed}"
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{storage}", direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True)
+                                load_if_exists=True)
+    # a sampler seeded the same way on every resume would propose the same start-up points again: offset it
+    study.sampler = optuna.samplers.TPESampler(seed=seed * 10_000 + len(study.trials))
     # a trial left RUNNING by a killed process would never finish: mark it failed so it is not counted
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
@@ -71,3 +73,22 @@ def final_runs(preset: str, params: dict, seeds: list[int], out_root: str | Path
         rows.append(run_experiment(preset, out, smoke=smoke, seed=s, device=device, progress=progress,
                                    overrides=params, registry=registry))
     return rows
+
+
+def trial_rows(storage: str | Path) -> list[dict]:
+    """Every finished trial of every study in an SQLite file, one row each: {"study", "method", "seed", "smoke",
+    "trial", "params", "val"} (validation scores only; trials never see test data)."""
+    import optuna
+    url = f"sqlite:///{Path(storage)}"
+    if not Path(storage).exists():
+        raise FileNotFoundError(f"no Optuna storage at {storage}")
+    rows = []
+    for summary in optuna.get_all_study_summaries(url):
+        study = optuna.load_study(study_name=summary.study_name, storage=url)
+        name, _, seed = summary.study_name.rpartition("-seed")
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            rows.append({"study": summary.study_name, "method": name.removesuffix("-smoke"), "seed": int(seed),
+                         "smoke": name.endswith("-smoke"), "trial": t.number, "params": t.params,
+                         "val": dict(t.user_attrs)})
+    return rows
+
