@@ -90,6 +90,9 @@ PRESETS: dict[str, Preset] = {
                          search=(("lp_ft_steps", 0, 300, False),)),
     "toy-freeze": _method("the patch embedding and the first 3 of 4 blocks frozen", freeze_blocks=3,
                           search=(("freeze_blocks", 0, 4, False),)),
+    "toy-lora": _method("LoRA: rank-4 factors on the attention and MLP weights train, the pretrained weights stay "
+                        "frozen (Hu et al. 2021)", lora_rank=4, lr_backbone=5e-3,
+                        search=(("lr_backbone", 5e-4, 3e-2, True),)),
     "toy-wise-ft": _method("WiSE-FT: naive fine-tuning, then weights interpolated towards the pretrained ones "
                            "(alpha chosen on validation)", wise_ft=True, select="fine_map@20"),
 }
@@ -127,6 +130,27 @@ def validation_fn(world: W.WorldSplits):
         return {f"fine_map@{K}": f[f"map@{K}"], f"generic_map@{K}": g[f"map@{K}"],
                 f"mean_map@{K}": (f[f"map@{K}"] + g[f"map@{K}"]) / 2}
     return validate
+
+
+def wise_ft_curve(vlm: VLM, theta0: dict, world: W.WorldSplits, alphas=np.linspace(0, 1, 11)) -> list[dict]:
+    """Validation scores of the WiSE-FT interpolation (1 - alpha) theta0 + alpha theta1 for each alpha, where
+    theta1 is vlm's current (fine-tuned) tower; vlm is handed back at theta1. No training, no test data."""
+    validate = validation_fn(world)
+    theta1 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
+    curve = []
+    for alpha in alphas:
+        vlm.visual.load_state_dict(wise_ft(theta0, theta1, float(alpha)))
+        curve.append({"alpha": round(float(alpha), 2), **validate(vlm)})
+    vlm.visual.load_state_dict(theta1)
+    return curve
+
+
+def apply_wise_ft(vlm: VLM, theta0: dict, curve: list[dict], key: str = f"mean_map@{K}") -> dict:
+    """Move vlm to the alpha of `curve` that maximises validation `key`; returns that row of the curve."""
+    best = max(curve, key=lambda r: r[key])
+    theta1 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
+    vlm.visual.load_state_dict(wise_ft(theta0, theta1, best["alpha"]))
+    return best
 
 
 def _kept_validation(history: list[dict], best_step: int | None) -> dict[str, float]:
@@ -176,14 +200,8 @@ def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: 
     val = _kept_validation(result.history, result.best_step)
     wise = None
     if p.wise_ft:  # choose alpha on validation, like any other strength
-        theta1 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
-        wise = []
-        for alpha in np.linspace(0, 1, 11):
-            vlm.visual.load_state_dict(wise_ft(theta0, theta1, float(alpha)))
-            wise.append({"alpha": round(float(alpha), 2), **validate(vlm)})
-        best = max(wise, key=lambda r: r[f"mean_map@{K}"])
-        vlm.visual.load_state_dict(wise_ft(theta0, theta1, best["alpha"]))
-        val = {k: v for k, v in best.items() if k != "alpha"}
+        wise = wise_ft_curve(vlm, theta0, world)
+        val = {k: v for k, v in apply_wise_ft(vlm, theta0, wise).items() if k != "alpha"}
     after = evaluate(vlm, world) if test else None
     tmp = out / f"model.pt.tmp{os.getpid()}"
     torch.save({"visual": vlm.visual.state_dict(), "head": head.state_dict()}, tmp)
@@ -221,3 +239,33 @@ def cached_run(preset: str, root: str | Path, smoke: bool = False, seed: int = 0
     tuned.visual.load_state_dict(torch.load(out / "model.pt", map_location=device, weights_only=True)["visual"])
     metrics["history"] = [json.loads(l) for l in (out / "run" / "log.jsonl").read_text().splitlines()]
     return metrics, tuned, pretrained, world
+
+
+def chapter_rows(presets: list[str], root: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",
+                 comparison: str | Path | None = None, progress: bool = True) -> tuple[list[dict], dict[str, list]]:
+    """The registry rows a chapter compares (for `results.summarise`) and the training histories it can plot.
+
+    comparison=None: each preset runs here once (or is reused) through `cached_run` with seed `seed`.
+    comparison=<registry file>: every non-smoke row of those presets in that file (all its seeds); nothing
+    trains and no histories come back. Teaching mode reads the kit's committed comparison this way
+    (results/toy-comparison-gpu.jsonl), because training every method on 2 CPU cores takes over an hour."""
+    from .results import load_results
+    unknown = set(presets) - set(PRESETS)
+    if unknown:
+        raise ValueError(f"unknown presets {sorted(unknown)}; choose from {sorted(PRESETS)}")
+    if comparison is not None:
+        rows = [r for r in load_results(comparison, smoke=False) if r["method"] in presets]
+        missing = [p for p in presets if p not in {r["method"] for r in rows}]
+        if missing:
+            raise ValueError(f"{comparison} has no finished rows for {missing}: run them with `python -m infusing_kit "
+                             f"experiment --preset NAME --out DIR --registry {comparison}`, or train here with "
+                             "comparison=None")
+        return rows, {}
+    rows, histories = [], {}
+    for p in presets:
+        m, *_ = cached_run(p, root, smoke=smoke, seed=seed, device=device, registry=Path(root) / "results.jsonl",
+                           progress=progress)
+        rows.append({"method": p, "seed": seed, "smoke": smoke, "pretrained": m["pretrained"],
+                     "finetuned": m["finetuned"], "val": m["val"]})
+        histories[p] = m["history"]
+    return rows, histories

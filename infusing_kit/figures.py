@@ -4,6 +4,7 @@ colours fixed per method in results.COLOURS; PNG and SVG).
 - `figure1(summary)`: the paper's Figure 1 style, deltas vs the pretrained model on three axes.
 - `tradeoff(summary)`: fine-grained gain vs forgetting, one point per method with error bars over seeds.
 - `curves(history)`: validation scores over training steps (forgetting as it happens).
+- `sweep(trials, field)`: validation scores against a searched strength, from exported search trials.
 """
 from __future__ import annotations
 
@@ -63,6 +64,29 @@ def tradeoff(summary: list[dict], forgetting: str = "i2t", ax=None):
     ax.set_ylabel("gain in fine-grained mAP@20 (points)")
     ax.set_title("Trade-off: each method at its validation-chosen strength")
     ax.legend(fontsize=7, ncol=2, frameon=False, loc="best")
+    return ax.figure
+
+
+def sweep(trials: list[dict], field: str, ax=None, log: bool = True):
+    """Validation mAP@20 (fine-grained and generic) against one searched strength, one point per search trial."""
+    trials = sorted(trials, key=lambda t: t["params"][field])
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.2, 3.4))
+    x = [t["params"][field] for t in trials]
+    method = trials[0]["method"] if trials else ""
+    for key, marker, label in (("fine_map@20", "o", "fine-grained val"), ("generic_map@20", "s", "generic val")):
+        ax.plot(x, [t["val"][key] for t in trials], marker=marker, ls="-" if key.startswith("fine") else "--",
+                color=_colour(method), label=label)
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(f"{field} (searched)")
+    ax.set_ylabel("validation mAP@20")
+    ax.set_ylim(0, 1)
+    distinct = len(set(x))
+    ax.set_title(f"{method.removeprefix('toy-')}: strength sweep ({len(trials)} search trials"
+                 + (f", {distinct} distinct)" if distinct < len(trials) else ")"), fontsize=10)
+    ax.tick_params(labelsize=8)
+    ax.legend(frameon=False, fontsize=8)
     return ax.figure
 
 

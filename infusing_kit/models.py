@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,8 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
         return load_pretrained_toy(name, device=device, cache_dir=cache_dir)
     kwargs = {"force_image_size": image_size} if image_size else {}
     try:
+        # pretrained=None asks for random weights: open_clip's "no pretrained weights loaded" warning is noise here
+        logging.disable(logging.WARNING if pretrained is None else logging.NOTSET)
         model = open_clip.create_model(name, pretrained=pretrained, device=device, cache_dir=cache_dir, **kwargs)
     except RuntimeError as e:
         if pretrained and not Path(str(pretrained)).is_file() and ("download" in str(e).lower() or "connect" in str(e).lower()):
@@ -78,6 +81,8 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
                 f"pretrained=..., run once with internet to fill the Hugging Face cache, or use "
                 f"pretrained=None / the kit's offline toy model load_model('toy-clip', 'toy').") from e
         raise ValueError(f"cannot create {name!r} with pretrained={pretrained!r}: {e}") from e
+    finally:
+        logging.disable(logging.NOTSET)
     cfg = model.visual.preprocess_cfg
     tokenizer = _toy_tokenizer() if name in TOY_MODELS else open_clip.get_tokenizer(name)
     vlm = VLM(model, tokenizer, name, pretrained, int(cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]),

@@ -26,7 +26,7 @@ COLOURS = {
     "toy-ewc": "#009E73", "toy-l2-zero": "#999999", "toy-distill": "#CC79A7", "toy-distill-cos": "#AA4499",
     "toy-relational": "#882255", "toy-lwf": "#E69F00", "toy-mix-balanced": "#DDCC77",
     "toy-mix-proportional": "#999933", "toy-low-lr": "#332288", "toy-lp-ft": "#44AA99", "toy-freeze": "#117733",
-    "toy-wise-ft": "#F0E442",
+    "toy-wise-ft": "#F0E442", "toy-lora": "#661100",
 }
 
 
@@ -57,6 +57,15 @@ def load_results(path: str | Path, smoke: bool | None = None) -> list[dict]:
     return [r for r in rows if smoke is None or r["smoke"] == smoke]
 
 
+def load_trials(path: str | Path, method: str | None = None) -> list[dict]:
+    """Search trials exported by `python -m infusing_kit trials` (validation scores only), optionally one method's."""
+    rows = load_results(path)
+    if rows and "params" not in rows[0]:
+        raise ValueError(f"{path} is not a trials file (rows have no 'params'); write one with "
+                         "`python -m infusing_kit trials --storage DB --out FILE`")
+    return [r for r in rows if method is None or r["method"] == method]
+
+
 def deltas(row: dict) -> dict[str, float]:
     """Fine-tuned minus pretrained, on the three axes (test metrics)."""
     return {a: row["finetuned"][g][k] - row["pretrained"][g][k] for a, (g, k, _) in AXES.items()}
@@ -81,6 +90,14 @@ def summarise(rows: list[dict], baseline: str = "toy-naive") -> list[dict]:
             for a in ("generic", "i2t"):
                 s[f"{a}_drop_left"] = s[f"{a}_mean"] / base[f"{a}_mean"] if base[f"{a}_mean"] < 0 else float("nan")
     return out
+
+
+def dominating(summary: list[dict], method: str) -> list[str]:
+    """Methods whose mean is better than `method`'s on all three axes (more gain, less forgetting on both)."""
+    ref = next((s for s in summary if s["method"] == method), None)
+    if ref is None:
+        raise KeyError(f"{method!r} is not in the summary ({[s['method'] for s in summary]})")
+    return [s["method"] for s in summary if s["method"] != method and all(s[f"{a}_mean"] > ref[f"{a}_mean"] for a in AXES)]
 
 
 def markdown_table(summary: list[dict]) -> str:

@@ -27,6 +27,7 @@ from typing import Callable, Literal
 import torch
 
 from .data import SAMPLERS, Sampler, Split, batch_indices, domain_at, step_generator
+from .lora import add_lora, merge_lora
 from .losses import CosineClassifier, MarginLoss, classification_loss
 from .models import VLM, Augment, image_embedding, param_groups, preprocess, progress_bar, train_mode
 from .regularizers import (embedding_distillation, lwf_distillation, quadratic_penalty_, quadratic_roots,
@@ -65,6 +66,7 @@ class TrainConfig:
     # --- optimisation-side regularizers
     lp_ft_steps: int = 0              # LP-FT: the first N target steps train the head only (backbone frozen)
     freeze_blocks: int = -1           # freeze the patch embedding and the first N transformer blocks (-1: none)
+    lora_rank: int = 0                # > 0: train only rank-r LoRA factors of attention/MLP weights (lora.py)
     # --- validation and checkpoints
     eval_every: int = 50              # target steps between validations (0: never)
     select: str = "fine_map@20"       # key of validate()'s dict that the kept checkpoint maximises
@@ -79,6 +81,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.classifier must be normface, cosface or arcface, got {self.classifier!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("TrainConfig.steps and batch_size must be >= 1")
+        if self.lora_rank > 0 and (self.l2sp or self.ewc or self.l2_zero or self.freeze_blocks >= 0):
+            raise ValueError("lora_rank > 0 trains only low-rank factors: weight-space penalties and freeze_blocks "
+                             "would act on those factors, not on the pretrained weights; use one or the other")
         if self.sampler != "target_only" and not self.generic_terms():
             raise ValueError(f"sampler={self.sampler!r} draws generic batches, but no loss term applies to them: "
                              "they would only move the optimiser's momentum. Set a generic-data loss weight "
@@ -190,131 +195,137 @@ def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None 
     if cfg.generic_terms() and cfg.sampler == "target_only":
         raise ValueError(f"{cfg.generic_terms()} apply to generic batches, but sampler='target_only' draws none; "
                          "use sampler='round_robin' (the paper), 'balanced' or 'proportional'")
+    if out_dir is not None and not (resume and (Path(out_dir) / "last.pt").exists()) and any(
+            (Path(out_dir) / f).exists() for f in ("last.pt", "best.pt", "log.jsonl")):
+        raise FileExistsError(f"{out_dir} already holds a training run (last.pt / best.pt / log.jsonl). "
+                              "Pass resume=True to continue it, or choose a new out_dir; nothing was overwritten.")
     device = vlm.device
     labels, n_classes = _remap(target.labels)
     target = Split(target.images, labels.numpy())
     head = CosineClassifier(vlm.visual.output_dim, n_classes, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     requires_grad_before = {n: p.requires_grad for n, p in vlm.visual.named_parameters()}
-    _freeze_first_blocks(vlm, cfg.freeze_blocks)
-    opt = torch.optim.AdamW(param_groups(vlm, head, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay),
-                            betas=(0.9, 0.999), eps=1e-8)
-    anchors = _anchors(vlm, cfg, generic, teacher, fisher, class_emb)
-    domains = (target, generic)
-    sizes = (len(target), len(generic) if generic is not None else 0)
+    try:  # from here on, the model goes back as it came (trainable set, LoRA merged) whatever happens
+        _freeze_first_blocks(vlm, cfg.freeze_blocks)
+        if cfg.lora_rank > 0:
+            add_lora(vlm.visual, cfg.lora_rank, seed=cfg.seed)  # merged back into the weights at the end
+        opt = torch.optim.AdamW(param_groups(vlm, head, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay),
+                                betas=(0.9, 0.999), eps=1e-8)
+        anchors = _anchors(vlm, cfg, generic, teacher, fisher, class_emb)
+        domains = (target, generic)
+        sizes = (len(target), len(generic) if generic is not None else 0)
 
-    # ==== output folder: never overwrite a user's run; resume from last.pt ==================
-    step, target_step, best, history = 0, 0, {"score": None, "step": None, "state": None}, []
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume and (out / "last.pt").exists():
-            ckpt = torch.load(out / "last.pt", map_location=device, weights_only=False)
-            if ckpt["config"] != asdict(cfg):
-                diff = {k: (v, asdict(cfg)[k]) for k, v in ckpt["config"].items() if asdict(cfg).get(k) != v}
-                raise ValueError(f"{out / 'last.pt'} was written with another config {diff}; resume with the same "
-                                 "TrainConfig or start a new out_dir")
-            if ckpt.get("theta0") is not None:  # the pretrained weights, not the resumed ones, anchor L2-SP / EWC
-                for t, n in zip(anchors.theta0, anchors.names):  # in place: the penalties hold these tensors
-                    t.copy_(ckpt["theta0"][n])
-            vlm.visual.load_state_dict(ckpt["visual"])
-            head.load_state_dict(ckpt["head"])
-            opt.load_state_dict(ckpt["optimizer"])
-            step, target_step, history = ckpt["step"], ckpt["target_step"], ckpt["history"]
-            best = {"score": ckpt["best_score"], "step": ckpt["best_step"], "state": None}
-            if (out / "best.pt").exists():
-                b = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
-                best["state"] = {"visual": b["visual"], "head": b["head"]}
-        elif any((out / f).exists() for f in ("last.pt", "best.pt", "log.jsonl")):
-            raise FileExistsError(f"{out} already holds a training run (last.pt / best.pt / log.jsonl). "
-                                  "Pass resume=True to continue it, or choose a new out_dir; nothing was overwritten.")
-        with open(out / "log.jsonl", "w") as f:  # rewritten from the checkpoint's history: no duplicate lines
-            f.writelines(json.dumps(h) + "\n" for h in history)
-
-    def log(record: dict) -> None:
-        history.append(record)
+        # ==== output folder: never overwrite a user's run; resume from last.pt ==================
+        step, target_step, best, history = 0, 0, {"score": None, "step": None, "state": None}, []
+        out = Path(out_dir) if out_dir is not None else None
         if out is not None:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            out.mkdir(parents=True, exist_ok=True)
+            if resume and (out / "last.pt").exists():
+                ckpt = torch.load(out / "last.pt", map_location=device, weights_only=False)
+                if ckpt["config"] != asdict(cfg):
+                    diff = {k: (v, asdict(cfg)[k]) for k, v in ckpt["config"].items() if asdict(cfg).get(k) != v}
+                    raise ValueError(f"{out / 'last.pt'} was written with another config {diff}; resume with the same "
+                                     "TrainConfig or start a new out_dir")
+                if ckpt.get("theta0") is not None:  # the pretrained weights, not the resumed ones, anchor L2-SP / EWC
+                    for t, n in zip(anchors.theta0, anchors.names):  # in place: the penalties hold these tensors
+                        t.copy_(ckpt["theta0"][n])
+                vlm.visual.load_state_dict(ckpt["visual"])
+                head.load_state_dict(ckpt["head"])
+                opt.load_state_dict(ckpt["optimizer"])
+                step, target_step, history = ckpt["step"], ckpt["target_step"], ckpt["history"]
+                best = {"score": ckpt["best_score"], "step": ckpt["best_step"], "state": None}
+                if (out / "best.pt").exists():
+                    b = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+                    best["state"] = {"visual": b["visual"], "head": b["head"]}
+            with open(out / "log.jsonl", "w") as f:  # rewritten from the checkpoint's history: no duplicate lines
+                f.writelines(json.dumps(h) + "\n" for h in history)
 
-    def run_validation() -> dict[str, float]:
-        train_mode(vlm, False)
-        val = {k: float(v) for k, v in validate(vlm).items()}
-        train_mode(vlm, True)
-        if cfg.select not in val:
-            raise KeyError(f"TrainConfig.select={cfg.select!r} is not among the validation scores {sorted(val)}")
-        log({"step": step, "target_step": target_step, **{f"val/{k}": v for k, v in val.items()}})
-        if target_step > 0 and (best["score"] is None or val[cfg.select] > best["score"]):
-            best.update(score=val[cfg.select], step=target_step,
-                        state={"visual": copy.deepcopy(vlm.visual.state_dict()), "head": copy.deepcopy(head.state_dict())})
+        def log(record: dict) -> None:
+            history.append(record)
             if out is not None:
-                _atomic_save({**best["state"], "config": asdict(cfg), "step": target_step, "score": best["score"]},
-                             out / "best.pt")
-        return val
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
 
-    def save_last() -> None:
-        if out is not None:
-            theta0 = None if anchors.theta0 is None else {n: t for n, t in zip(anchors.names, anchors.theta0)}
-            _atomic_save({"visual": vlm.visual.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
-                          "theta0": theta0,
-                          "step": step, "target_step": target_step, "history": history, "config": asdict(cfg),
-                          "best_score": best["score"], "best_step": best["step"]}, out / "last.pt")
+        def run_validation() -> dict[str, float]:
+            train_mode(vlm, False)
+            val = {k: float(v) for k, v in validate(vlm).items()}
+            train_mode(vlm, True)
+            if cfg.select not in val:
+                raise KeyError(f"TrainConfig.select={cfg.select!r} is not among the validation scores {sorted(val)}")
+            log({"step": step, "target_step": target_step, **{f"val/{k}": v for k, v in val.items()}})
+            if target_step > 0 and (best["score"] is None or val[cfg.select] > best["score"]):
+                best.update(score=val[cfg.select], step=target_step,
+                            state={"visual": copy.deepcopy(vlm.visual.state_dict()), "head": copy.deepcopy(head.state_dict())})
+                if out is not None:
+                    _atomic_save({**best["state"], "config": asdict(cfg), "step": target_step, "score": best["score"]},
+                                 out / "best.pt")
+            return val
 
-    # ==== the loop ==========================================================================
-    t0 = time.time()
-    if validate is not None and cfg.eval_every and step == 0:
-        run_validation()  # the pretrained model: logged, never selected
-    train_mode(vlm, True)
-    pending: list[tuple[int, torch.Tensor]] = []  # losses not yet checked for finiteness (avoids a sync per step)
-    bar = progress_bar(None, progress, total=cfg.steps, initial=target_step, desc="train")
-    while target_step < cfg.steps:
-        domain = domain_at(step, cfg.sampler, cfg.seed, sizes)
-        data = domains[domain]
-        gen = step_generator(cfg.seed, step)
-        idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step)
-        frozen_warmup = target_step < cfg.lp_ft_steps  # LP-FT: head only, backbone gets no gradient at all
-        _set_backbone_trainable(anchors, not frozen_warmup)
-        terms = train_step(vlm, head, data, idx, domain, cfg, gen, anchors)
-        loss = sum(terms.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if not frozen_warmup:
-            for name, centres, roots in anchors.quad:  # weight-space penalties: analytic gradient, no graph
-                terms[name] = quadratic_penalty_(anchors.params, centres, roots)
+        def save_last() -> None:
+            if out is not None:
+                theta0 = None if anchors.theta0 is None else {n: t for n, t in zip(anchors.names, anchors.theta0)}
+                _atomic_save({"visual": vlm.visual.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
+                              "theta0": theta0,
+                              "step": step, "target_step": target_step, "history": history, "config": asdict(cfg),
+                              "best_score": best["score"], "best_step": best["step"]}, out / "last.pt")
+
+        # ==== the loop ==========================================================================
+        t0 = time.time()
+        if validate is not None and cfg.eval_every and step == 0:
+            run_validation()  # the pretrained model: logged, never selected
+        train_mode(vlm, True)
+        pending: list[tuple[int, torch.Tensor]] = []  # losses not yet checked for finiteness (avoids a sync per step)
+        bar = progress_bar(None, progress, total=cfg.steps, initial=target_step, desc="train")
+        while target_step < cfg.steps:
+            domain = domain_at(step, cfg.sampler, cfg.seed, sizes)
+            data = domains[domain]
+            gen = step_generator(cfg.seed, step)
+            idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step)
+            frozen_warmup = target_step < cfg.lp_ft_steps  # LP-FT: head only, backbone gets no gradient at all
+            _set_backbone_trainable(anchors, not frozen_warmup)
+            terms = train_step(vlm, head, data, idx, domain, cfg, gen, anchors)
             loss = sum(terms.values())
-        pending.append((step, loss.detach()))
-        opt.step()
-        step += 1
-        target_step += domain == 0
-        bar.update(int(domain == 0))
-        is_eval = domain == 0 and validate is not None and cfg.eval_every and (
-            target_step % cfg.eval_every == 0 or target_step == cfg.steps)
-        is_ckpt = domain == 0 and (target_step == cfg.steps or (cfg.ckpt_every and target_step % cfg.ckpt_every == 0))
-        record = None
-        if step % cfg.log_every == 0 or is_eval or is_ckpt or target_step == cfg.steps:
-            _check_finite(pending, terms)
-            pending.clear()
-            record = {"step": step, "target_step": target_step, "domain": ("target", "generic")[domain],
-                      "loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
-            log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-        val = run_validation() if is_eval else None
-        if is_ckpt:
-            save_last()
-        state = TrainState(step, target_step, ("target", "generic")[domain],
-                           {k: v for k, v in (record or {}).items() if k not in ("step", "target_step", "domain")}, val)
-        if any(h(state) is False for h in hooks):
-            _check_finite(pending, terms)
-            save_last()
-            break
-    bar.close()
-    train_mode(vlm, False)
-    for n, p in vlm.visual.named_parameters():  # hand the model back with the trainable set it came with
-        p.requires_grad_(requires_grad_before[n])
-
-    # ==== the kept checkpoint ===============================================================
-    if best["state"] is not None:
-        vlm.visual.load_state_dict(best["state"]["visual"])
-        head.load_state_dict(best["state"]["head"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if not frozen_warmup:
+                for name, centres, roots in anchors.quad:  # weight-space penalties: analytic gradient, no graph
+                    terms[name] = quadratic_penalty_(anchors.params, centres, roots)
+                loss = sum(terms.values())
+            pending.append((step, loss.detach()))
+            opt.step()
+            step += 1
+            target_step += domain == 0
+            bar.update(int(domain == 0))
+            is_eval = domain == 0 and validate is not None and cfg.eval_every and (
+                target_step % cfg.eval_every == 0 or target_step == cfg.steps)
+            is_ckpt = domain == 0 and (target_step == cfg.steps or (cfg.ckpt_every and target_step % cfg.ckpt_every == 0))
+            record = None
+            if step % cfg.log_every == 0 or is_eval or is_ckpt or target_step == cfg.steps:
+                _check_finite(pending, terms)
+                pending.clear()
+                record = {"step": step, "target_step": target_step, "domain": ("target", "generic")[domain],
+                          "loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
+                log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+            val = run_validation() if is_eval else None
+            if is_ckpt:
+                save_last()
+            state = TrainState(step, target_step, ("target", "generic")[domain],
+                               {k: v for k, v in (record or {}).items() if k not in ("step", "target_step", "domain")}, val)
+            if any(h(state) is False for h in hooks):
+                _check_finite(pending, terms)
+                save_last()
+                break
+        bar.close()
+        # ==== the kept checkpoint ===========================================================
+        if best["state"] is not None:
+            vlm.visual.load_state_dict(best["state"]["visual"])
+            head.load_state_dict(best["state"]["head"])
+    finally:  # also on errors and interrupts: LoRA merged, the trainable set handed back as it came
+        train_mode(vlm, False)
+        if cfg.lora_rank > 0:
+            merge_lora(vlm.visual)
+        for n, p in vlm.visual.named_parameters():
+            p.requires_grad_(requires_grad_before[n])
     return head, TrainResult(best["step"], best["score"], history, time.time() - t0, out)
 
 

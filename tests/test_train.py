@@ -57,7 +57,7 @@ def test_only_the_image_tower_is_trainable():
     assert trainable_parameters(vlm.model) < sum(p.numel() for p in vlm.model.parameters())
 
 
-@pytest.mark.parametrize("cfg", [CFG, replace(CFG, l2sp=50.0)], ids=["naive", "l2sp"])
+@pytest.mark.parametrize("cfg", [CFG, replace(CFG, l2sp=50.0), replace(CFG, lora_rank=2)], ids=["naive", "l2sp", "lora"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, cfg):
     vlm_a = _vlm()
     head_a, _ = train(vlm_a, _target(), cfg, tmp_path / "a", validate=_validate, progress=False)
