@@ -206,7 +206,9 @@ def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: 
     tmp = out / f"model.pt.tmp{os.getpid()}"
     torch.save({"visual": vlm.visual.state_dict(), "head": head.state_dict()}, tmp)
     os.replace(tmp, out / "model.pt")  # the kept (or WiSE-FT) image tower, for galleries and UMAPs
+    where = torch.device(device)
     metrics = {"preset": preset, "description": p.description, "seed": seed, "smoke": smoke, "model": pcfg.model,
+               "device": f"{where.type} (bf16 autocast)" if where.type == "cuda" else f"{where.type} (float32)",
                "world": asdict(wcfg), "pretrain": asdict(pcfg), "train": asdict(cfg), "overrides": overrides or {},
                "best_step": result.best_step, "val": val, "wise_ft": wise,
                "train_seconds": round(result.seconds, 1), "seconds": round(time.time() - t0, 1),

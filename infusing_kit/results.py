@@ -2,7 +2,7 @@
 
 A registry is a JSON-lines file, one row per finished run (append-only: rows are never rewritten):
   {"method", "seed", "smoke", "overrides", "train": TrainConfig, "val": {...}, "pretrained": {...},
-   "finetuned": {...}, "seconds", "run_dir", "finished"}
+   "finetuned": {...}, "seconds", "device", "run_dir", "finished"}
 `summarise(rows)` turns rows into one line per method: mean and standard deviation over seeds of the
 three deltas vs the pretrained model (fine-grained mAP@20 gain, generic mAP@20 change, i2t R@1 change),
 plus the share of the naive gain kept and of the naive forgetting left.
@@ -35,6 +35,7 @@ def append_result(path: str | Path, metrics: dict, run_dir: str | Path | None = 
     row = {"method": metrics["preset"], "seed": metrics["seed"], "smoke": metrics["smoke"],
            "overrides": metrics.get("overrides", {}), "train": metrics["train"], "val": metrics.get("val", {}),
            "pretrained": metrics["pretrained"], "finetuned": metrics["finetuned"], "seconds": metrics["seconds"],
+           "device": metrics.get("device"),
            "run_dir": str(run_dir) if run_dir else None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
