@@ -30,7 +30,7 @@ from .data import SAMPLERS, Sampler, Split, batch_indices, domain_at, step_gener
 from .lora import add_lora, merge_lora
 from .losses import CosineClassifier, MarginLoss, classification_loss
 from .models import VLM, Augment, image_embedding, param_groups, preprocess, progress_bar, train_mode
-from .regularizers import (embedding_distillation, lwf_distillation, quadratic_penalty_, quadratic_roots,
+from .regularizers import (embedding_distillation, lwf_distillation, Quadratic, quadratic_penalty_,
                            quadratic_weights, relational_distillation)
 from .teacher import TeacherEmbeddings
 
@@ -119,7 +119,7 @@ class Anchors:
     params: list[torch.Tensor]                        # trainable image-tower parameters (theta)
     names: list[str]
     theta0: list[torch.Tensor] | None = None          # their pretrained values
-    quad: list[tuple[str, list | None, list]] = field(default_factory=list)  # (name, centres, roots) of penalties
+    quad: list[tuple[str, Quadratic]] = field(default_factory=list)   # weight-space penalties, prepared once
     teacher_emb: torch.Tensor | None = None           # (N_generic, D) pre-extracted teacher embeddings
     live_teacher: torch.nn.Module | None = None       # or a frozen copy of the pretrained tower
     class_emb: torch.Tensor | None = None             # (C, D) generic class-prompt embeddings (LwF)
@@ -281,25 +281,29 @@ def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None 
             gen = step_generator(cfg.seed, step)
             idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step)
             frozen_warmup = target_step < cfg.lp_ft_steps  # LP-FT: head only, backbone gets no gradient at all
+            next_target = target_step + (domain == 0)
+            is_eval = domain == 0 and validate is not None and cfg.eval_every and (
+                next_target % cfg.eval_every == 0 or next_target == cfg.steps)
+            is_ckpt = domain == 0 and (next_target == cfg.steps or (cfg.ckpt_every and next_target % cfg.ckpt_every == 0))
+            is_log = (step + 1) % cfg.log_every == 0 or is_eval or is_ckpt or next_target == cfg.steps
             _set_backbone_trainable(anchors, not frozen_warmup)
             terms = train_step(vlm, head, data, idx, domain, cfg, gen, anchors)
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if not frozen_warmup:
-                for name, centres, roots in anchors.quad:  # weight-space penalties: analytic gradient, no graph
-                    terms[name] = quadratic_penalty_(anchors.params, centres, roots)
+                for name, q in anchors.quad:  # weight-space penalties: analytic gradient, no graph
+                    value = quadratic_penalty_(anchors.params, q, value=is_log)  # the value only when logged
+                    if value is not None:
+                        terms[name] = value
                 loss = sum(terms.values())
             pending.append((step, loss.detach()))
             opt.step()
             step += 1
-            target_step += domain == 0
+            target_step = next_target
             bar.update(int(domain == 0))
-            is_eval = domain == 0 and validate is not None and cfg.eval_every and (
-                target_step % cfg.eval_every == 0 or target_step == cfg.steps)
-            is_ckpt = domain == 0 and (target_step == cfg.steps or (cfg.ckpt_every and target_step % cfg.ckpt_every == 0))
             record = None
-            if step % cfg.log_every == 0 or is_eval or is_ckpt or target_step == cfg.steps:
+            if is_log:
                 _check_finite(pending, terms)
                 pending.clear()
                 record = {"step": step, "target_step": target_step, "domain": ("target", "generic")[domain],
@@ -368,13 +372,13 @@ def _anchors(vlm: VLM, cfg: TrainConfig, generic: Split | None, teacher, fisher,
     params = dict(named)
     if cfg.l2sp > 0:
         kind = "l2sp_mean" if cfg.l2sp_form == "mean" else "l2sp_sum"
-        a.quad.append(("l2sp", a.theta0, quadratic_roots(quadratic_weights(params, kind, cfg.l2sp_split_qkv), cfg.l2sp)))
+        a.quad.append(("l2sp", Quadratic.build(quadratic_weights(params, kind, cfg.l2sp_split_qkv), cfg.l2sp, a.theta0)))
     if cfg.ewc > 0:
         if fisher is None:
             raise ValueError("TrainConfig.ewc > 0 needs train(..., fisher=fisher_diagonal(model, generic images, ...))")
-        a.quad.append(("ewc", a.theta0, quadratic_roots([fisher[n].to(vlm.device) for n in a.names], cfg.ewc)))
+        a.quad.append(("ewc", Quadratic.build([fisher[n].to(vlm.device) for n in a.names], cfg.ewc, a.theta0)))
     if cfg.l2_zero > 0:
-        a.quad.append(("l2_zero", None, quadratic_roots(quadratic_weights(params, "l2_zero"), cfg.l2_zero)))
+        a.quad.append(("l2_zero", Quadratic.build(quadratic_weights(params, "l2_zero"), cfg.l2_zero)))
     if cfg.generic_terms():
         if teacher is None:
             raise ValueError(f"{cfg.generic_terms()} need a teacher: train(..., teacher=extract_teacher(model, "

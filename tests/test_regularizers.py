@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from infusing_kit.data import Split
 from infusing_kit.models import load_model, preprocess
 from infusing_kit.regularizers import (embedding_distillation, ewc_penalty, fisher_diagonal, l2_zero, l2sp,
-                                       lwf_distillation, quadratic_penalty_, quadratic_roots, quadratic_weights,
+                                       lwf_distillation, Quadratic, quadratic_penalty_, quadratic_weights,
                                        relational_distillation, wise_ft)
 from infusing_kit.teacher import extract_teacher
 from infusing_kit.train import TrainConfig, train
@@ -44,8 +44,9 @@ def test_l2sp_forms_by_hand_and_zero_at_init():
         l2sp({"extra": theta["ln.bias"]}, theta0)
 
 
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
 @pytest.mark.parametrize("kind", ["l2sp_mean", "l2sp_sum", "ewc", "l2_zero"])
-def test_analytic_gradient_equals_autograd(kind):
+def test_analytic_gradient_equals_autograd(kind, foreach):
     theta, theta0 = _params(seed=1)
     fisher = {n: torch.rand(t.shape, dtype=torch.float64) for n, t in theta.items()}
     coef = 7.0
@@ -57,8 +58,14 @@ def test_analytic_gradient_equals_autograd(kind):
     for t in theta.values():
         t.grad = None
     weights = quadratic_weights(theta, kind, split_qkv=True, fisher=fisher)
-    got = quadratic_penalty_(list(theta.values()), None if kind == "l2_zero" else list(theta0.values()),
-                             quadratic_roots(weights, coef))
+    q = Quadratic.build(weights, coef, None if kind == "l2_zero" else list(theta0.values()))
+    before = {n: t.detach().clone() for n, t in theta.items()}
+    assert quadratic_penalty_(list(theta.values()), q, value=False, foreach=foreach) is None  # gradient only
+    for n, t in theta.items():
+        torch.testing.assert_close(t.grad, want[n])
+        t.grad = torch.zeros_like(t)  # second call: accumulates into an existing .grad
+    got = quadratic_penalty_(list(theta.values()), q, foreach=foreach)
+    assert all(torch.equal(t, before[n]) for n, t in theta.items()), "the penalty must not change the weights"
     assert float(got) == pytest.approx(value.item())
     for n, t in theta.items():
         torch.testing.assert_close(t.grad, want[n])
