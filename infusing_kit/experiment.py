@@ -90,6 +90,8 @@ PRESETS: dict[str, Preset] = {
                          search=(("lp_ft_steps", 0, 300, False),)),
     "toy-freeze": _method("the patch embedding and the first 3 of 4 blocks frozen", freeze_blocks=3,
                           search=(("freeze_blocks", 0, 4, False),)),
+    # toy-lora: 3 validation trials on the CPU (results/toy-search-lora-cpu.jsonl, lr 4.7e-3 to 9.3e-3) all kept the
+    # step-50 checkpoint; 5e-3 is near the best trial. No test-set rows yet (README "The comparison").
     "toy-lora": _method("LoRA: rank-4 factors on the attention and MLP weights train, the pretrained weights stay "
                         "frozen (Hu et al. 2021)", lora_rank=4, lr_backbone=5e-3,
                         search=(("lr_backbone", 5e-4, 3e-2, True),)),
