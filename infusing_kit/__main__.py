@@ -3,7 +3,8 @@
   python -m infusing_kit experiment --preset toy-naive [--smoke] [--seed N] --out DIR [--device cpu]
   python -m infusing_kit pretrain [--seed N]                  # fill the toy-VLM cache
   python -m infusing_kit presets                              # list the presets
-  python -m infusing_kit search --preset NAME --trials N --storage runs/search.db [--final-seeds 0 1 2]
+  python -m infusing_kit search --preset NAME --storage runs/search.db [--jobs 2] [--final-seeds 0 1 2]
+  python -m infusing_kit compare --out runs/compare [--presets ...] [--jobs 2]   # the whole comparison, resumable
   python -m infusing_kit trials --storage runs/search.db --out runs/trials.jsonl   # search trials as JSON lines
   python -m infusing_kit report --registry runs/results.jsonl [--figures figures/]
 """
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("presets", help="list the experiment presets")
     se = sub.add_parser("search", help="choose a preset's strengths on validation (Optuna, resumable)")
     se.add_argument("--preset", required=True)
-    se.add_argument("--trials", type=int, default=8, help="finished trials the study should hold")
+    se.add_argument("--trials", type=int, default=None,
+                    help="finished trials before the edge check (default 12 per searched field; at least 8 per field)")
+    se.add_argument("--jobs", type=int, default=1, help="trials run at once (worker processes sharing the study)")
     se.add_argument("--storage", default="runs/search.db", help="SQLite file of the Optuna studies")
     se.add_argument("--out", default="runs/search", help="folder for the trials' runs")
     se.add_argument("--smoke", action="store_true")
@@ -42,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--final-seeds", type=int, nargs="*", default=[],
                     help="then run the chosen configuration with these seeds, with test evaluation")
     se.add_argument("--registry", default="runs/results.jsonl", help="where the final runs are recorded")
+    co = sub.add_parser("compare", help="the whole comparison: naive's learning rates and schedule, every preset's "
+                        "search, final runs with test metrics, table (resumable: run it again to continue)")
+    co.add_argument("--out", default="runs/compare", help="folder of the comparison (studies, runs, registry)")
+    co.add_argument("--presets", nargs="*", help="presets besides toy-naive (default: all with a search, and toy-wise-ft)")
+    co.add_argument("--jobs", type=int, default=1, help="runs at once (2 on 2 CPU cores; 8-16 on one large GPU)")
+    co.add_argument("--device", default="cpu")
+    co.add_argument("--smoke", action="store_true", help="tiny world and schedules (a check of the pipeline)")
     tr = sub.add_parser("trials", help="export the finished search trials of Optuna SQLite files as JSON lines")
     tr.add_argument("--storage", nargs="+", required=True, help="SQLite files written by `search`")
     tr.add_argument("--out", required=True, help="JSON-lines file to write; must not exist yet")
@@ -64,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "report":
         return _report(args)
+    if args.command == "compare":
+        from .comparison import compare
+        compare(args.out, presets=args.presets, jobs=args.jobs, device=args.device, smoke=args.smoke)
+        return 0
     if args.command == "trials":
         from .search import trial_rows
         if Path(args.out).exists():
@@ -77,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--preset {args.preset!r} is unknown; choose one of {sorted(experiment.PRESETS)}")
     if args.command == "search":
         from .search import final_runs, search
-        best = search(args.preset, args.trials, args.storage, args.out, smoke=args.smoke, seed=args.seed,
-                      device=args.device)
+        best = search(args.preset, args.storage, args.out, trials=args.trials, smoke=args.smoke, seed=args.seed,
+                      device=args.device, jobs=args.jobs)
         print(json.dumps(best, indent=1))
         if args.final_seeds:
             final_runs(args.preset, best["params"], args.final_seeds, f"{args.out}/final", args.registry,

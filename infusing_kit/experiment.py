@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,58 +43,64 @@ class Preset:
     search: tuple = ()     # (field, low, high, log) ranges that `search` explores on validation
 
 
-NAIVE = TrainConfig(steps=500, batch_size=128, lr_backbone=5e-4, lr_head=5e-3, eval_every=50,
+# The naive schedule: learning rates and length chosen on validation by `python -m infusing_kit compare` (README,
+# "The comparison"); every method trains the same number of target steps.
+NAIVE = TrainConfig(steps=500, batch_size=128, lr_backbone=5e-4, lr_head=5e-3, eval_every=25,
                     select="fine_map@20", ckpt_every=100, augment="none")
-SMOKE_NAIVE = replace(NAIVE, steps=150, batch_size=64, lr_head=1e-2, eval_every=50, ckpt_every=50)
+SMOKE_NAIVE = replace(NAIVE, steps=150, batch_size=64, lr_head=1e-2, eval_every=25, ckpt_every=50)
+LR_SPACE = (("lr_backbone", 1e-5, 1e-2, True),)
 
 
 def _method(description: str, search: tuple = (), wise_ft: bool = False, **changes) -> Preset:
     """A regularized method: the naive schedule (same target steps, same data) plus `changes`; its checkpoint
-    is chosen by the mean of fine-grained and generic validation mAP@20 (method.md section 5)."""
+    is chosen by the mean of fine-grained and generic validation mAP@20 (docs/method.md, "Protocol")."""
     changes = {"select": "mean_map@20", **changes}
     return Preset(description, replace(NAIVE, **changes), replace(SMOKE_NAIVE, **changes), wise_ft, search)
 
 
-# Strengths below were chosen on validation by `python -m infusing_kit search` on a GPU (benchmarks/gpu_search.sh;
-# 4-13 trials each, seed 0; README "The comparison"). Found per world and model, not copied from the paper.
+# Strengths (and toy-paper's learning rate) chosen on validation by `python -m infusing_kit compare`, seed 0;
+# the ranges below are where each search starts (it extends a range whose best value sits at an edge).
+# Found per world and model, not copied from the paper.
 PRESETS: dict[str, Preset] = {
     "toy-naive": Preset("image tower fine-tuned on the fine-grained domain, no regularizer; checkpoint chosen on "
-                        "fine-grained validation only", NAIVE, SMOKE_NAIVE),
+                        "fine-grained validation only", NAIVE, SMOKE_NAIVE,
+                        search=LR_SPACE + (("lr_head", 1e-4, 1e-1, True),)),
+    "toy-naive-long": Preset("naive fine-tuning with twice the target steps: as many backbone updates as a "
+                             "round-robin method (is it only the number of updates?)",
+                             replace(NAIVE, steps=2 * NAIVE.steps), replace(SMOKE_NAIVE, steps=2 * SMOKE_NAIVE.steps)),
     "toy-paper": _method("the paper's combination: L2-SP (per-tensor mean) + embedding distillation on generic "
                          "batches, round robin, NormFace classifier on target batches",
                          l2sp=20.5, distill=18.2, sampler="round_robin",
-                         search=(("l2sp", 1.0, 1000.0, True), ("distill", 0.3, 30.0, True))),
+                         search=(("l2sp", 0.1, 1e4, True), ("distill", 0.1, 1e3, True)) + LR_SPACE),
     "toy-l2sp": _method("L2-SP to the pretrained weights, per-tensor mean (the paper's form)", l2sp=258.0,
-                        search=(("l2sp", 1.0, 10000.0, True),)),
+                        search=(("l2sp", 0.1, 1e5, True),)),
     "toy-l2sp-sum": _method("L2-SP, classic summed form 1/2||theta - theta0||^2 (Li et al. 2018)", l2sp=3.77,
-                            l2sp_form="sum", search=(("l2sp", 1e-3, 100.0, True),)),
+                            l2sp_form="sum", search=(("l2sp", 1e-4, 1e3, True),)),
     "toy-ewc": _method("EWC with a diagonal Fisher of the zero-shot classifier on generic data", ewc=1.86e4,
-                       search=(("ewc", 10.0, 1e7, True),)),
+                       search=(("ewc", 0.1, 1e8, True),)),
     "toy-l2-zero": _method("plain L2 to zero (control: pulls towards 0, not towards what the model knew)",
-                           l2_zero=0.0726, search=(("l2_zero", 1e-4, 1.0, True),)),
+                           l2_zero=0.0726, search=(("l2_zero", 1e-5, 10.0, True),)),
     "toy-distill": _method("embedding distillation (MSE) to the pretrained model on generic batches, round robin",
-                           distill=19.1, sampler="round_robin", search=(("distill", 0.3, 100.0, True),)),
+                           distill=19.1, sampler="round_robin", search=(("distill", 0.1, 1e3, True),)),
     "toy-distill-cos": _method("embedding distillation (cosine) on generic batches, round robin", distill=3.11,
-                               distill_kind="cosine", sampler="round_robin", search=(("distill", 0.1, 30.0, True),)),
+                               distill_kind="cosine", sampler="round_robin", search=(("distill", 0.01, 1e3, True),)),
     "toy-relational": _method("relational (Gram-matrix) distillation on generic batches, round robin",
-                              relational=13.3, sampler="round_robin", search=(("relational", 0.3, 300.0, True),)),
+                              relational=13.3, sampler="round_robin", search=(("relational", 0.1, 1e4, True),)),
     "toy-lwf": _method("LwF: KL to the pretrained zero-shot logits of the generic classes, round robin", lwf=1.33,
-                       sampler="round_robin", search=(("lwf", 0.03, 30.0, True),)),
+                       sampler="round_robin", search=(("lwf", 0.01, 100.0, True),)),
     "toy-mix-balanced": _method("embedding distillation with the balanced sampler (generic with probability 1/2)",
-                                distill=19.1, sampler="balanced", search=(("distill", 0.3, 100.0, True),)),
+                                distill=19.1, sampler="balanced", search=(("distill", 0.1, 1e3, True),)),
     "toy-mix-proportional": _method("embedding distillation with the size-proportional sampler", distill=19.1,
-                                    sampler="proportional", search=(("distill", 0.3, 100.0, True),)),
-    "toy-low-lr": _method("a lower backbone learning rate (validation chose 1.6e-4, naive uses 5e-4)", lr_backbone=1.64e-4,
-                          search=(("lr_backbone", 1e-5, 5e-4, True),)),
-    "toy-lp-ft": _method("LP-FT: the head is trained alone for the first 164 target steps", lp_ft_steps=164,
-                         search=(("lp_ft_steps", 0, 300, False),)),
-    "toy-freeze": _method("the patch embedding and the first 3 of 4 blocks frozen", freeze_blocks=3,
-                          search=(("freeze_blocks", 0, 4, False),)),
-    # toy-lora: 3 validation trials on the CPU (results/toy-search-lora-cpu.jsonl, lr 4.7e-3 to 9.3e-3) all kept the
-    # step-50 checkpoint; 5e-3 is near the best trial. No test-set rows yet (README "The comparison").
+                                    sampler="proportional", search=(("distill", 0.1, 1e3, True),)),
+    "toy-low-lr": _method("naive fine-tuning with its backbone learning rate chosen on the mean of fine-grained and "
+                          "generic validation (the retention-aware choice)", lr_backbone=1.64e-4, search=LR_SPACE),
+    "toy-lp-ft": _method("LP-FT: the head is trained alone for the first target steps (how many: chosen on "
+                         "validation)", lp_ft_steps=100, search=(("lp_ft_steps", 0, 1000, False),)),
+    "toy-freeze": _method("the patch embedding and the first blocks frozen (how many: chosen on validation)",
+                          freeze_blocks=3, search=(("freeze_blocks", 0, 4, False),)),
     "toy-lora": _method("LoRA: rank-4 factors on the attention and MLP weights train, the pretrained weights stay "
                         "frozen (Hu et al. 2021)", lora_rank=4, lr_backbone=5e-3,
-                        search=(("lr_backbone", 5e-4, 3e-2, True),)),
+                        search=(("lr_backbone", 1e-4, 1e-1, True),)),
     "toy-wise-ft": _method("WiSE-FT: naive fine-tuning, then weights interpolated towards the pretrained ones "
                            "(alpha chosen on validation)", wise_ft=True, select="fine_map@20"),
 }
@@ -166,21 +172,49 @@ def generic_class_prompts(vlm: VLM) -> torch.Tensor:
     return torch.from_numpy(embed_texts(vlm, [W.caption(a) for a in attrs], progress=False))
 
 
+def check_overrides(overrides: dict | None) -> dict:
+    """TrainConfig fields to change; an unknown key is an error naming it (never silently ignored)."""
+    overrides = dict(overrides or {})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown TrainConfig field(s) {unknown} in overrides; known fields: {sorted(known)}")
+    if "seed" in overrides:
+        raise ValueError("overrides may not set 'seed': pass seed=... (it also seeds the world and the toy VLM)")
+    return overrides
+
+
+def code_version() -> str | None:
+    """The git commit of the kit's code (with '+changes' when its files differ from it), or None outside git."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "infusing_kit"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+changes" if dirty else "")) or None
+
+
 def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",
                    progress: bool = True, cache_dir: str | Path | None = None, overrides: dict | None = None,
-                   test: bool = True, registry: str | Path | None = None) -> dict:
+                   test: bool = True, registry: str | Path | None = None, hooks: tuple = ()) -> dict:
     """Run a preset end to end and write out_dir/metrics.json (refusing to overwrite an existing one).
 
     overrides: TrainConfig fields to change (a search trial). test=False skips the test sets entirely
-    (hyper-parameter search looks at validation only). registry: a results file to append one row to."""
+    (hyper-parameter search looks at validation only). registry: a results file to append one row to.
+    hooks: passed to train() (a search uses one to report validation scores and stop a trailing trial)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    overrides = check_overrides(overrides)
     out = Path(out_dir)
     if (out / "metrics.json").exists():
         raise FileExistsError(f"{out / 'metrics.json'} exists; choose a new --out folder (nothing was overwritten)")
     t0 = time.time()
     p = PRESETS[preset]
-    cfg = replace(p.smoke_train if smoke else p.train, seed=seed, **(overrides or {}))
+    cfg = replace(p.smoke_train if smoke else p.train, seed=seed, **overrides)
     wcfg, pcfg = world_config(seed, smoke), pretrain_config(seed, smoke)
     world = W.make_world(wcfg)
     vlm = load_pretrained_toy(pcfg.model, device=device, cache_dir=cache_dir, cfg=pcfg, progress=progress)
@@ -198,7 +232,7 @@ def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: 
     theta0 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
     validate = validation_fn(world)
     head, result = train(vlm, world.fine_train, cfg, out_dir=out / "run", generic=world.generic_train,
-                         validate=validate, progress=progress, **extra)
+                         validate=validate, progress=progress, hooks=hooks, **extra)
     val = _kept_validation(result.history, result.best_step)
     wise = None
     if p.wise_ft:  # choose alpha on validation, like any other strength
@@ -212,7 +246,9 @@ def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: 
     metrics = {"preset": preset, "description": p.description, "seed": seed, "smoke": smoke, "model": pcfg.model,
                "device": f"{where.type} (bf16 autocast)" if where.type == "cuda" else f"{where.type} (float32)",
                "world": asdict(wcfg), "pretrain": asdict(pcfg), "train": asdict(cfg), "overrides": overrides or {},
-               "best_step": result.best_step, "val": val, "wise_ft": wise,
+               "best_step": result.best_step, "val": val, "wise_ft": wise, "updates": result.updates,
+               "stopped_at": result.updates["target"] if result.updates["target"] < cfg.steps else None,
+               "warnings": result.warnings, "code": code_version(),
                "train_seconds": round(result.seconds, 1), "seconds": round(time.time() - t0, 1),
                "pretrained": before, "finetuned": after}
     tmp = out / f"metrics.json.tmp{os.getpid()}"

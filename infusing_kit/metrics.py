@@ -10,7 +10,11 @@ Two layers, as in pytorch-metric-learning:
      mAP@k        = 1/min(n_pos, k) * sum_{j<=k} r_j * (sum_{i<=j} r_i) / j
      mMP@k        = (# relevant among the first min(n_pos, k)) / min(n_pos, k)
      MAP@R        = mAP@k with k = R = n_pos (Musgrave et al. 2020)
-   Queries with n_pos = 0 are skipped (a warning says how many).
+   Queries with n_pos = 0 are skipped; `retrieval_metrics` returns how many ("skipped") and warns.
+
+Ties (equal similarities, e.g. duplicate images or a collapsed model) are ordered the same documented way
+everywhere: the lower index ranks first, as a stable sort of the similarities would order them. The query's
+own item gets no preference, so a model that maps every image to one point scores chance level.
 
 Image-text: `image_text_recall` (several captions per image) and `zero_shot_accuracy`.
 """
@@ -54,12 +58,14 @@ def knn_search(query, index=None, k: int = 20, backend: Backend = "auto",
     if backend == "auto":
         backend = "torch" if isinstance(q, torch.Tensor) and q.is_cuda else "faiss"
     kk = k + 1 if self_search else k  # one extra so that the self-match can be dropped
+    probe = min(kk + 1, n_index)      # one more still, to see ties that cross the cut
     if backend == "faiss":
-        sims, idx = _faiss_search(_np(q), _np(x), kk)
+        sims, idx = _faiss_search(_np(q), _np(x), probe)
     elif backend == "torch":
-        sims, idx = _torch_search(_t(q), _t(x).to(_t(q).device), kk, chunk_size)
+        sims, idx = _torch_search(_t(q), _t(x).to(_t(q).device), probe, chunk_size)
     else:
         raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
+    sims, idx = _order_ties(sims, idx, kk, _np(q), _np(x))
     if self_search:
         sims, idx = _drop_self(sims, idx)
     return sims, idx
@@ -87,6 +93,21 @@ def _torch_search(q: torch.Tensor, x: torch.Tensor, k: int, chunk_size: int):
         sims.append(s.cpu())
         idx.append(j.cpu())
     return torch.cat(sims).numpy(), torch.cat(idx).numpy()
+
+
+def _order_ties(sims: np.ndarray, idx: np.ndarray, kk: int, q: np.ndarray, x: np.ndarray):
+    """Top kk in the documented order (similarity descending, then index ascending). A row whose kk-th and
+    (kk+1)-th similarities tie may have lost a lower-index tied item to the search's own tie order: that row is
+    recomputed exactly (rare: only where ties cross the cut)."""
+    if sims.shape[1] > kk:
+        crossing = np.nonzero(sims[:, kk - 1] == sims[:, kk])[0]
+        for r in crossing:
+            row = x @ q[r]
+            order = np.lexsort((np.arange(len(row)), -row))[:kk + 1]
+            sims[r], idx[r] = row[order], order
+    order = np.lexsort((idx, -sims), axis=1)
+    sims, idx = np.take_along_axis(sims, order, 1)[:, :kk], np.take_along_axis(idx, order, 1)[:, :kk]
+    return sims, idx
 
 
 def _drop_self(sims: np.ndarray, idx: np.ndarray):
@@ -120,7 +141,8 @@ def retrieval_metrics(query_emb, query_labels, index_emb=None, index_labels=None
 
     index_emb=None: the queries are their own index, each query excluded from its own neighbours.
     Returns {"map@{k}", "mmp@{k}", "r@1"} and, with map_at_r, "map@r" (MAP@R), floats in [0, 1],
-    averaged over the queries that have at least one positive in the index."""
+    averaged over the queries that have at least one positive in the index, and "skipped": the number of
+    queries without one (an int)."""
     self_search = index_emb is None
     q = _normalise(query_emb)
     x = q if self_search else _normalise(index_emb)
@@ -139,8 +161,9 @@ def retrieval_metrics(query_emb, query_labels, index_emb=None, index_labels=None
     valid = n_pos > 0
     if not valid.any():
         raise ValueError("no query has a positive in the index: every class has a single member")
-    if (~valid).any():
-        warnings.warn(f"retrieval_metrics: {int((~valid).sum())} of {len(ql)} queries have no positive "
+    skipped = int((~valid).sum())
+    if skipped:
+        warnings.warn(f"retrieval_metrics: {skipped} of {len(ql)} queries have no positive "
                       f"in the index and are skipped", stacklevel=2)
     kr = int(n_pos.max()) if map_at_r else 0
     _, idx = knn_search(q, None if self_search else x, k=max(k, kr), backend=backend)
@@ -153,7 +176,7 @@ def retrieval_metrics(query_emb, query_labels, index_emb=None, index_labels=None
            "r@1": rel[:, 0].mean()}
     if map_at_r:
         out["map@r"] = _map_at_r(rel, n_pos)
-    return {key: float(v) for key, v in out.items()}
+    return {**{key: float(v) for key, v in out.items()}, "skipped": skipped}
 
 
 def _map_at_r(rel: np.ndarray, n_pos: np.ndarray) -> float:
@@ -187,15 +210,21 @@ def image_text_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10)) -> dict
     own[t2i, torch.arange(len(t2i))] = True
     if not own.any(1).all():
         raise ValueError("every image needs at least one caption in text_to_image")
-    best_own = sims.masked_fill(~own, -torch.inf).max(1).values
-    i2t_rank = (sims > best_own[:, None]).sum(1)
-    t2i_rank = (sims > sims[t2i, torch.arange(len(t2i))][None]).sum(0)
+    i2t_rank = _ranks(sims).masked_fill(~own, len(t2i)).min(1).values   # the best-ranked own caption
+    t2i_rank = _ranks(sims.T)[torch.arange(len(t2i)), t2i]              # the caption's own image
     out = {}
     for key in ks:
         out[f"i2t_r@{key}"] = float((i2t_rank < key).float().mean())
     for key in ks:
         out[f"t2i_r@{key}"] = float((t2i_rank < key).float().mean())
     return out
+
+
+def _ranks(sims: torch.Tensor) -> torch.Tensor:
+    """(Q, N) similarities -> (Q, N) 0-based rank of each item for each query: similarity descending, then index
+    ascending (a stable sort)."""
+    order = torch.sort(sims, dim=1, descending=True, stable=True).indices
+    return torch.empty_like(order).scatter_(1, order, torch.arange(sims.shape[1]).expand_as(order).contiguous())
 
 
 def zero_shot_accuracy(image_emb, labels, class_text_emb) -> float:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import world
 from .losses import clip_contrastive_loss
-from .models import VLM, freeze_text_tower, load_model, preprocess, progress_bar
+from .models import CONFIG_DIR, VLM, freeze_text_tower, load_model, preprocess, progress_bar
 
 WORLD_VERSION = 1  # bump when the world's rendering changes, so cached models are rebuilt
 
@@ -48,7 +48,10 @@ def cache_dir(path: str | Path | None = None) -> Path:
 
 
 def cache_path(cfg: PretrainConfig, root: str | Path | None = None) -> Path:
-    key = hashlib.sha256(json.dumps({**asdict(cfg), "world": WORLD_VERSION}, sort_keys=True).encode()).hexdigest()[:12]
+    """The cache file of a pretrained toy VLM: keyed by the config, the architecture file and the world version."""
+    arch = (CONFIG_DIR / f"{cfg.model}.json").read_text() if (CONFIG_DIR / f"{cfg.model}.json").exists() else ""
+    key = hashlib.sha256(json.dumps({**asdict(cfg), "world": WORLD_VERSION, "arch": json.loads(arch or "{}")},
+                                    sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir(root) / f"{cfg.model}-pretrained-{key}.pt"
 
 

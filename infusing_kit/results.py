@@ -1,8 +1,10 @@
 """The results registry and the comparison it feeds (table, trade-off figure, Figure-1 style deltas).
 
-A registry is a JSON-lines file, one row per finished run (append-only: rows are never rewritten):
-  {"method", "seed", "smoke", "overrides", "train": TrainConfig, "val": {...}, "pretrained": {...},
-   "finetuned": {...}, "seconds", "device", "run_dir", "finished"}
+A registry is a JSON-lines file, one row per finished run (append-only: rows are never rewritten; a new
+comparison writes a new file):
+  {"method", "seed", "smoke", "overrides", "train": TrainConfig, "val": {...}, "best_step", "updates":
+   {"target", "generic", "backbone"}, "pretrained": {...}, "finetuned": {...}, "warnings", "seconds", "device",
+   "code", "run_dir", "finished"}
 `summarise(rows)` turns rows into one line per method: mean and standard deviation over seeds of the
 three deltas vs the pretrained model (fine-grained mAP@20 gain, generic mAP@20 change, i2t R@1 change),
 plus the share of the naive gain kept and of the naive forgetting left.
@@ -34,8 +36,9 @@ def append_result(path: str | Path, metrics: dict, run_dir: str | Path | None = 
     """Append one finished run to the registry (creating it). Returns the row."""
     row = {"method": metrics["preset"], "seed": metrics["seed"], "smoke": metrics["smoke"],
            "overrides": metrics.get("overrides", {}), "train": metrics["train"], "val": metrics.get("val", {}),
-           "pretrained": metrics["pretrained"], "finetuned": metrics["finetuned"], "seconds": metrics["seconds"],
-           "device": metrics.get("device"),
+           "best_step": metrics.get("best_step"), "updates": metrics.get("updates"),
+           "pretrained": metrics["pretrained"], "finetuned": metrics["finetuned"], "warnings": metrics.get("warnings", []),
+           "seconds": metrics["seconds"], "device": metrics.get("device"), "code": metrics.get("code"),
            "run_dir": str(run_dir) if run_dir else None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,8 +81,12 @@ def summarise(rows: list[dict], baseline: str = "toy-naive") -> list[dict]:
     methods = sorted({r["method"] for r in rows}, key=lambda m: (m != baseline, m != "toy-paper", m))
     out = []
     for m in methods:
-        d = [deltas(r) for r in rows if r["method"] == m]
+        mine = [r for r in rows if r["method"] == m]
+        d = [deltas(r) for r in mine]
         s = {"method": m, "seeds": len(d)}
+        for kind in ("target", "generic", "backbone"):  # optimiser steps of each kind (mean over seeds)
+            counts = [r["updates"][kind] for r in mine if r.get("updates")]
+            s[f"{kind}_updates"] = float(np.mean(counts)) if counts else float("nan")
         for a in AXES:
             v = np.array([x[a] for x in d])
             s[f"{a}_mean"], s[f"{a}_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
@@ -102,13 +109,41 @@ def dominating(summary: list[dict], method: str) -> list[str]:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    head = ("| method | seeds | fine mAP@20 gain | generic mAP@20 change | i2t R@1 change | gain kept | "
-            "generic drop left | i2t drop left |\n|---|---|---|---|---|---|---|---|")
+    head = ("| method | seeds | target / generic batches | fine mAP@20 gain | generic mAP@20 change | i2t R@1 change | "
+            "gain kept | generic drop left | i2t drop left |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for s in summary:
-        cells = [s["method"], str(s["seeds"])]
+        batches = (f"{s['target_updates']:.0f} / {s['generic_updates']:.0f}"
+                   if np.isfinite(s.get("target_updates", float("nan"))) else "n/a")
+        cells = [s["method"], str(s["seeds"]), batches]
         cells += [f"{s[f'{a}_mean']:+.3f} ± {s[f'{a}_std']:.3f}" for a in AXES]
         cells += [f"{s[k]:.0%}" if k in s and np.isfinite(s[k]) else "n/a"
                   for k in ("gain_kept", "generic_drop_left", "i2t_drop_left")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+ACCEPTANCE = {"gain_kept": 0.85, "generic_drop_left": 0.25, "i2t_drop_left": 0.25}
+
+
+def acceptance(rows: list[dict], method: str = "toy-paper", baseline: str = "toy-naive",
+               seeds: list[int] | None = None) -> dict:
+    """The paper's claim on the kit's world, checked on the seeds both methods ran (test sets): `method` keeps
+    >= 85% of `baseline`'s fine-grained mAP@20 gain, with <= 25% of its generic mAP@20 drop and of its image->text
+    R@1 drop (means over seeds). Returns the ratios, the same ratios per seed, and "passed"."""
+    by = {(r["method"], r["seed"]): r for r in rows if r.get("finetuned") and r["method"] in (method, baseline)}
+    common = sorted({s for m, s in by if m == method} & {s for m, s in by if m == baseline})
+    if seeds is not None:
+        common = [s for s in common if s in seeds]
+    if not common:
+        raise ValueError(f"no seed has finished runs of both {method} and {baseline}")
+    summ = {s["method"]: s for s in summarise([by[(m, s)] for m in (baseline, method) for s in common], baseline)}
+    out = {"seeds": common, **{k: summ[method][k] for k in ACCEPTANCE}}
+    out["per_seed"] = {}
+    for s in common:
+        one = {x["method"]: x for x in summarise([by[(baseline, s)], by[(method, s)]], baseline)}[method]
+        out["per_seed"][s] = {k: one[k] for k in ACCEPTANCE}
+    out["passed"] = bool(out["gain_kept"] >= ACCEPTANCE["gain_kept"] and
+                         out["generic_drop_left"] <= ACCEPTANCE["generic_drop_left"] and
+                         out["i2t_drop_left"] <= ACCEPTANCE["i2t_drop_left"])
+    return out

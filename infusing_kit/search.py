@@ -1,67 +1,310 @@
-"""Hyper-parameter search on validation only (method.md section 5), with Optuna.
+"""Hyper-parameter search on validation only (docs/method.md, "Protocol"), with Optuna.
 
-  python -m infusing_kit search --preset toy-paper --trials 8 --storage runs/search.db [--smoke] [--seed 0]
+  python -m infusing_kit search --preset toy-paper --storage runs/search.db [--trials N] [--jobs 2] [--final-seeds 0 1 2]
 
-Each trial runs the preset with the sampled strengths (its `search` ranges) and returns the validation
-score of its kept checkpoint: the mean of fine-grained and generic validation mAP@20. Test sets are never
-evaluated in a trial. The study lives in an SQLite file, so an interrupted search resumes where it stopped
-(trials already finished are kept; a trial that was running when the process died is marked failed and
-re-run). `final_runs` then runs the chosen configuration once per seed with test evaluation, appending
-to the results registry.
+A study explores before it exploits, and never stops silently at the edge of its range:
+1. **Space-filling start.** The first 8 x d trials (d = number of searched fields) are a Latin hypercube over
+   the whole range (log scale where the range is), seeded per study: every one-dimensional projection has one
+   point in each of 8 x d equal slices, so no part of a range goes untried.
+2. **Model-based refinement.** Then Optuna's TPE sampler (its own seed per study) proposes 4 x d more. These
+   trials report their running best validation score at every validation, and a median pruner stops those
+   that trail the median of earlier trials at the same step (multi-fidelity: the budget buys more points).
+   Start-up trials are never pruned.
+3. **Edges extend the range.** When the best value of a field is the most extreme value tried on its side and
+   lies in the outer 15% of the range, the range grows on that side (by half its width, log units where the
+   range is log) up to the field's hard limit, and 4 new space-filling points plus 2 x d TPE trials explore
+   it; at most 3 times. A choice still at an edge is reported in the result (`at_edge`), never silent.
+
+Each trial runs the preset with the sampled values and returns the validation score of its kept checkpoint
+(the preset's selection key: the mean of fine-grained and generic validation mAP@20 for regularized methods,
+fine-grained validation for naive fine-tuning). Test sets are never evaluated in a trial. Trials store their
+whole TrainConfig. The study lives in an SQLite file: an interrupted search resumes where it stopped
+(finished trials are kept; a start-up point that was running when the process died is queued again).
+With jobs > 1, that many worker processes share the study (Optuna's own distributed mode over the storage).
+`final_runs` then runs the chosen configuration once per seed with test evaluation.
 """
 from __future__ import annotations
 
+import hashlib
+import math
+import os
+from dataclasses import replace
 from pathlib import Path
 
 from .experiment import PRESETS, run_experiment
 
-OBJECTIVE = "mean_map@20"
+EDGE = 0.15            # outer share of a range that counts as its edge
+MAX_EXTENSIONS = 3
+HARD_LIMITS = {        # a range never grows past these
+    "lr_backbone": (1e-7, 1.0), "lr_head": (1e-6, 10.0), "lp_ft_steps": (0, None), "freeze_blocks": (0, None),
+}
+DEFAULT_LIMITS = (1e-8, 1e8)   # loss weights
 
 
-def _study(preset: str, storage: str | Path, smoke: bool, seed: int):
+def study_name(preset: str, smoke: bool, seed: int) -> str:
+    return f"{preset}{'-smoke' if smoke else ''}-seed{seed}"
+
+
+def study_seed(name: str) -> int:
+    """A sampler seed of the study's own (from its name), so two studies never draw the same points."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+
+
+def startup_points(space: list[tuple], n: int, seed: int) -> list[dict]:
+    """n space-filling points (a Latin hypercube, optimised for spread when d > 1) mapped onto the ranges."""
+    from scipy.stats import qmc
+    d = len(space)
+    lhs = qmc.LatinHypercube(d, scramble=True, rng=seed, optimization="random-cd" if d > 1 else None)
+    return [{f: _from_unit(u[i], lo, hi, log) for i, (f, lo, hi, log) in enumerate(space)} for u in lhs.random(n)]
+
+
+def _from_unit(u: float, lo, hi, log: bool):
+    if _is_int(lo, hi, log):
+        return int(min(hi, math.floor(lo + u * (hi - lo + 1))))
+    if log:
+        return float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))
+    return float(lo + u * (hi - lo))
+
+
+def _to_unit(v, lo, hi, log: bool) -> float:
+    if log:
+        return (math.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    return (v - lo) / (hi - lo) if hi > lo else 0.5
+
+
+def _is_int(lo, hi, log) -> bool:
+    return isinstance(lo, int) and isinstance(hi, int) and not log
+
+
+def _hard_limits(field: str, steps: int, n_blocks: int | None) -> tuple:
+    lo, hi = HARD_LIMITS.get(field, DEFAULT_LIMITS)
+    if field == "lp_ft_steps":
+        hi = steps - 1
+    if field == "freeze_blocks":
+        hi = n_blocks if n_blocks is not None else 1_000
+    return lo, hi
+
+
+def extend_space(space: list[tuple], trials: list[dict], best: dict, steps: int,
+                 n_blocks: int | None = None) -> tuple[list[tuple], list[str], list[str]]:
+    """Grow each range whose best value sits at its edge (see module docstring).
+
+    Returns (new space, fields extended, fields whose best value is at a hard limit and cannot grow)."""
+    new, grown, stuck = [], [], []
+    for f, lo, hi, log in space:
+        v = best[f]
+        values = [t[f] for t in trials]
+        u = _to_unit(v, lo, hi, log)
+        hard_lo, hard_hi = _hard_limits(f, steps, n_blocks)
+        side = "low" if (u <= EDGE and v <= min(values)) else "high" if (u >= 1 - EDGE and v >= max(values)) else None
+        if side is None:
+            new.append((f, lo, hi, log))
+            continue
+        if (side == "low" and lo <= hard_lo) or (side == "high" and hi >= hard_hi):
+            stuck.append(f)
+            new.append((f, lo, hi, log))
+            continue
+        if log:
+            half = (math.log(hi) - math.log(lo)) / 2
+            lo2, hi2 = (math.exp(math.log(lo) - half), hi) if side == "low" else (lo, math.exp(math.log(hi) + half))
+        else:
+            half = (hi - lo) / 2
+            lo2, hi2 = (lo - half, hi) if side == "low" else (lo, hi + half)
+        lo2, hi2 = max(lo2, hard_lo), min(hi2, hard_hi)
+        if _is_int(lo, hi, log):
+            lo2, hi2 = int(math.floor(lo2)), int(math.ceil(hi2))
+        new.append((f, lo2, hi2, log))
+        grown.append(f"{f}: {side} edge, [{lo:g}, {hi:g}] -> [{lo2:g}, {hi2:g}]")
+    return new, grown, stuck
+
+
+# ---------------------------------------------------------------------------- the study
+def _storage(path: str | Path):
     import optuna
-    storage = Path(storage)
-    storage.parent.mkdir(parents=True, exist_ok=True)
-    name = f"{preset}{'-smoke' if smoke else ''}-seed{seed}"
-    study = optuna.create_study(study_name=name, storage=f"sqlite:///{storage}", direction="maximize",
-                                load_if_exists=True)
-    # a sampler seeded the same way on every resume would propose the same start-up points again: offset it
-    study.sampler = optuna.samplers.TPESampler(seed=seed * 10_000 + len(study.trials))
-    # a trial left RUNNING by a killed process would never finish: mark it failed so it is not counted
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 120}})
+
+
+def _open_study(name: str, storage, n_startup: int, prune_warmup: int):
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+    n_done = len(study.trials)
+    # its own seed, offset by the trials already stored: a resumed study does not re-propose its first points
+    study.sampler = optuna.samplers.TPESampler(seed=(study_seed(name) + n_done) % 2**31, n_startup_trials=n_startup,
+                                               multivariate=True, constant_liar=True)
+    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=n_startup, n_warmup_steps=prune_warmup)
     return study
 
 
-def search(preset: str, trials: int, storage: str | Path, out_root: str | Path, smoke: bool = False, seed: int = 0,
-           device: str = "cpu", progress: bool = False) -> dict:
-    """Run trials until the study holds `trials` finished ones; returns the best trial's parameters and score."""
+def _prepare(preset: str, storage: str | Path, smoke: bool, seed: int, base: dict) -> tuple:
+    """Open (or create) the study, check it belongs to this schedule, queue its start-up design once, and
+    re-queue start-up points that a killed process left running."""
     import optuna
-    space = PRESETS[preset].search
-    if not space:
+    p = PRESETS[preset]
+    if not p.search:
         raise ValueError(f"preset {preset!r} has no search space (it has no strength to choose)")
-    study = _study(preset, storage, smoke, seed)
+    name = study_name(preset, smoke, seed)
+    cfg = replace(p.smoke_train if smoke else p.train, **base)
+    store = _storage(storage)
+    space = [(f, lo, min(hi, cfg.steps - 1) if f == "lp_ft_steps" else hi, log) for f, lo, hi, log in p.search]
+    n_startup = 8 * len(space)
+    study = _open_study(name, store, n_startup, prune_warmup=max(1, int(0.4 * cfg.steps)))
+    attrs = study.user_attrs
+    if "base" in attrs and attrs["base"] != base:
+        raise ValueError(f"study {name} in {storage} was run with base settings {attrs['base']}, not {base}; use "
+                         "another --storage file (a study's trials must share one schedule)")
+    if "space" not in attrs:
+        study.set_user_attr("base", base)
+        study.set_user_attr("space", [list(s) for s in space])
+        study.set_user_attr("extensions", [])
+        for params in startup_points(space, n_startup, study_seed(name)):
+            study.enqueue_trial(params, user_attrs={"design": "startup"})
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        if t.user_attrs.get("design") in ("startup", "extension"):
+            study.enqueue_trial(t.params, user_attrs={"design": t.user_attrs["design"]})
+    return study, cfg
+
+
+def _objective(preset: str, study_name_: str, out_root: Path, smoke: bool, seed: int, device: str, base: dict,
+               space: list[tuple]):
+    import optuna
+    select = PRESETS[preset].train.select
 
     def objective(trial: optuna.Trial) -> float:
         params = {}
-        for field, low, high, log in space:
-            if isinstance(low, int) and isinstance(high, int) and not log:
-                params[field] = trial.suggest_int(field, low, high)
+        for f, lo, hi, log in space:
+            if _is_int(lo, hi, log):
+                params[f] = trial.suggest_int(f, lo, hi)
             else:
-                params[field] = trial.suggest_float(field, low, high, log=log)
-        out = Path(out_root) / study.study_name / f"trial{trial.number:03d}"
-        m = run_experiment(preset, out, smoke=smoke, seed=seed, device=device, progress=progress,
-                           overrides=params, test=False)
+                params[f] = trial.suggest_float(f, lo, hi, log=log)
+        startup = trial.user_attrs.get("design") in ("startup", "extension")
+        best = [-math.inf]
+
+        def report(state) -> bool | None:  # multi-fidelity: report the running best, stop a trailing trial
+            if state.val is None:
+                return None
+            best[0] = max(best[0], state.val[select])
+            trial.report(best[0], state.target_step)
+            if not startup and trial.should_prune():
+                trial.set_user_attr("pruned_at", state.target_step)
+                return False
+            return None
+
+        out = Path(out_root) / study_name_ / f"trial{trial.number:03d}"
+        m = run_experiment(preset, out, smoke=smoke, seed=seed, device=device, progress=False,
+                           overrides={**base, **params}, test=False, hooks=(report,))
         for k, v in m["val"].items():
             trial.set_user_attr(k, v)
-        return m["val"][OBJECTIVE]
+        trial.set_user_attr("train", m["train"])
+        trial.set_user_attr("updates", m["updates"])
+        trial.set_user_attr("best_step", m["best_step"])
+        if "pruned_at" in trial.user_attrs:
+            raise optuna.TrialPruned()
+        return m["val"][select]
 
-    done = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
-    if done < trials:
-        study.optimize(objective, n_trials=trials - done)
+    return objective
+
+
+def _worker(preset, storage, out_root, smoke, seed, device, base, space, total, threads):
+    """One process of a (possibly parallel) search: run trials until the study holds `total` finished ones."""
+    import optuna
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    name = study_name(preset, smoke, seed)
+    n_startup = 8 * len(PRESETS[preset].search)
+    cfg = replace(PRESETS[preset].smoke_train if smoke else PRESETS[preset].train, **base)
+    study = _open_study(name, _storage(storage), n_startup, prune_warmup=max(1, int(0.4 * cfg.steps)))
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    if len(study.get_trials(deepcopy=False, states=done)) >= total:
+        return
+    study.optimize(_objective(preset, name, Path(out_root), smoke, seed, device, base, space),
+                   callbacks=[optuna.study.MaxTrialsCallback(total, states=done)], catch=(FloatingPointError,))
+
+
+def _run_workers(args: tuple, jobs: int, device: str) -> None:
+    if jobs <= 1:
+        _worker(*args, threads=None)
+        return
+    import multiprocessing as mp
+    threads = max(1, (os.cpu_count() or 1) // jobs) if device == "cpu" else 2
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=args, kwargs={"threads": threads}) for _ in range(jobs)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [p.exitcode for p in procs if p.exitcode]
+    if failed:
+        raise RuntimeError(f"{len(failed)} search worker(s) failed (exit codes {failed}); run the same command again "
+                           "to resume the study")
+
+
+def search(preset: str, storage: str | Path, out_root: str | Path, trials: int | None = None, smoke: bool = False,
+           seed: int = 0, device: str = "cpu", jobs: int = 1, base: dict | None = None, n_blocks: int | None = None,
+           extend: bool = True) -> dict:
+    """Explore, refine and (where the best value sits at an edge) extend; returns the chosen trial.
+
+    trials: finished (complete or pruned) trials before the edge check; default 8 x d start-up + 4 x d TPE.
+    base: TrainConfig fields every trial shares (e.g. the schedule and learning rates chosen for naive).
+    Returns {"preset", "params", "value", "trials", "distinct", "val", "space", "extensions", "at_edge"}."""
+    import optuna
+    base = dict(base or {})
+    study, cfg = _prepare(preset, storage, smoke, seed, base)
+    d = len(PRESETS[preset].search)
+    total = trials if trials is not None else 12 * d
+    if total < 8 * d:
+        raise ValueError(f"trials={total} is below the {8 * d} space-filling start-up points of a {d}-field search")
+    space = [tuple(s) for s in study.user_attrs["space"]]
+    _run_workers((preset, str(storage), str(out_root), smoke, seed, device, base, space, total), jobs, device)
+    while extend:
+        study = optuna.load_study(study_name=study.study_name, storage=_storage(storage))
+        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        space = [tuple(s) for s in study.user_attrs["space"]]
+        new, grown, stuck = extend_space(space, [t.params for t in finished], study.best_trial.params, cfg.steps,
+                                         n_blocks)
+        history = study.user_attrs.get("extensions", [])
+        if not grown or len(history) >= MAX_EXTENSIONS:
+            break
+        study.set_user_attr("space", [list(s) for s in new])
+        study.set_user_attr("extensions", history + [grown])
+        for f, lo, hi, log in new:  # 4 space-filling points in each new strip, the other fields at the best values
+            old = next(s for s in space if s[0] == f)
+            if (lo, hi) == tuple(old[1:3]):
+                continue
+            strip = (lo, old[1], log) if lo < old[1] else (old[2], hi, log)
+            for u in startup_points([(f, *strip)], 4, study_seed(study.study_name) + len(study.trials)):
+                study.enqueue_trial({**study.best_trial.params, **u}, user_attrs={"design": "extension"})
+        n_now = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                             optuna.trial.TrialState.PRUNED)))
+        total = n_now + 4 * len(grown) + 2 * d
+        _run_workers((preset, str(storage), str(out_root), smoke, seed, device, base, new, total), jobs, device)
+    return summary(study.study_name, storage, n_blocks=n_blocks, steps=cfg.steps)
+
+
+def summary(name: str, storage: str | Path, n_blocks: int | None = None, steps: int | None = None) -> dict:
+    """The chosen trial of a study and what was explored."""
+    import optuna
+    study = optuna.load_study(study_name=name, storage=_storage(storage))
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not finished:
+        raise RuntimeError(f"study {name} in {storage} has no finished trial yet")
     best = study.best_trial
-    return {"preset": preset, "params": best.params, "value": best.value, "trials": len(study.trials),
-            "val": best.user_attrs}
+    space = [tuple(s) for s in study.user_attrs["space"]]
+    steps = steps or best.user_attrs.get("train", {}).get("steps", 1)
+    _, grown, stuck = extend_space(space, [t.params for t in finished], best.params, steps, n_blocks)
+    all_params = [t.params for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                                optuna.trial.TrialState.PRUNED)]
+    return {"study": name, "preset": name.rsplit("-seed", 1)[0].removesuffix("-smoke"), "params": best.params,
+            "value": best.value, "trials": len(all_params), "complete": len(finished),
+            "distinct": {f: len({round(p[f], 12) for p in all_params if f in p}) for f, *_ in space},
+            "val": {k: v for k, v in best.user_attrs.items() if k not in ("train", "updates", "design")},
+            "space": [list(s) for s in space], "extensions": study.user_attrs.get("extensions", []),
+            "at_edge": [g.split(":")[0] for g in grown], "at_hard_limit": stuck,
+            "base": study.user_attrs.get("base", {})}
 
 
 def final_runs(preset: str, params: dict, seeds: list[int], out_root: str | Path, registry: str | Path,
@@ -76,19 +319,24 @@ def final_runs(preset: str, params: dict, seeds: list[int], out_root: str | Path
 
 
 def trial_rows(storage: str | Path) -> list[dict]:
-    """Every finished trial of every study in an SQLite file, one row each: {"study", "method", "seed", "smoke",
-    "trial", "params", "val"} (validation scores only; trials never see test data)."""
+    """Every finished or pruned trial of every study in an SQLite file, one row each: {"study", "method", "seed",
+    "smoke", "trial", "state", "design", "params", "val", "train", "updates"} (validation only: trials never
+    see test data)."""
     import optuna
-    url = f"sqlite:///{Path(storage)}"
     if not Path(storage).exists():
         raise FileNotFoundError(f"no Optuna storage at {storage}")
+    url = f"sqlite:///{Path(storage)}"
     rows = []
-    for summary in optuna.get_all_study_summaries(url):
-        study = optuna.load_study(study_name=summary.study_name, storage=url)
-        name, _, seed = summary.study_name.rpartition("-seed")
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            rows.append({"study": summary.study_name, "method": name.removesuffix("-smoke"), "seed": int(seed),
-                         "smoke": name.endswith("-smoke"), "trial": t.number, "params": t.params,
-                         "val": dict(t.user_attrs)})
+    for s in optuna.get_all_study_summaries(url):
+        study = optuna.load_study(study_name=s.study_name, storage=url)
+        name, _, seed = s.study_name.rpartition("-seed")
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                          optuna.trial.TrialState.PRUNED)):
+            attrs = dict(t.user_attrs)
+            rows.append({"study": s.study_name, "method": name.removesuffix("-smoke"), "seed": int(seed),
+                         "smoke": name.endswith("-smoke"), "trial": t.number, "state": t.state.name.lower(),
+                         "design": attrs.pop("design", "tpe"), "params": t.params,
+                         "train": attrs.pop("train", None), "updates": attrs.pop("updates", None),
+                         "pruned_at": attrs.pop("pruned_at", None), "best_step": attrs.pop("best_step", None),
+                         "val": attrs})
     return rows
-

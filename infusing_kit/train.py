@@ -20,7 +20,8 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -70,17 +71,21 @@ class TrainConfig:
     # --- validation and checkpoints
     eval_every: int = 50              # target steps between validations (0: never)
     select: str = "fine_map@20"       # key of validate()'s dict that the kept checkpoint maximises
+    keep_pretrained: bool = False     # may the pretrained model (step 0) be kept when no checkpoint beats it? Off:
+                                      # the protocol returns a fine-tuned model (the paper); either way a kept
+                                      # checkpoint scoring below the pretrained model is reported (TrainResult.warnings)
     ckpt_every: int = 100             # target steps between resumable checkpoints (0: only at the end)
     log_every: int = 10               # steps between log lines (and non-finite checks)
     seed: int = 0
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"TrainConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.classifier not in ("normface", "cosface", "arcface"):
-            raise ValueError(f"TrainConfig.classifier must be normface, cosface or arcface, got {self.classifier!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("TrainConfig.steps and batch_size must be >= 1")
+        _check_fields(self)
+        if self.classifier == "normface" and self.margin != 0:
+            raise ValueError(f"TrainConfig.margin={self.margin} has no effect with classifier='normface' (no margin); "
+                             "use classifier='cosface' or 'arcface', or margin=0")
+        if self.lp_ft_steps >= self.steps:
+            raise ValueError(f"TrainConfig.lp_ft_steps={self.lp_ft_steps} >= steps={self.steps}: the backbone would "
+                             "never train; use fewer LP-FT steps")
         if self.lora_rank > 0 and (self.l2sp or self.ewc or self.l2_zero or self.freeze_blocks >= 0):
             raise ValueError("lora_rank > 0 trains only low-rank factors: weight-space penalties and freeze_blocks "
                              "would act on those factors, not on the pretrained weights; use one or the other")
@@ -92,6 +97,45 @@ class TrainConfig:
     def generic_terms(self) -> list[str]:
         """Loss terms computed on generic batches."""
         return [t for t in ("distill", "relational", "lwf") if getattr(self, t) > 0]
+
+
+# Allowed ranges, checked when a TrainConfig is made (a wrong setting is an error naming the field, never a silent
+# no-op or a run that trains wrongly). Literal fields are checked against their allowed values.
+_AT_LEAST_ONE = ("steps", "batch_size", "log_every")
+_POSITIVE = ("lr_backbone", "lr_head", "scale", "ce_weight", "lwf_temperature")
+_NON_NEGATIVE = ("weight_decay", "margin", "l2sp", "ewc", "l2_zero", "distill", "relational", "lwf", "lp_ft_steps",
+                 "lora_rank", "eval_every", "ckpt_every", "seed")
+
+
+def _check_fields(cfg) -> None:
+    import math
+    import typing
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        v, hint = getattr(cfg, f.name), hints[f.name]
+        if typing.get_origin(hint) is Literal:
+            if v not in typing.get_args(hint):
+                raise ValueError(f"TrainConfig.{f.name} must be one of {typing.get_args(hint)}, got {v!r}")
+        elif hint is bool:
+            if not isinstance(v, bool):
+                raise ValueError(f"TrainConfig.{f.name} must be true or false, got {v!r}")
+        elif hint in (int, float):
+            ok = isinstance(v, int) if hint is int else isinstance(v, (int, float))
+            if not ok or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"TrainConfig.{f.name} must be a finite {hint.__name__}, got {v!r}")
+        elif hint is str and not (isinstance(v, str) and v):
+            raise ValueError(f"TrainConfig.{f.name} must be a non-empty string, got {v!r}")
+    for name in _AT_LEAST_ONE:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(cfg, name)!r}")
+    for name in _POSITIVE:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(cfg, name)!r}")
+    for name in _NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(cfg, name)!r} (0 switches it off)")
+    if cfg.freeze_blocks < -1:
+        raise ValueError(f"TrainConfig.freeze_blocks must be >= -1 (-1: freeze nothing), got {cfg.freeze_blocks}")
 
 
 @dataclass
@@ -111,6 +155,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     out_dir: Path | None = None
+    updates: dict[str, int] = field(default_factory=dict)   # target / generic batches, backbone updates
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -216,6 +262,7 @@ def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None 
 
         # ==== output folder: never overwrite a user's run; resume from last.pt ==================
         step, target_step, best, history = 0, 0, {"score": None, "step": None, "state": None}, []
+        start = {"score": None}  # the pretrained model's validation score on cfg.select
         out = Path(out_dir) if out_dir is not None else None
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
@@ -232,6 +279,8 @@ def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None 
                 head.load_state_dict(ckpt["head"])
                 opt.load_state_dict(ckpt["optimizer"])
                 step, target_step, history = ckpt["step"], ckpt["target_step"], ckpt["history"]
+                start["score"] = next((h[f"val/{cfg.select}"] for h in history
+                                       if h["step"] == 0 and f"val/{cfg.select}" in h), None)
                 best = {"score": ckpt["best_score"], "step": ckpt["best_step"], "state": None}
                 if (out / "best.pt").exists():
                     b = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
@@ -252,7 +301,9 @@ def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None 
             if cfg.select not in val:
                 raise KeyError(f"TrainConfig.select={cfg.select!r} is not among the validation scores {sorted(val)}")
             log({"step": step, "target_step": target_step, **{f"val/{k}": v for k, v in val.items()}})
-            if target_step > 0 and (best["score"] is None or val[cfg.select] > best["score"]):
+            if step == 0:
+                start["score"] = val[cfg.select]
+            if (target_step > 0 or cfg.keep_pretrained) and (best["score"] is None or val[cfg.select] > best["score"]):
                 best.update(score=val[cfg.select], step=target_step,
                             state={"visual": copy.deepcopy(vlm.visual.state_dict()), "head": copy.deepcopy(head.state_dict())})
                 if out is not None:
@@ -271,7 +322,7 @@ def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None 
         # ==== the loop ==========================================================================
         t0 = time.time()
         if validate is not None and cfg.eval_every and step == 0:
-            run_validation()  # the pretrained model: logged, never selected
+            run_validation()  # the pretrained model: logged; kept only with cfg.keep_pretrained
         train_mode(vlm, True)
         pending: list[tuple[int, torch.Tensor]] = []  # losses not yet checked for finiteness (avoids a sync per step)
         bar = progress_bar(None, progress, total=cfg.steps, initial=target_step, desc="train")
@@ -281,6 +332,9 @@ def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None 
             gen = step_generator(cfg.seed, step)
             idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step)
             frozen_warmup = target_step < cfg.lp_ft_steps  # LP-FT: head only, backbone gets no gradient at all
+            if frozen_warmup and domain == 1:  # nothing trains on a generic batch then (the head sees target data only)
+                step += 1
+                continue
             next_target = target_step + (domain == 0)
             is_eval = domain == 0 and validate is not None and cfg.eval_every and (
                 next_target % cfg.eval_every == 0 or next_target == cfg.steps)
@@ -324,13 +378,34 @@ def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None 
         if best["state"] is not None:
             vlm.visual.load_state_dict(best["state"]["visual"])
             head.load_state_dict(best["state"]["head"])
+        warnings_ = []
+        if start["score"] is not None and best["score"] is not None and best["score"] < start["score"]:
+            warnings_.append(f"the kept checkpoint (target step {best['step']}) scores {cfg.select} = {best['score']:.4f} "
+                             f"on validation, below the pretrained model's {start['score']:.4f}: fine-tuning made "
+                             "the model worse on the selection key (too high a learning rate, or a run that diverged?)")
+            warnings.warn(warnings_[-1], stacklevel=2)
+            log({"step": step, "target_step": target_step, "warning": warnings_[-1]})
+
     finally:  # also on errors and interrupts: LoRA merged, the trainable set handed back as it came
         train_mode(vlm, False)
         if cfg.lora_rank > 0:
             merge_lora(vlm.visual)
         for n, p in vlm.visual.named_parameters():
             p.requires_grad_(requires_grad_before[n])
-    return head, TrainResult(best["step"], best["score"], history, time.time() - t0, out)
+    return head, TrainResult(best["step"], best["score"], history, time.time() - t0, out,
+                             count_updates(cfg, sizes, step), warnings_)
+
+
+def count_updates(cfg: TrainConfig, sizes: tuple[int, int], steps: int) -> dict[str, int]:
+    """Batches of each domain in the first `steps` optimiser steps, and how many of them updated the backbone
+    (all but the LP-FT warm-up's). A pure function of the config, like the schedule itself."""
+    target = generic = backbone = 0
+    for s in range(steps):
+        domain = domain_at(s, cfg.sampler, cfg.seed, sizes)
+        backbone += target >= cfg.lp_ft_steps
+        target += domain == 0
+        generic += domain == 1
+    return {"target": target, "generic": generic, "backbone": backbone}
 
 
 def _check_finite(pending: list[tuple[int, torch.Tensor]], terms: dict[str, torch.Tensor]) -> None:

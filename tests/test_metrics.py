@@ -26,13 +26,14 @@ def brute_force(q, ql, x=None, xl=None, k=20):
     self_search = x is None
     if self_search:
         x, xl = q, ql
-    aps, mps, r1, apr = [], [], [], []
+    aps, mps, r1, apr, skipped = [], [], [], [], 0
     for i in range(len(q)):
         sims = x @ q[i]
         order = [j for j in np.argsort(-sims, kind="stable") if not (self_search and j == i)]
         rel = [int(xl[j] == ql[i]) for j in order]
         n_pos = sum(rel)
         if n_pos == 0:
+            skipped += 1
             continue
         m = min(n_pos, k)
         hits, ap = 0, 0.0
@@ -49,7 +50,8 @@ def brute_force(q, ql, x=None, xl=None, k=20):
                 hits += 1
                 ap += hits / (j + 1)
         apr.append(ap / n_pos)
-    return {f"map@{k}": np.mean(aps), f"mmp@{k}": np.mean(mps), "r@1": np.mean(r1), "map@r": np.mean(apr)}
+    return {f"map@{k}": np.mean(aps), f"mmp@{k}": np.mean(mps), "r@1": np.mean(r1), "map@r": np.mean(apr),
+            "skipped": skipped}
 
 
 @pytest.mark.filterwarnings("ignore:retrieval_metrics")  # some random classes have one member
@@ -178,3 +180,54 @@ def test_zero_shot_accuracy():
     labels = np.array([0, 1, 2, 3, 4, 0])
     assert zero_shot_accuracy(cls[labels], labels, cls) == 1.0
     assert zero_shot_accuracy(cls[labels], (labels + 1) % 5, cls) == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:retrieval_metrics")
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_ties_follow_the_documented_order_in_every_backend(backend):
+    # 120 embeddings drawn from only 6 distinct vectors: almost every similarity ties. The brute force orders
+    # ties by index with a stable sort (the documented rule); the kit must agree exactly, cut included.
+    base, _ = _data(6, 8, 1, seed=17)
+    rng = np.random.default_rng(18)
+    x = base[rng.integers(0, 6, 120)]
+    y = rng.integers(0, 5, 120)
+    got = retrieval_metrics(x, y, k=10, backend=backend)
+    assert got == pytest.approx(brute_force(x, y, k=10))
+    q = x[:7]
+    _, idx = knn_search(q, x, k=9, backend=backend)
+    brute = np.stack([np.lexsort((np.arange(len(x)), -(x @ v)))[:9] for v in q])
+    np.testing.assert_array_equal(idx, brute)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_a_collapsed_model_scores_chance_level(backend):
+    # every image at one point: no metric may reward the query (ties never count in its favour)
+    y = np.repeat(np.arange(40), 10)
+    got = retrieval_metrics(np.ones((400, 8), np.float32), y, k=20, backend=backend)
+    assert got["r@1"] == pytest.approx(1 / 40, abs=0.01) and got["mmp@20"] < 0.05, got
+    rec = image_text_recall(np.ones((500, 8)), np.ones((1000, 8)), np.repeat(np.arange(500), 2))
+    assert rec["i2t_r@1"] == pytest.approx(2 / 1000) and rec["t2i_r@1"] == pytest.approx(1 / 500), rec
+    assert rec["i2t_r@10"] <= 0.011 and rec["t2i_r@10"] <= 0.021, rec
+
+
+def test_image_text_recall_breaks_ties_by_index_like_a_stable_sort():
+    base, _ = _data(4, 8, 1, seed=19)
+    rng = np.random.default_rng(20)
+    img = base[rng.integers(0, 4, 30)]
+    t2i = np.repeat(np.arange(30), 2)
+    txt = base[rng.integers(0, 4, 60)]
+    got = image_text_recall(img, txt, t2i, ks=(1, 5))
+    sims = img @ txt.T
+    for k in (1, 5):
+        i2t = np.mean([len(set(np.argsort(-sims[i], kind="stable")[:k]) & set(np.flatnonzero(t2i == i))) > 0
+                       for i in range(30)])
+        t2i_r = np.mean([t2i[j] in np.argsort(-sims[:, j], kind="stable")[:k] for j in range(60)])
+        assert got[f"i2t_r@{k}"] == pytest.approx(i2t) and got[f"t2i_r@{k}"] == pytest.approx(t2i_r)
+
+
+def test_skipped_queries_are_counted_in_the_result():
+    x, y = _data(30, 8, 3, seed=21)
+    y[0] = 99  # a class with one member: no positive for that query
+    with pytest.warns(UserWarning, match="1 of 30"):
+        assert retrieval_metrics(x, y)["skipped"] == 1
+    assert retrieval_metrics(x[1:], y[1:])["skipped"] == 0

@@ -1,41 +1,62 @@
 """Hyper-parameter search bookkeeping, with the experiment replaced by a cheap fake (the real path runs in
-notebook 09): trials never ask for test metrics, an interrupted study resumes without repeating its
-start-up points, and the exported trial rows match the study."""
+notebook 09 and `compare --smoke`): trials never ask for test metrics; the start-up design fills the range;
+an interrupted study resumes without repeating points; a best value at an edge extends the range; trailing
+trials are pruned; the exported trial rows match the study; the schedule length is found on flat curves."""
 import json
+import math
 
 import pytest
 
 from infusing_kit import experiment, search as S
 from infusing_kit.__main__ import main
+from infusing_kit.comparison import choose_schedule, flat_length
 
 
-@pytest.fixture
-def fake(monkeypatch):
+def _fake(monkeypatch, score):
     calls = []
 
-    def run(preset, out, smoke, seed, device, progress, overrides, test=True):
+    def run(preset, out, smoke, seed, device, progress, overrides, test=True, hooks=()):
         calls.append({"preset": preset, "overrides": overrides, "test": test})
-        x = overrides["l2sp"]
-        return {"val": {"fine_map@20": 1 / (1 + x), "generic_map@20": x / (1 + x), "mean_map@20": 0.5 - abs(x - 3) / 100}}
+        x = overrides.get("l2sp", 1.0)
+        val = score(x)
+        stopped = None
+        from infusing_kit.train import TrainState
+        for step in (25, 50, 75, 100):  # a validation curve that rises towards val
+            state = TrainState(step, step, "target", {}, {"mean_map@20": val * step / 100, "fine_map@20": 0.5})
+            if any(h(state) is False for h in hooks):
+                stopped = step
+                break
+        return {"val": {"fine_map@20": 0.5, "generic_map@20": x / (1 + x), "mean_map@20": val},
+                "train": {"steps": 100, **overrides}, "updates": {"target": stopped or 100}, "best_step": 100}
 
     monkeypatch.setattr(S, "run_experiment", run)
     return calls
 
 
-def test_search_uses_validation_only_and_resumes_without_repeats(tmp_path, fake):
+def test_search_fills_the_range_uses_validation_only_and_resumes_without_repeats(tmp_path, monkeypatch):
+    calls = _fake(monkeypatch, lambda x: 0.5 - abs(math.log10(x) - 2) / 10)  # best at l2sp = 100, inside
     db = tmp_path / "s.db"
-    S.search("toy-l2sp", 3, db, tmp_path / "runs", seed=0)
-    assert len(fake) == 3 and not any(c["test"] for c in fake), "a trial evaluated test data"
-    best = S.search("toy-l2sp", 6, db, tmp_path / "runs", seed=0)  # a second session continues the study
-    values = [c["overrides"]["l2sp"] for c in fake]
-    assert len(values) == 6 and len(set(values)) == 6, f"resumed study repeated trials: {values}"
-    assert best["trials"] == 6 and best["value"] == max(0.5 - abs(v - 3) / 100 for v in values)
-    lo, hi = experiment.PRESETS["toy-l2sp"].search[0][1:3]
-    assert all(lo <= v <= hi for v in values)
+    lo, hi = 0.1, 1e5
+    S.search("toy-l2sp", db, tmp_path / "runs", trials=8, base={"steps": 100})
+    assert len(calls) == 8 and not any(c["test"] for c in calls), "a trial evaluated test data"
+    first = sorted(c["overrides"]["l2sp"] for c in calls)
+    # the start-up design: one point in each eighth of the log range
+    slices = sorted(int(8 * (math.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo))) for v in first)
+    assert slices == list(range(8)), first
+    assert all(c["overrides"]["steps"] == 100 for c in calls), "the shared base settings were not applied"
+    best = S.search("toy-l2sp", db, tmp_path / "runs", trials=12, base={"steps": 100})  # a second session continues
+    values = [c["overrides"]["l2sp"] for c in calls]
+    assert len(values) == 12 and len(set(values)) == 12, f"resumed study repeated trials: {values}"
+    assert best["trials"] == 12 and best["distinct"]["l2sp"] == 12 and best["at_edge"] == []
+    assert 10 < best["params"]["l2sp"] < 1000
 
     rows = S.trial_rows(db)
     assert sorted(r["params"]["l2sp"] for r in rows) == sorted(values)
-    assert {r["method"] for r in rows} == {"toy-l2sp"} and all(set(r["val"]) >= {"mean_map@20"} for r in rows)
+    assert {r["method"] for r in rows} == {"toy-l2sp"} and all("mean_map@20" in r["val"] for r in rows)
+    assert all(r["train"]["steps"] == 100 for r in rows), "trials must keep their whole config"
+    assert sum(r["design"] == "startup" for r in rows) == 8
+    with pytest.raises(ValueError, match="base settings"):  # one study, one schedule
+        S.search("toy-l2sp", db, tmp_path / "runs", trials=12, base={"steps": 200})
 
     out = tmp_path / "trials.jsonl"
     assert main(["trials", "--storage", str(db), "--out", str(out)]) == 0
@@ -44,6 +65,48 @@ def test_search_uses_validation_only_and_resumes_without_repeats(tmp_path, fake)
         main(["trials", "--storage", str(db), "--out", str(out)])
 
 
-def test_presets_without_a_search_space_are_refused(tmp_path, fake):
+def test_a_best_value_at_the_edge_extends_the_range(tmp_path, monkeypatch):
+    calls = _fake(monkeypatch, lambda x: 0.9 - abs(math.log10(x) - 6) / 20)  # best at 1e6, above the range [0.1, 1e5]
+    best = S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", trials=8, base={"steps": 100})
+    assert len(best["extensions"]) == 1 and best["space"][0][2] > 1e6, best["extensions"]
+    assert 1e5 < best["params"]["l2sp"] < 1e7 and best["at_edge"] == [] and best["at_hard_limit"] == []
+    assert max(c["overrides"]["l2sp"] for c in calls) > 1e5
+
+
+def test_a_choice_stuck_at_a_hard_limit_is_reported(tmp_path, monkeypatch):
+    _fake(monkeypatch, lambda x: math.log10(x) / 20)  # keeps rising: the best is always the largest value tried
+    best = S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", trials=8, base={"steps": 100})
+    assert best["space"][0][2] == S.DEFAULT_LIMITS[1] and best["at_hard_limit"] == ["l2sp"], best
+
+
+def test_trailing_trials_are_pruned_but_never_the_startup_design(tmp_path, monkeypatch):
+    _fake(monkeypatch, lambda x: 1 / (1 + abs(math.log10(x) - 2)))
+    S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", trials=16, base={"steps": 100}, extend=False)
+    rows = S.trial_rows(tmp_path / "s.db")
+    assert all(r["state"] == "complete" for r in rows if r["design"] == "startup")
+    assert any(r["state"] == "pruned" for r in rows), [(r["design"], r["state"], r["params"]) for r in rows]
+
+
+def test_presets_without_a_search_space_are_refused(tmp_path, monkeypatch):
+    _fake(monkeypatch, lambda x: 0.5)
     with pytest.raises(ValueError, match="no search space"):
-        S.search("toy-naive", 2, tmp_path / "s.db", tmp_path / "runs")
+        S.search("toy-wise-ft", tmp_path / "s.db", tmp_path / "runs")
+    with pytest.raises(ValueError, match="start-up points"):
+        S.search("toy-paper", tmp_path / "s.db", tmp_path / "runs", trials=10)
+
+
+def test_every_search_space_is_valid():
+    for name, p in experiment.PRESETS.items():
+        for field, lo, hi, log in p.search:
+            assert hasattr(p.train, field), (name, field)
+            assert lo < hi and (not log or lo > 0), (name, field)
+
+
+def test_flat_length_ignores_the_plateau_before_take_off():
+    curve = [(0, 0.01), (25, 0.01), (50, 0.012), (75, 0.3), (100, 0.8), (125, 0.95), (150, 0.97), (175, 0.975),
+             (200, 0.98), (225, 0.98)]
+    # at 150 the last 20% starts at 100 (0.8 -> 0.97); at 175 it starts at 125 (0.95 -> 0.975) and < 0.03 is to come
+    assert flat_length(curve) == 175
+    assert flat_length([(0, 0.0), (25, 0.1), (50, 0.3)]) is None
+    sched = choose_schedule([curve, [(s + 25, v) for s, v in curve]], eval_every=25, budget=600)
+    assert sched["flat"] == [175, 200] and sched["steps"] == 250 and sched["all_flat"]  # 200 x 1.25

@@ -107,3 +107,51 @@ def test_generic_batches_without_a_loss_are_refused():
 def test_unknown_select_key_is_a_clear_error():
     with pytest.raises(KeyError, match="not among the validation scores"):
         train(_vlm(), _target(), replace(CFG, select="nope"), validate=_validate, progress=False)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"lr_backbone": -5e-3}, "lr_backbone"), ({"lr_head": 0.0}, "lr_head"), ({"l2sp": -5.0}, "l2sp"),
+    ({"ewc": -1.0}, "ewc"), ({"distill": -1.0}, "distill"), ({"log_every": 0}, "log_every"), ({"steps": 0}, "steps"),
+    ({"l2sp_form": "Mean"}, "l2sp_form"), ({"distill_kind": "kl"}, "distill_kind"), ({"augment": "flip"}, "augment"),
+    ({"classifier": "softmax"}, "classifier"), ({"margin": 0.3}, "margin"), ({"steps": 2.5}, "steps"),
+    ({"lr_backbone": float("nan")}, "lr_backbone"), ({"freeze_blocks": -2}, "freeze_blocks"),
+    ({"lp_ft_steps": 6}, "lp_ft_steps"), ({"keep_pretrained": "yes"}, "keep_pretrained"),
+])
+def test_bad_settings_are_refused_at_construction_naming_the_field(change, field):
+    with pytest.raises(ValueError, match=field):
+        replace(CFG, **change)
+
+
+def test_a_margin_needs_a_margin_loss():
+    assert replace(CFG, classifier="cosface", margin=0.3).margin == 0.3
+    with pytest.raises(ValueError, match="no effect with classifier='normface'"):
+        replace(CFG, margin=0.3)
+
+
+def test_a_run_that_gets_worse_than_the_pretrained_model_says_so(tmp_path):
+    scores = iter([0.9, 0.5, 0.4, 0.3, 0.2])  # step 0 (pretrained) is the best on validation
+    with pytest.warns(UserWarning, match="below the pretrained model"):
+        head, res = train(_vlm(), _target(), replace(CFG, steps=4, eval_every=1), tmp_path / "w",
+                          validate=lambda vlm: {"score": next(scores)}, progress=False)
+    assert res.best_step == 1 and len(res.warnings) == 1 and "below the pretrained model" in res.warnings[0]
+    log = [json.loads(line) for line in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
+    assert any("warning" in h for h in log)
+    scores = iter([0.9, 0.5, 0.4, 0.3, 0.2])
+    vlm = _vlm()
+    before = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
+    _, res = train(vlm, _target(), replace(CFG, steps=4, eval_every=1, keep_pretrained=True),
+                   validate=lambda vlm: {"score": next(scores)}, progress=False)
+    assert res.best_step == 0 and not res.warnings
+    assert all(torch.equal(before[k], v) for k, v in vlm.visual.state_dict().items()), "step 0 was kept: the pretrained tower"
+
+
+def test_updates_are_counted_per_domain_and_lp_ft_skips_generic_batches_in_its_warm_up():
+    from infusing_kit.teacher import extract_teacher
+    vlm = _vlm()
+    generic = _target(n_classes=5, seed=3)
+    cfg = replace(CFG, sampler="round_robin", distill=1.0, lp_ft_steps=2, eval_every=0, ckpt_every=0)
+    _, res = train(vlm, _target(), cfg, generic=generic, teacher=extract_teacher(vlm, generic.images, progress=False),
+                   progress=False)
+    # round robin T, G, T, ..., T: 6 target and 5 generic batches; the backbone moves on all but the 2 warm-up
+    # target steps and the generic batch drawn during the warm-up (nothing trains on it)
+    assert res.updates == {"target": 6, "generic": 5, "backbone": 8}, res.updates
