@@ -9,9 +9,10 @@ BUILD ?= build
 
 export HF_HUB_OFFLINE ?= 1
 export INFUSING_KIT_CACHE ?= $(CURDIR)/.cache
-export MPLBACKEND ?= Agg
+# No MPLBACKEND here: Jupyter kernels must draw inline (an exported Agg backend hides every figure of the
+# notebooks, in `make run` and in `make lab`); scripts that only save files pick Agg themselves.
 
-.PHONY: setup test run lab bench clean
+.PHONY: setup test run figures lab bench clean
 
 setup: $(STAMP)
 
@@ -25,9 +26,15 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The notebook series in teaching mode (SMOKE=False): executed copies in $(BUILD)/notebooks, figures in figures/.
+# The notebook series in teaching mode (SMOKE=False): executed copies in $(BUILD)/notebooks (figures inline),
+# a static course site in $(BUILD)/html, figure files in $(BUILD)/figures. The checkout stays clean.
 run: $(STAMP)
-	$(PY) -m infusing_kit.notebook_runner --out $(BUILD)/notebooks
+	$(PY) -m infusing_kit.notebook_runner --out $(BUILD)/notebooks --figures $(BUILD)/figures --html $(BUILD)/html
+
+# After `make run`: refresh the committed figures/ (what README shows) from $(BUILD)/figures.
+figures:
+	@test -d $(BUILD)/figures || { echo "no $(BUILD)/figures: run 'make run' first"; exit 1; }
+	cp $(BUILD)/figures/*.png $(BUILD)/figures/*.svg figures/
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

@@ -26,6 +26,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from .checkpoints import atomic_write_text
 from .experiment import PRESETS, run_experiment
 
 CALIBRATION_STEPS = 600   # target steps of the naive learning-rate search (generous: cut down in stage 2)
@@ -126,9 +127,7 @@ def compare(out: str | Path, presets: list[str] | None = None, jobs: int = 1, de
     chosen = json.loads(chosen_path.read_text()) if chosen_path.exists() else {}
 
     def save():
-        tmp = chosen_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(chosen, indent=1))
-        os.replace(tmp, chosen_path)
+        atomic_write_text(json.dumps(chosen, indent=1), chosen_path)
 
     # 1. naive learning rates, on a generous schedule
     naive = PRESETS["toy-naive"]
@@ -191,9 +190,7 @@ def compare(out: str | Path, presets: list[str] | None = None, jobs: int = 1, de
     # 5. trials and the table
     from .results import load_results, markdown_table, summarise
     from .search import trial_rows
-    tmp = out / "trials.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in trial_rows(storage)))
-    os.replace(tmp, out / "trials.jsonl")
+    atomic_write_text("".join(json.dumps(r) + "\n" for r in trial_rows(storage)), out / "trials.jsonl")
     rows = load_results(registry, smoke=smoke)
     log("[5/5] " + markdown_table(summarise([r for r in rows if r["seed"] in final_seeds])))
     return chosen

@@ -1,15 +1,32 @@
-"""Data: labelled image sets held as uint8 tensors, real image folders, and domain sampling.
+"""Data: labelled image sets in memory or on disk, the dataset formats of real runs, and domain sampling.
 
-- `Split`: images (N, 3, S, S) uint8 + integer labels (+ optional captions). Both the built-in world
-  and real folders produce it, so the training loop and the metrics see one format.
-- `load_image_folder(root, size)`: a real dataset in torchvision ImageFolder layout
-  (root/<class>/<image>), decoded, resized (shorter side) and centre-cropped once to `size`.
-- `domain_at(step, ...)`: which domain a training step draws from (the samplers of the paper's
-  data mixing), and `batch_indices`: the indices of a batch. Both are pure functions of
-  (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+Two kinds of split, one interface (`len`, `.labels`, `.take(idx)` -> uint8 (B, 3, S, S), `.fingerprint()`):
+- `Split`: images held as one uint8 tensor (the built-in world; small image folders).
+- `FileSplit`: image files decoded on demand (`torchvision.io`, EXIF orientation applied; grayscale,
+  palette, RGBA and CMYK become RGB), resized on the shorter side and centre-cropped to `size`. Training and
+  evaluation read them through `DataLoader` workers (`batches`, `chunks`), so memory does not grow with the
+  dataset.
+
+Readers of the real formats (each returns a FileSplit, or captions for image-text sets):
+- `image_folder(root, size)`: root/<class>/<image> (hidden folders and files ignored);
+- `split_file(path, size, root)`: the official UnED split files, a JSON list of {"path", "class_id"};
+- `csv_split(path, size, root)`: a CSV with columns path,label;
+- `generic_folder(root, size, seed)`: an image folder split 80/20 (seeded, per class) into train and val,
+  like the paper's ImageNet split;
+- `caption_csv(path, size, root)` (columns image,caption) and `karpathy_json(path, size, root, split)`
+  (Flickr30k / COCO, several captions per image): image-text test sets.
+`load_image_folder` decodes a folder into memory (a `Split`), reporting every unreadable file at once.
+
+Sampling: `domain_at(step, ...)` says which domain a training step draws from (the samplers of the paper's data
+mixing) and `batch_indices` the indices of its batch. Both are pure functions of (seed, step), so a resumed run
+sees exactly the batches an uninterrupted one would, with any number of workers.
 """
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -17,7 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 
 
 @dataclass
@@ -28,6 +45,7 @@ class Split:
     captions: list[str] = field(default_factory=list)
     caption_image: np.ndarray | None = None  # caption j describes image caption_image[j]
     class_names: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)   # unreadable files left out (load_image_folder)
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -39,40 +57,318 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def take(self, idx) -> torch.Tensor:
+        return self.images[torch.as_tensor(idx, dtype=torch.long)]
 
-def load_image_folder(root: str | Path, size: int, max_per_class: int | None = None) -> Split:
-    """Read root/<class_name>/<image file> into a Split (classes sorted by name, labels 0..C-1)."""
+    def rows(self, start: int, stop: int) -> "Split":
+        """Items start..stop-1 (a chunk of an extraction)."""
+        return Split(self.images[start:stop], self.labels[start:stop])
+
+    def fingerprint(self) -> str:
+        """sha256 of the images, labels and captions (16 hex digits): what a checkpoint or teacher belongs to."""
+        h = hashlib.sha256(f"{tuple(self.images.shape)}".encode())
+        h.update(self.images.contiguous().numpy().tobytes())
+        h.update(self.labels.tobytes())
+        h.update("\n".join(self.captions).encode())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class FileSplit:
+    """Image files with integer labels, decoded on demand to uint8 (3, size, size). Same interface as Split."""
+    paths: list[str]
+    labels: np.ndarray
+    size: int
+    captions: list[str] = field(default_factory=list)
+    caption_image: np.ndarray | None = None
+    class_names: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)   # unreadable files left out (skip_unreadable=True)
+
+    def __post_init__(self):
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.paths = [str(p) for p in self.paths]
+        if len(self.paths) != len(self.labels):
+            raise ValueError(f"FileSplit has {len(self.paths)} files but {len(self.labels)} labels")
+        if self.size < 1:
+            raise ValueError(f"FileSplit.size must be >= 1 pixel, got {self.size}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, idx) -> torch.Tensor:
+        return torch.stack([read_image(self.paths[int(i)], self.size) for i in np.asarray(idx).reshape(-1)])
+
+    def rows(self, start: int, stop: int) -> "FileSplit":
+        """Items start..stop-1 (a chunk of an extraction)."""
+        return FileSplit(self.paths[start:stop], self.labels[start:stop], self.size)
+
+    def fingerprint(self) -> str:
+        """sha256 of the file list (names, sizes, modification times), labels, captions and output size."""
+        h = hashlib.sha256(f"{self.size}|{len(self.paths)}".encode())
+        for p in self.paths:
+            st = os.stat(p)
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(self.labels.tobytes())
+        h.update("\n".join(self.captions).encode())
+        return h.hexdigest()[:16]
+
+
+AnySplit = Split | FileSplit
+
+
+# ---------------------------------------------------------------------------- decoding
+def read_image(path: str | Path, size: int) -> torch.Tensor:
+    """Decode one image file to RGB uint8 (3, size, size): EXIF orientation applied, shorter side resized to
+    `size` (antialiased), centre crop. torchvision.io decodes JPEG/PNG/WebP/GIF; other formats go through PIL."""
+    from torchvision.transforms.v2 import functional as TF
+    try:
+        from torchvision.io import ImageReadMode, decode_image
+        img = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except (RuntimeError, ValueError, TypeError):
+        img = _read_with_pil(path)
+    if img.ndim == 4:  # an animated GIF: its first frame
+        img = img[0]
+    img = TF.resize(img, size, antialias=True)
+    return TF.center_crop(img, [size, size])
+
+
+def _read_with_pil(path) -> torch.Tensor:
+    from PIL import Image, ImageOps
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def check_files(paths: list[str]) -> list[str]:
+    """Files that cannot be opened as images (a header check: fast, reads no pixels). Every bad file at once."""
     from PIL import Image
-    root = Path(root)
+    bad = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception as e:  # PIL raises many kinds; each is the same verdict: unreadable
+            bad.append(f"{p} ({type(e).__name__}: {e})")
+    return bad
+
+
+def _unreadable_error(bad: list[str], what: str) -> ValueError:
+    shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+    return ValueError(f"{len(bad)} unreadable image file(s) in {what}:\n  {shown}\n"
+                      "Remove or replace them, or pass skip_unreadable=True to leave them out (counted in .skipped).")
+
+
+def _finish(paths: list[str], labels: list[int], size: int, what: str, skip_unreadable: bool, check: bool,
+            **extra) -> FileSplit:
+    if not paths:
+        raise ValueError(f"no images with extensions {IMAGE_EXTENSIONS} in {what}")
+    bad = check_files(paths) if check else []
+    if bad and not skip_unreadable:
+        raise _unreadable_error(bad, what)
+    bad_paths = {b.split(" (", 1)[0] for b in bad}
+    keep = [i for i, p in enumerate(paths) if p not in bad_paths]
+    return FileSplit([paths[i] for i in keep], np.array([labels[i] for i in keep]), size, skipped=sorted(bad_paths),
+                     **extra)
+
+
+def _is_visible(p: Path) -> bool:
+    return not p.name.startswith(".")
+
+
+def _class_folders(root: Path) -> list[str]:
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist; expected root/<class>/<image> files")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and _is_visible(d))
     if not classes:
         raise ValueError(f"dataset folder {root} has no class sub-folders; expected root/<class>/<image> files")
-    images, labels = [], []
+    return classes
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and _is_visible(p) and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+# ---------------------------------------------------------------------------- formats
+def image_folder(root: str | Path, size: int, max_per_class: int | None = None, skip_unreadable: bool = False,
+                 check: bool = True) -> FileSplit:
+    """root/<class_name>/<image file> (classes sorted by name, labels 0..C-1; hidden folders and files, such as
+    .ipynb_checkpoints, ignored). check=True opens every file's header first and reports all bad files at once."""
+    root = Path(root)
+    classes = _class_folders(root)
+    paths, labels = [], []
     for c, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        for p in files[:max_per_class]:
-            try:
-                with Image.open(p) as im:
-                    images.append(_resize_center_crop(im.convert("RGB"), size))
-            except OSError as e:
-                raise ValueError(f"cannot read image {p}: {e}. Remove or replace the file.") from e
+        for p in _images_in(root / name)[:max_per_class]:
+            paths.append(str(p))
             labels.append(c)
+    return _finish(paths, labels, size, str(root), skip_unreadable, check, class_names=classes)
+
+
+def split_file(path: str | Path, size: int, root: str | Path | None = None, skip_unreadable: bool = False,
+               check: bool = True) -> FileSplit:
+    """The official UnED split format: a JSON list of {"path": relative/or/absolute, "class_id": int}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} does not exist")
+    try:
+        items = json.loads(path.read_text())
+        paths = [str(Path(root or path.parent) / it["path"]) for it in items]
+        labels = [int(it["class_id"]) for it in items]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a split file (a JSON list of {{'path', 'class_id'}}): {e}") from None
+    _require_files(paths, path)
+    return _finish(paths, labels, size, str(path), skip_unreadable, check)
+
+
+def csv_split(path: str | Path, size: int, root: str | Path | None = None, skip_unreadable: bool = False,
+              check: bool = True) -> FileSplit:
+    """A CSV file with a header row and the columns path,label (label: an integer or a class name)."""
+    path = Path(path)
+    rows = _csv_rows(path, ("path", "label"))
+    raw = [r["label"] for r in rows]
+    if all(l.lstrip("-").isdigit() for l in raw):
+        labels, names = [int(l) for l in raw], []
+    else:
+        names = sorted(set(raw))
+        labels = [names.index(l) for l in raw]
+    paths = [str(Path(root or path.parent) / r["path"]) for r in rows]
+    _require_files(paths, path)
+    return _finish(paths, labels, size, str(path), skip_unreadable, check, class_names=names)
+
+
+def generic_folder(root: str | Path, size: int, seed: int = 0, val_fraction: float = 0.2,
+                   max_per_class: int | None = None, skip_unreadable: bool = False,
+                   check: bool = True) -> tuple[FileSplit, FileSplit]:
+    """An image folder split into (train, val) images of the same classes, `val_fraction` of each class held out
+    at random (seeded): the paper's 80/20 split of ImageNet-train (val selects checkpoints; the official
+    validation set is a separate test folder)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    full = image_folder(root, size, max_per_class, skip_unreadable, check)
+    rng = np.random.default_rng(seed)
+    val = np.zeros(len(full), dtype=bool)
+    for c in np.unique(full.labels):
+        members = np.flatnonzero(full.labels == c)
+        n = int(round(val_fraction * len(members)))
+        val[rng.choice(members, size=min(n, len(members) - 1), replace=False)] = True
+    pick = lambda m: FileSplit([full.paths[i] for i in np.flatnonzero(m)], full.labels[m], size,
+                               class_names=full.class_names, skipped=full.skipped)
+    return pick(~val), pick(val)
+
+
+def caption_csv(path: str | Path, size: int, root: str | Path | None = None) -> FileSplit:
+    """An image-text test set as a CSV with columns image,caption (one row per caption; an image may have several)."""
+    path = Path(path)
+    rows = _csv_rows(path, ("image", "caption"))
+    return _caption_split([(r["image"], r["caption"]) for r in rows], Path(root or path.parent), size, path)
+
+
+def karpathy_json(path: str | Path, size: int, root: str | Path, split: str = "test") -> FileSplit:
+    """Flickr30k / COCO in Karpathy's format: {"images": [{"filename", "filepath"?, "split", "sentences":
+    [{"raw"}, ...]}, ...]}; the images of `split` with all their captions."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file {path} does not exist")
+    try:
+        images = json.loads(path.read_text())["images"]
+        pairs = [(str(Path(im.get("filepath", "")) / im["filename"]), s["raw"]) for im in images
+                 if im.get("split") == split for s in im["sentences"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a Karpathy caption file ({{'images': [{{'filename', 'split', "
+                         f"'sentences'}}]}}): {e}") from None
+    if not pairs:
+        raise ValueError(f"{path} has no images in split {split!r}")
+    return _caption_split(pairs, Path(root), size, path)
+
+
+def _caption_split(pairs: list[tuple[str, str]], root: Path, size: int, source: Path) -> FileSplit:
+    images = list(dict.fromkeys(p for p, _ in pairs))
+    index = {p: i for i, p in enumerate(images)}
+    paths = [str(root / p) for p in images]
+    _require_files(paths, source)
+    return FileSplit(paths, np.arange(len(images)), size, captions=[c for _, c in pairs],
+                     caption_image=np.array([index[p] for p, _ in pairs]))
+
+
+def _csv_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV file {path} does not exist")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = set(columns) - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path} needs a header row with the columns {','.join(columns)}; "
+                             f"missing {sorted(missing)} (found {reader.fieldnames})")
+        return list(reader)
+
+
+def _require_files(paths: list[str], source: Path) -> None:
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} file(s) listed in {source} do not exist, e.g. {missing[:3]}; "
+                                "check the root folder the paths are relative to")
+
+
+def load_image_folder(root: str | Path, size: int, max_per_class: int | None = None,
+                      skip_unreadable: bool = False) -> Split:
+    """Read root/<class_name>/<image file> into memory (a Split; small datasets). Every unreadable file is
+    reported at once; skip_unreadable=True leaves them out instead."""
+    files = image_folder(root, size, max_per_class, check=False)
+    images, keep, bad = [], [], []
+    for i, p in enumerate(files.paths):
+        try:
+            images.append(read_image(p, size))
+            keep.append(i)
+        except ValueError as e:
+            bad.append(str(e).removeprefix("cannot read image "))
+    if bad and not skip_unreadable:
+        raise _unreadable_error(bad, str(root))
     if not images:
-        raise ValueError(f"no images with extensions {IMAGE_EXTENSIONS} under {root}")
-    return Split(torch.stack(images), np.array(labels), class_names=classes)
+        raise ValueError(f"no readable images under {root}")
+    return Split(torch.stack(images), files.labels[keep], class_names=files.class_names,
+                 skipped=[b.split(": ", 1)[0] for b in bad])
 
 
-def _resize_center_crop(im, size: int) -> torch.Tensor:
-    from PIL import Image
-    w, h = im.size
-    s = size / min(w, h)
-    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = im.size
-    left, top = (w - size) // 2, (h - size) // 2
-    im = im.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+# ---------------------------------------------------------------------------- loading batches
+def chunks(split: AnySplit, batch_size: int, workers: int | None = None):
+    """Consecutive batches of a split (evaluation, teacher extraction): uint8 tensors, in order. A FileSplit
+    is decoded in DataLoader workers."""
+    n = len(split)
+    if isinstance(split, Split):
+        for i in range(0, n, batch_size):
+            yield split.images[i:i + batch_size]
+        return
+    order = [np.arange(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
+    yield from _loader(split, order, workers)
+
+
+def _loader(split: FileSplit, index_lists: list, workers: int | None):
+    from torch.utils.data import DataLoader
+    workers = default_workers() if workers is None else workers
+    loader = DataLoader(_Take(split, index_lists), batch_size=None, shuffle=False, num_workers=workers,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                        prefetch_factor=4 if workers else None)
+    yield from loader
+
+
+class _Take(torch.utils.data.Dataset):
+    """Item i = the whole batch split.take(index_lists[i]), decoded in a worker (one tensor per batch)."""
+
+    def __init__(self, split: FileSplit, index_lists: list):
+        self.split, self.index_lists = split, index_lists
+
+    def __len__(self):
+        return len(self.index_lists)
+
+    def __getitem__(self, i):
+        return self.split.take(self.index_lists[i])
+
+
+def default_workers() -> int:
+    """Decoding workers: all cores but one (at least 0: decode in the main process on a single core)."""
+    return max(0, min(16, (os.cpu_count() or 1) - 1))
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -103,3 +399,43 @@ def domain_at(step: int, sampler: Sampler, seed: int, sizes: tuple[int, int]) ->
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
     """batch_size distinct indices in [0, n) (all n if the set is smaller), drawn for this step."""
     return torch.randperm(n, generator=step_generator(seed, step, 2))[:batch_size]
+
+
+def schedule(sampler: Sampler, seed: int, sizes: tuple[int, int], target_steps: int, start: int = 0):
+    """(step, domain) pairs from global step `start` until `target_steps` target batches have been drawn."""
+    target = sum(domain_at(s, sampler, seed, sizes) == 0 for s in range(start))
+    step = start
+    while target < target_steps:
+        d = domain_at(step, sampler, seed, sizes)
+        yield step, d
+        target += d == 0
+        step += 1
+
+
+def batches(domains: tuple, sampler: Sampler, seed: int, batch_size: int, target_steps: int, start: int = 0,
+            workers: int | None = None):
+    """The training stream: (step, domain, idx, uint8 images) from global step `start` on, a pure function of
+    (seed, step). In-memory splits are indexed directly; file splits are decoded ahead in DataLoader workers."""
+    sizes = (len(domains[0]), len(domains[1]) if domains[1] is not None else 0)
+    plan = [(s, d, batch_indices(sizes[d], batch_size, seed, s)) for s, d in
+            schedule(sampler, seed, sizes, target_steps, start)]
+    if all(d is None or isinstance(d, Split) for d in domains):
+        for s, d, idx in plan:
+            yield s, d, idx, domains[d].images[idx]
+        return
+    if not all(isinstance(d, FileSplit) for d in domains if d is not None):
+        raise ValueError("mix of in-memory and file splits: use one kind for the target and the generic data")
+    merged = _Domains(domains)
+    for (s, d, idx), images in zip(plan, _loader(merged, [(d, idx) for _, d, idx in plan], workers)):
+        yield s, d, idx, images
+
+
+class _Domains:
+    """Two file splits behind one take((domain, idx)) for the loader."""
+
+    def __init__(self, domains):
+        self.domains = domains
+
+    def take(self, item):
+        d, idx = item
+        return self.domains[d].take(idx)

@@ -1,35 +1,41 @@
-"""Whole experiments on the built-in world: pretrained toy VLM -> fine-tune -> evaluate, as presets.
+"""Whole experiments: a pretrained model -> fine-tune -> evaluate, written to metrics.json.
 
-`run_experiment(preset, smoke, seed, out_dir)` writes out_dir/metrics.json:
+An experiment = a model + a target domain (train / val / test, class-disjoint) + a generic domain (train for
+the regularizers, val for selection, test for reporting) + an image-text test set + a method (a TrainConfig).
+`Domains` holds the data; `Setup` the whole experiment. Two providers build them, and everything after that
+(`run_setup`: training, validation, test metrics, metrics.json, the registry, the search) is the same:
+- the built-in world: `run_experiment(preset, out_dir, seed=...)` (`toy_setup`);
+- files on disk, from a TOML config: `config.run_config(path, out_dir)` (README "Your own model and data").
 
-    {"preset", "seed", "smoke", "model", "world": WorldConfig, "pretrain": PretrainConfig,
-     "train": TrainConfig, "best_step", "train_seconds", "seconds",
-     "pretrained": {"in_domain": {...}, "generic_image": {...}, "image_text": {...}},
-     "finetuned":  {... same keys ...}}
-
+out_dir/metrics.json:
+    {"preset", "description", "seed", "smoke", "model", "device", "source": {...what data and model},
+     "train": TrainConfig, "overrides", "best_step", "val", "updates", "warnings", "train_seconds", "seconds",
+     "pretrained": {"in_domain": {...}, "generic_image": {...}, "image_text": {...}}, "finetuned": {...}}
 in_domain: fine-grained test retrieval (class-disjoint from training): map@20, mmp@20, r@1.
-generic_image: generic test image-image retrieval (labels = attribute combination), same keys.
-image_text: held-out image-caption pairs: i2t_r@1/5/10, t2i_r@1/5/10 (captions by the frozen text tower).
-Validation (checkpoint selection) uses the fine-grained val classes and the generic val images only.
+generic_image: generic test image-image retrieval, same keys.
+image_text: image-caption pairs: i2t_r@1/5/10, t2i_r@1/5/10 (captions by the frozen text tower).
+Validation (checkpoint selection, search) uses the target val classes and the generic val images only.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from . import world as W
+from .checkpoints import atomic_write_text, check_writable
 from .metrics import image_text_recall, retrieval_metrics
-from .models import VLM, embed_images, embed_texts
+from .models import VLM, embed_images, embed_texts, save_finetuned
 from .pretrain import PretrainConfig, load_pretrained_toy
 from .regularizers import fisher_diagonal, wise_ft
 from .teacher import extract_teacher
-from .train import TrainConfig, train
+from .train import TrainConfig, needed_inputs, train
 
 K = 20
 
@@ -118,32 +124,91 @@ def pretrain_config(seed: int, smoke: bool = False) -> PretrainConfig:
     return replace(PretrainConfig(), seed=seed)
 
 
-def evaluate(vlm: VLM, world: W.WorldSplits, progress: bool = False) -> dict[str, dict[str, float]]:
-    """Test metrics on the three axes of the paper's Figure 1."""
-    fine = embed_images(vlm, world.fine_test.images, progress=progress)
-    generic = embed_images(vlm, world.generic_test.images, progress=progress)
-    pairs = embed_images(vlm, world.text_test.images, progress=progress)
-    captions = embed_texts(vlm, world.text_test.captions, progress=progress)
-    pick = lambda d: {k: d[k] for k in (f"map@{K}", f"mmp@{K}", "r@1")}
-    return {"in_domain": pick(retrieval_metrics(fine, world.fine_test.labels, k=K)),
-            "generic_image": pick(retrieval_metrics(generic, world.generic_test.labels, k=K)),
-            "image_text": image_text_recall(pairs, captions, world.text_test.caption_image)}
+# ---------------------------------------------------------------------------- what an experiment is made of
+@dataclass
+class Domains:
+    """The data of one experiment (each a data.Split or data.FileSplit).
+
+    target_*: the fine-grained domain, class-disjoint splits. generic_train: images the regularizers use
+    (replay, teacher, Fisher); generic_val: selection; generic_test: reporting. text_test: images with
+    captions (`captions`, `caption_image`). generic_prompts: one text per generic class (LwF's zero-shot
+    logits and EWC's Fisher use them), indexed by the generic labels; None when the generic data have none."""
+    target_train: object
+    target_val: object
+    target_test: object
+    generic_train: object
+    generic_val: object
+    generic_test: object
+    text_test: object
+    generic_prompts: list[str] | None = None
+
+    @classmethod
+    def from_world(cls, w: W.WorldSplits) -> "Domains":
+        attrs = W.combo_to_attributes(np.arange(W.N_COMBOS))
+        return cls(w.fine_train, w.fine_val, w.fine_test, w.generic_train, w.generic_val, w.generic_test,
+                   w.text_test, [W.caption(a) for a in attrs])
 
 
-def validation_fn(world: W.WorldSplits):
-    """validate(vlm) -> fine-grained and generic validation mAP@20 and their mean (method.md section 5)."""
+@dataclass
+class Setup:
+    """One experiment, ready to run: `model()` returns the pretrained VLM (loaded fresh each call)."""
+    name: str                         # the preset (or config) name: the registry's "method"
+    description: str
+    model: Callable[[], VLM]
+    domains: Domains
+    train: TrainConfig
+    wise_ft: bool = False
+    seed: int = 0
+    smoke: bool = False
+    source: dict = field(default_factory=dict)   # where model and data come from (echoed into metrics.json)
+    overrides: dict = field(default_factory=dict)
+
+
+def toy_setup(preset: str, seed: int = 0, smoke: bool = False, device: str = "cpu", overrides: dict | None = None,
+              cache_dir: str | Path | None = None, progress: bool = True) -> Setup:
+    """A preset on the built-in world and the toy VLM pretrained on it (same seed)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    overrides = check_overrides(overrides)
+    p = PRESETS[preset]
+    cfg = replace(p.smoke_train if smoke else p.train, seed=seed, **overrides)
+    wcfg, pcfg = world_config(seed, smoke), pretrain_config(seed, smoke)
+    model = lambda: load_pretrained_toy(pcfg.model, device=device, cache_dir=cache_dir, cfg=pcfg, progress=progress)
+    return Setup(preset, p.description, model, Domains.from_world(W.make_world(wcfg)), cfg, p.wise_ft, seed, smoke,
+                 {"world": asdict(wcfg), "pretrain": asdict(pcfg), "model": pcfg.model}, overrides)
+
+
+# ---------------------------------------------------------------------------- evaluation and selection
+def evaluate(vlm: VLM, data, progress: bool = False) -> dict[str, dict[str, float]]:
+    """Test metrics on the three axes of the paper's Figure 1. data: Domains (or the world's WorldSplits)."""
+    d = data if isinstance(data, Domains) else Domains.from_world(data)
+    fine = embed_images(vlm, d.target_test, progress=progress)
+    generic = embed_images(vlm, d.generic_test, progress=progress)
+    pairs = embed_images(vlm, d.text_test, progress=progress)
+    captions = embed_texts(vlm, d.text_test.captions, progress=progress)
+    pick = lambda m: {k: m[k] for k in (f"map@{K}", f"mmp@{K}", "r@1", "skipped")}
+    return {"in_domain": pick(retrieval_metrics(fine, d.target_test.labels, k=K)),
+            "generic_image": pick(retrieval_metrics(generic, d.generic_test.labels, k=K)),
+            "image_text": image_text_recall(pairs, captions, d.text_test.caption_image)}
+
+
+def validation_fn(data):
+    """validate(vlm) -> fine-grained and generic validation mAP@20 and their mean (docs/method.md, "Protocol")."""
+    d = data if isinstance(data, Domains) else Domains.from_world(data)
+
     def validate(vlm: VLM) -> dict[str, float]:
-        f = retrieval_metrics(embed_images(vlm, world.fine_val.images, progress=False), world.fine_val.labels, k=K, map_at_r=False)
-        g = retrieval_metrics(embed_images(vlm, world.generic_val.images, progress=False), world.generic_val.labels, k=K, map_at_r=False)
+        f = retrieval_metrics(embed_images(vlm, d.target_val, progress=False), d.target_val.labels, k=K, map_at_r=False)
+        g = retrieval_metrics(embed_images(vlm, d.generic_val, progress=False), d.generic_val.labels, k=K,
+                              map_at_r=False)
         return {f"fine_map@{K}": f[f"map@{K}"], f"generic_map@{K}": g[f"map@{K}"],
                 f"mean_map@{K}": (f[f"map@{K}"] + g[f"map@{K}"]) / 2}
     return validate
 
 
-def wise_ft_curve(vlm: VLM, theta0: dict, world: W.WorldSplits, alphas=np.linspace(0, 1, 11)) -> list[dict]:
+def wise_ft_curve(vlm: VLM, theta0: dict, data, alphas=np.linspace(0, 1, 11)) -> list[dict]:
     """Validation scores of the WiSE-FT interpolation (1 - alpha) theta0 + alpha theta1 for each alpha, where
     theta1 is vlm's current (fine-tuned) tower; vlm is handed back at theta1. No training, no test data."""
-    validate = validation_fn(world)
+    validate = validation_fn(data)
     theta1 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
     curve = []
     for alpha in alphas:
@@ -166,10 +231,35 @@ def _kept_validation(history: list[dict], best_step: int | None) -> dict[str, fl
     return {k[4:]: v for k, v in rows[-1].items() if k.startswith("val/")} if rows else {}
 
 
-def generic_class_prompts(vlm: VLM) -> torch.Tensor:
-    """(5760, D) text embeddings of one caption per generic attribute combination (the generic 'classes')."""
-    attrs = W.combo_to_attributes(np.arange(W.N_COMBOS))
-    return torch.from_numpy(embed_texts(vlm, [W.caption(a) for a in attrs], progress=False))
+def generic_class_prompts(vlm: VLM, prompts: list[str] | None = None) -> torch.Tensor:
+    """(C, D) text embeddings of one prompt per generic class (default: the built-in world's 5,760 combinations)."""
+    if prompts is None:
+        attrs = W.combo_to_attributes(np.arange(W.N_COMBOS))
+        prompts = [W.caption(a) for a in attrs]
+    return torch.from_numpy(embed_texts(vlm, prompts, progress=False))
+
+
+def prepare_inputs(vlm: VLM, cfg: TrainConfig, domains: Domains, teacher_path: str | Path | None = None,
+                   fisher_images: int = 1000, progress: bool = False) -> dict:
+    """What train() needs besides the data, for the TERMS this config switches on (train.needed_inputs):
+    "teacher" (pre-extracted embeddings of generic_train; memory-mapped at teacher_path when given),
+    "fisher" (EWC's diagonal Fisher on the first `fisher_images` generic images), "class_emb" (generic class
+    prompts). Used by experiments and benchmarks alike."""
+    need, out = needed_inputs(cfg), {}
+    if "teacher" in need:
+        out["teacher"] = extract_teacher(vlm, domains.generic_train, progress=progress, path=teacher_path)
+    if need & {"fisher", "class_emb"}:
+        if domains.generic_prompts is None:
+            raise ValueError(f"{sorted(need & {'fisher', 'class_emb'})} need text prompts of the generic classes; "
+                             "the generic data have none (config: [data.generic] prompt = 'a photo of a {}.')")
+        prompts = generic_class_prompts(vlm, domains.generic_prompts)
+        if "class_emb" in need:
+            out["class_emb"] = prompts
+        if "fisher" in need:
+            n = min(fisher_images, len(domains.generic_train))
+            part = domains.generic_train.rows(0, n)
+            out["fisher"] = fisher_diagonal(vlm, part, part.labels, prompts, progress=progress)
+    return out
 
 
 def check_overrides(overrides: dict | None) -> dict:
@@ -198,66 +288,65 @@ def code_version() -> str | None:
     return (sha + ("+changes" if dirty else "")) or None
 
 
-def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",
-                   progress: bool = True, cache_dir: str | Path | None = None, overrides: dict | None = None,
-                   test: bool = True, registry: str | Path | None = None, hooks: tuple = ()) -> dict:
-    """Run a preset end to end and write out_dir/metrics.json (refusing to overwrite an existing one).
+# ---------------------------------------------------------------------------- running
+def run_setup(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: bool = True, test: bool = True,
+              registry: str | Path | None = None, hooks: tuple = (), resume: bool = False) -> dict:
+    """Fine-tune and evaluate one experiment; write out_dir/metrics.json (never over an existing one).
 
-    overrides: TrainConfig fields to change (a search trial). test=False skips the test sets entirely
-    (hyper-parameter search looks at validation only). registry: a results file to append one row to.
-    hooks: passed to train() (a search uses one to report validation scores and stop a trailing trial)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    overrides = check_overrides(overrides)
+    test=False skips the test sets entirely (a search looks at validation only). registry: a results file to
+    append one row to. hooks: passed to train(). resume=True continues an interrupted run in out_dir."""
     out = Path(out_dir)
     if (out / "metrics.json").exists():
-        raise FileExistsError(f"{out / 'metrics.json'} exists; choose a new --out folder (nothing was overwritten)")
+        raise FileExistsError(f"{out / 'metrics.json'} exists: that run is finished; choose a new --out folder "
+                              "(nothing was overwritten)")
+    if (out / "run").exists() and any((out / "run").iterdir()) and not resume:
+        raise FileExistsError(f"{out} holds an interrupted run: add --resume (resume=True) to continue it, or choose "
+                              "a new --out folder (nothing was overwritten)")
+    check_writable(out, "--out")
+    if registry is not None:
+        check_writable(Path(registry).parent, "--registry")
+        if Path(registry).exists() and not os.access(registry, os.W_OK):
+            raise PermissionError(f"--registry {registry} is not writable; choose a file you can write to")
     t0 = time.time()
-    p = PRESETS[preset]
-    cfg = replace(p.smoke_train if smoke else p.train, seed=seed, **overrides)
-    wcfg, pcfg = world_config(seed, smoke), pretrain_config(seed, smoke)
-    world = W.make_world(wcfg)
-    vlm = load_pretrained_toy(pcfg.model, device=device, cache_dir=cache_dir, cfg=pcfg, progress=progress)
-    before = evaluate(vlm, world) if test else None
-    extra = {}
-    if cfg.generic_terms():
-        extra["teacher"] = extract_teacher(vlm, world.generic_train.images, progress=False)
-    if cfg.ewc > 0 or cfg.lwf > 0:
-        prompts = generic_class_prompts(vlm)
-        if cfg.lwf > 0:
-            extra["class_emb"] = prompts
-        if cfg.ewc > 0:
-            n = min(1000, len(world.generic_train))
-            extra["fisher"] = fisher_diagonal(vlm, world.generic_train.images[:n], world.generic_train.labels[:n], prompts)
+    cfg, d = setup.train, setup.domains
+    vlm = setup.model()
+    before = evaluate(vlm, d) if test else None
+    extra = prepare_inputs(vlm, cfg, d, teacher_path=out / "teacher.npy" if len(d.generic_train) > 50_000 else None)
     theta0 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
-    validate = validation_fn(world)
-    head, result = train(vlm, world.fine_train, cfg, out_dir=out / "run", generic=world.generic_train,
-                         validate=validate, progress=progress, hooks=hooks, **extra)
+    head, result = train(vlm, d.target_train, cfg, out_dir=out / "run", generic=d.generic_train,
+                         validate=validation_fn(d), progress=progress, hooks=hooks, resume=resume,
+                         resume_hint="--resume (resume=True)", **extra)
     val = _kept_validation(result.history, result.best_step)
     wise = None
-    if p.wise_ft:  # choose alpha on validation, like any other strength
-        wise = wise_ft_curve(vlm, theta0, world)
+    if setup.wise_ft:  # choose alpha on validation, like any other strength
+        wise = wise_ft_curve(vlm, theta0, d)
         val = {k: v for k, v in apply_wise_ft(vlm, theta0, wise).items() if k != "alpha"}
-    after = evaluate(vlm, world) if test else None
-    tmp = out / f"model.pt.tmp{os.getpid()}"
-    torch.save({"visual": vlm.visual.state_dict(), "head": head.state_dict()}, tmp)
-    os.replace(tmp, out / "model.pt")  # the kept (or WiSE-FT) image tower, for galleries and UMAPs
+    after = evaluate(vlm, d) if test else None
+    save_finetuned(vlm, out / "model.pt", head)  # the kept (or WiSE-FT) image tower: load_model(name, this file)
     where = torch.device(device)
-    metrics = {"preset": preset, "description": p.description, "seed": seed, "smoke": smoke, "model": pcfg.model,
-               "device": f"{where.type} (bf16 autocast)" if where.type == "cuda" else f"{where.type} (float32)",
-               "world": asdict(wcfg), "pretrain": asdict(pcfg), "train": asdict(cfg), "overrides": overrides or {},
+    metrics = {"preset": setup.name, "description": setup.description, "seed": setup.seed, "smoke": setup.smoke,
+               "model": vlm.name, "device": f"{where.type} (bf16 autocast)" if where.type == "cuda" else
+               f"{where.type} (float32)", **setup.source, "train": asdict(cfg), "overrides": setup.overrides,
                "best_step": result.best_step, "val": val, "wise_ft": wise, "updates": result.updates,
                "stopped_at": result.updates["target"] if result.updates["target"] < cfg.steps else None,
                "warnings": result.warnings, "code": code_version(),
                "train_seconds": round(result.seconds, 1), "seconds": round(time.time() - t0, 1),
                "pretrained": before, "finetuned": after}
-    tmp = out / f"metrics.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    atomic_write_text(json.dumps(metrics, indent=2), out / "metrics.json")
     if registry is not None:
         from .results import append_result
         append_result(registry, metrics, run_dir=out)
     return metrics
+
+
+def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",
+                   progress: bool = True, cache_dir: str | Path | None = None, overrides: dict | None = None,
+                   test: bool = True, registry: str | Path | None = None, hooks: tuple = (),
+                   resume: bool = False) -> dict:
+    """Run a preset on the built-in world end to end and write out_dir/metrics.json (see `run_setup`).
+    overrides: TrainConfig fields to change (a search trial)."""
+    setup = toy_setup(preset, seed, smoke, device, overrides, cache_dir, progress)
+    return run_setup(setup, out_dir, device, progress, test, registry, hooks, resume)
 
 
 def cached_run(preset: str, root: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",
@@ -265,18 +354,17 @@ def cached_run(preset: str, root: str | Path, smoke: bool = False, seed: int = 0
     """Run a preset once and reuse it: (metrics, fine-tuned VLM, pretrained VLM, world).
 
     Results live in root/<preset>[-smoke]-s<seed>/ (metrics.json, model.pt, run/log.jsonl); notebooks share
-    them instead of training the same model again. Delete that folder to recompute."""
+    them instead of training the same model again. An interrupted run there is resumed."""
+    from .models import load_model
     out = Path(root) / f"{preset}{'-smoke' if smoke else ''}-s{seed}"
     if not (out / "metrics.json").exists():
-        if out.exists() and any(out.iterdir()):
-            raise FileExistsError(f"{out} holds an unfinished run (no metrics.json); delete the folder to recompute")
-        run_experiment(preset, out, smoke=smoke, seed=seed, device=device, progress=progress, registry=registry)
+        run_experiment(preset, out, smoke=smoke, seed=seed, device=device, progress=progress, registry=registry,
+                       resume=(out / "run").exists())
     metrics = json.loads((out / "metrics.json").read_text())
     world = W.make_world(W.WorldConfig(**metrics["world"]))
     pcfg = PretrainConfig(**metrics["pretrain"])
     pretrained = load_pretrained_toy(pcfg.model, device=device, cfg=pcfg, progress=progress)
-    tuned = load_pretrained_toy(pcfg.model, device=device, cfg=pcfg, progress=progress)
-    tuned.visual.load_state_dict(torch.load(out / "model.pt", map_location=device, weights_only=True)["visual"])
+    tuned = load_model(pcfg.model, str(out / "model.pt"), device=device)
     metrics["history"] = [json.loads(l) for l in (out / "run" / "log.jsonl").read_text().splitlines()]
     return metrics, tuned, pretrained, world
 

@@ -3,7 +3,8 @@
 Each adapted weight W0 (out x in) becomes  W = W0 + B A,  A (r x in) small random, B (out x r) zero,
 so training starts exactly at the pretrained model and the update is restricted to rank r. W0 is frozen;
 only A and B train. Applied with `torch.nn.utils.parametrize` to the attention projections (fused q/k/v
-and output) and the MLP linears of every transformer block, so open_clip's own forward runs unchanged.
+and output) and the MLP linears of every transformer block (and a SigLIP attention pool's projections), as
+`towers.layout` names them, so the tower's own forward runs unchanged.
 `merge_lora` folds B A into W0 and removes the parametrizations: the tower then has its original
 parameter names and loads into a plain model.
 """
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-TARGETS = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+from .towers import layout
 
 
 class LowRankDelta(nn.Module):
@@ -37,10 +38,10 @@ def add_lora(tower: nn.Module, rank: int, seed: int = 0) -> list[str]:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if has_lora(tower):
         raise ValueError("this tower already has LoRA factors; merge_lora(tower) first")
-    targets = [n for n, _ in tower.named_parameters() if n.endswith(TARGETS)]
+    suffixes = layout(tower).lora_targets
+    targets = [n for n, p in tower.named_parameters() if n.endswith(suffixes) and p.ndim == 2]
     if not targets:
-        raise ValueError(f"no LoRA targets ({', '.join(TARGETS)}) in {type(tower).__name__}: LoRA needs an "
-                         "open_clip VisionTransformer tower")
+        raise ValueError(f"no LoRA targets ({', '.join(suffixes)}) in {type(tower).__name__}")
     tower.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     for name in targets:

@@ -1,8 +1,10 @@
 """Vision-language models for the kit: any open_clip model, plus the kit's own tiny CPU configs.
 
 - `load_model(name, pretrained)` -> `VLM`: the open_clip model, its tokenizer and preprocessing.
-  `pretrained` is an open_clip tag or file, `None` (random init) or, for the kit's toy configs,
-  `"toy"`: the kit's own contrastive pretraining on the built-in world (cached on disk).
+  `pretrained` is an open_clip tag or file, `None` (random init), or a `model.pt` the kit wrote
+  (`save_finetuned`: a fine-tuned image tower loads back onto its model). The kit's toy VLM pretrained on
+  the built-in world comes from `pretrain.load_pretrained_toy`. The tokenizer loads on first use, so a model
+  whose tokenizer needs extra packages or a download (SigLIP's) still loads and trains its image tower.
 - Only the image tower is ever fine-tuned: `freeze_text_tower` turns gradients off everywhere else
   and `train_mode` keeps the text side in eval mode.
 - Preprocessing works on uint8 image tensors (N, 3, H, W): `preprocess(vlm, x, train=...)`
@@ -33,16 +35,24 @@ TOY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 class VLM:
     """An open_clip model with what the kit needs around it."""
     model: torch.nn.Module           # open_clip CLIP / CustomTextCLIP
-    tokenizer: Callable              # texts -> (N, context_length) int64
     name: str
     pretrained: str | None
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    embed_dim: int = 0               # the image embedding's dimension
+    _tokenizer: Callable | None = None
 
     @property
     def visual(self) -> torch.nn.Module:
         return self.model.visual
+
+    @property
+    def tokenizer(self) -> Callable:
+        """texts -> (N, context_length) int64; loaded on first use (only captions and class prompts need it)."""
+        if self._tokenizer is None:
+            self._tokenizer = _toy_tokenizer() if self.name in TOY_MODELS else _open_clip_tokenizer(self.name)
+        return self._tokenizer
 
     @property
     def device(self) -> torch.device:
@@ -53,8 +63,8 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
                image_size: int | None = None, cache_dir: str | Path | None = None) -> VLM:
     """Create an open_clip model by name (e.g. "ViT-B-32", "ViT-B-16-SigLIP", "toy-clip").
 
-    pretrained: an open_clip tag ("laion2b_s34b_b79k", "webli", ...) or a checkpoint file, None for
-    random weights, or "toy" for the kit's toy VLM pretrained on the built-in world (toy configs).
+    pretrained: an open_clip tag ("laion2b_s34b_b79k", "webli", ...) or a checkpoint file, None for random
+    weights, or a `model.pt` written by the kit (its fine-tuned image tower, on the model it was trained from).
     image_size: overrides the model's input size (e.g. 112 for fast CPU runs of a ViT-B).
     The text tower is frozen on return (see `freeze_text_tower`).
     """
@@ -63,10 +73,14 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
         raise ValueError(f"unknown model name {name!r}: not an open_clip config nor one of the kit's "
                          f"{list(TOY_MODELS)}. Close matches: {close}; all: open_clip.list_models()")
     if pretrained == "toy":
-        if name not in TOY_MODELS:
-            raise ValueError(f"pretrained='toy' exists only for the kit's toy models {list(TOY_MODELS)}, not {name!r}")
-        from .pretrain import load_pretrained_toy  # local import: pretrain builds on this module
-        return load_pretrained_toy(name, device=device, cache_dir=cache_dir)
+        raise ValueError("the toy VLM pretrained on the built-in world comes from "
+                         "infusing_kit.pretrain.load_pretrained_toy(name)")
+    kit = _kit_checkpoint(pretrained)
+    if kit is not None:
+        return _load_finetuned(kit, name, pretrained, device, image_size, cache_dir)
+    if pretrained is not None and not Path(str(pretrained)).is_file() and (os.sep in str(pretrained) or
+                                                                        str(pretrained).endswith((".pt", ".bin", ".safetensors", ".pth"))):
+        raise FileNotFoundError(f"checkpoint file {pretrained} does not exist (pretrained=...)")
     kwargs = {"force_image_size": image_size} if image_size else {}
     try:
         # pretrained=None asks for random weights: open_clip's "no pretrained weights loaded" warning is noise here
@@ -79,21 +93,76 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
                 f"pretrained weights {pretrained!r} for {name!r} are not on this machine and cannot be "
                 f"downloaded{' (HF_HUB_OFFLINE is set)' if offline else ''}. Pass a local checkpoint file as "
                 f"pretrained=..., run once with internet to fill the Hugging Face cache, or use "
-                f"pretrained=None / the kit's offline toy model load_model('toy-clip', 'toy').") from e
+                f"pretrained=None / the kit's offline toy model pretrain.load_pretrained_toy('toy-clip').") from e
         raise ValueError(f"cannot create {name!r} with pretrained={pretrained!r}: {e}") from e
     finally:
         logging.disable(logging.NOTSET)
     cfg = model.visual.preprocess_cfg
-    tokenizer = _toy_tokenizer() if name in TOY_MODELS else open_clip.get_tokenizer(name)
-    vlm = VLM(model, tokenizer, name, pretrained, int(cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]),
-              tuple(cfg["mean"]), tuple(cfg["std"]))
+    embed_dim = int(open_clip.get_model_config(name)["embed_dim"])
+    vlm = VLM(model, name, pretrained, int(cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]),
+              tuple(cfg["mean"]), tuple(cfg["std"]), embed_dim)
     freeze_text_tower(vlm)
+    return vlm
+
+
+FINETUNED_FORMAT = "infusing_kit/finetuned-v1"
+
+
+def save_finetuned(vlm: VLM, path: str | Path, head: torch.nn.Module | None = None, extra: dict | None = None) -> Path:
+    """Write the fine-tuned image tower as a file `load_model(name, path)` loads back (atomically): the tower's
+    weights, the model it belongs to (name and pretrained tag) and, for the kit's small toy models, the frozen
+    text tower too (so no cache is needed to load it)."""
+    from .checkpoints import atomic_save
+    text = None
+    if vlm.name in TOY_MODELS:
+        text = {k: v for k, v in vlm.model.state_dict().items() if not k.startswith("visual.")}
+    return atomic_save({"format": FINETUNED_FORMAT, "model": vlm.name, "base": vlm.pretrained,
+                        "image_size": vlm.image_size, "visual": vlm.visual.state_dict(), "text": text,
+                        "head": head.state_dict() if head is not None else None, **(extra or {})}, path)
+
+
+def _kit_checkpoint(pretrained) -> dict | None:
+    if pretrained is None or not str(pretrained).endswith(".pt") or not Path(str(pretrained)).is_file():
+        return None
+    try:
+        ckpt = torch.load(pretrained, map_location="cpu", weights_only=True)
+    except Exception:  # not a plain tensor dict: leave it to open_clip
+        return None
+    return ckpt if isinstance(ckpt, dict) and ckpt.get("format") == FINETUNED_FORMAT else None
+
+
+def _load_finetuned(ckpt: dict, name: str, path, device, image_size, cache_dir) -> VLM:
+    if ckpt["model"] != name:
+        raise ValueError(f"{path} holds a fine-tuned {ckpt['model']!r}, not {name!r}: load_model({ckpt['model']!r}, "
+                         f"{str(path)!r})")
+    size = image_size or ckpt.get("image_size")
+    if ckpt.get("text") is not None:  # a toy model: everything is in the file
+        vlm = load_model(name, None, "cpu", image_size=size)
+        vlm.model.load_state_dict({**ckpt["text"], **{f"visual.{k}": v for k, v in ckpt["visual"].items()}})
+    else:
+        vlm = load_model(name, ckpt["base"], "cpu", image_size=size, cache_dir=cache_dir)
+        vlm.visual.load_state_dict(ckpt["visual"])
+    vlm.model.to(device)
+    freeze_text_tower(vlm)
+    vlm.pretrained = str(path)
     return vlm
 
 
 def _toy_tokenizer():
     from .world import ToyTokenizer
     return ToyTokenizer()
+
+
+def _open_clip_tokenizer(name: str):
+    try:
+        return open_clip.get_tokenizer(name)
+    except (ImportError, ModuleNotFoundError) as e:
+        raise ImportError(f"the tokenizer of {name!r} needs {e.name or 'an extra package'}: pip install "
+                          f"'infusing_kit[siglip]' (transformers, sentencepiece). Only captions and class prompts "
+                          f"need it; the image tower trains without.") from e
+    except OSError as e:  # a hub tokenizer that is not cached and cannot be downloaded
+        raise RuntimeError(f"the tokenizer of {name!r} is not on this machine and cannot be downloaded "
+                           f"({e}); run once with internet to fill the Hugging Face cache") from e
 
 
 def freeze_text_tower(vlm: VLM) -> None:
@@ -162,16 +231,33 @@ def image_embedding(vlm: VLM, pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_images(vlm: VLM, images: torch.Tensor, batch_size: int = 256, progress: bool = True) -> np.ndarray:
-    """L2-normalised float32 embeddings (N, D) of uint8 images (N, 3, H, W), eval preprocessing."""
+def embed_images(vlm: VLM, images, batch_size: int = 256, progress: bool = True,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """L2-normalised float32 embeddings (N, D), eval preprocessing, of uint8 images (N, 3, H, W) or of a split
+    (`data.Split` / `data.FileSplit`, the latter decoded in chunks by DataLoader workers: memory does not grow
+    with N). out: an (N, D) array to fill (e.g. a memory-mapped file)."""
+    from .data import FileSplit, Split, chunks
+    n = len(images)
+    if isinstance(images, FileSplit):
+        source = chunks(images, batch_size)
+    else:
+        tensor = images.images if isinstance(images, Split) else images
+        source = (tensor[i:i + batch_size] for i in range(0, n, batch_size))
     was_training = vlm.visual.training
     vlm.visual.eval()
-    out = []
-    for i in progress_bar(range(0, len(images), batch_size), progress, desc="embed images", leave=False):
+    row = 0
+    bar = progress_bar(None, progress, total=n, desc="embed images", leave=False)
+    for x in source:
         with _autocast(vlm.device):
-            out.append(image_embedding(vlm, preprocess(vlm, images[i:i + batch_size])).cpu())
+            e = image_embedding(vlm, preprocess(vlm, x)).cpu().numpy()
+        if out is None:
+            out = np.zeros((n, e.shape[1]), np.float32)
+        out[row:row + len(e)] = e
+        row += len(e)
+        bar.update(len(e))
+    bar.close()
     vlm.visual.train(was_training)
-    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, 0), np.float32)
+    return out if out is not None else np.zeros((0, vlm.embed_dim), np.float32)
 
 
 @torch.no_grad()
@@ -209,6 +295,3 @@ def param_groups(vlm: VLM, head: torch.nn.Module | None, lr_backbone: float, lr_
     return groups
 
 
-def backbone_state(vlm: VLM) -> dict[str, torch.Tensor]:
-    """A detached copy of the image tower's weights (theta_0 for weight-space regularizers, WiSE-FT)."""
-    return {k: v.detach().clone() for k, v in vlm.visual.state_dict().items()}

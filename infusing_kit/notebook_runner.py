@@ -1,20 +1,27 @@
-"""Execute the notebook series headless with papermill (used by `make run` and the tests).
+"""Execute the notebook series headless with papermill, and render it as a static course site.
 
-  python -m infusing_kit.notebook_runner --out build/notebooks [--smoke] [--only 02 03]
+  python -m infusing_kit.notebook_runner --out build/notebooks [--smoke] [--only 02 03] [--html build/html]
+                                         [--figures build/figures]
 
-Each notebook runs in a fresh kernel with its `parameters` cell overridden (SMOKE, OUT_DIR);
-executed copies land in --out, the source notebooks stay clean. A failing cell stops the run with
-that cell's error and the path of the executed copy, which shows everything up to the failure.
+Each notebook runs in a fresh kernel with its `parameters` cell overridden (SMOKE, RESULTS_DIR, FIGURES_DIR);
+executed copies land in --out, the source notebooks stay clean. The kernel draws inline (no MPLBACKEND is
+forced on it), so every figure a chapter shows is in its executed copy; the runner counts them per chapter.
+A failing cell stops the run with that cell's error and the path of the executed copy, which shows
+everything up to the failure. --html renders the executed chapters into a site (one page per chapter,
+figures embedded, and an index page) that opens without Jupyter.
 """
 from __future__ import annotations
 
 import argparse
+import html
+import json
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
+IMAGE_TYPES = ("image/png", "image/svg+xml", "image/jpeg")
 
 
 def notebook_paths(only: list[str] | None = None) -> list[Path]:
@@ -22,6 +29,15 @@ def notebook_paths(only: list[str] | None = None) -> list[Path]:
     if only:
         paths = [p for p in paths if any(p.name.startswith(o) for o in only)]
     return paths
+
+
+def _kernel_config():
+    """IPC transport between papermill and its local kernel: no TCP ports, and no "running over TCP without
+    encryption" warning from every chapter."""
+    from traitlets.config import Config
+    c = Config()
+    c.KernelManager.transport = "ipc"
+    return c
 
 
 def run_notebook(path: Path, out_dir: Path, smoke: bool, results_dir: Path | None = None,
@@ -36,8 +52,57 @@ def run_notebook(path: Path, out_dir: Path, smoke: bool, results_dir: Path | Non
         params["FIGURES_DIR"] = str(Path(figures_dir).resolve())
     t0 = time.time()
     pm.execute_notebook(str(path), str(out_dir / path.name), parameters=params, kernel_name="python3",
-                        cwd=str(path.parent), progress_bar=False, execution_timeout=timeout)
+                        cwd=str(path.parent), progress_bar=False, execution_timeout=timeout, config=_kernel_config())
     return time.time() - t0
+
+
+def count_images(executed: Path) -> int:
+    """Figures a reader sees in an executed notebook: image outputs of its code cells (widgets' own outputs
+    included)."""
+    nb = json.loads(Path(executed).read_text())
+    n = 0
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            n += sum(t in out.get("data", {}) for t in IMAGE_TYPES)
+    return n
+
+
+def chapter_line(path: Path) -> tuple[str, str]:
+    """(title, one-line summary) of a chapter: its first heading and the first sentence after it."""
+    nb = json.loads(Path(path).read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "markdown":
+            continue
+        lines = "".join(cell["source"]).splitlines()
+        title = next((l.lstrip("# ").strip() for l in lines if l.startswith("#")), Path(path).stem)
+        body = " ".join(l.strip() for l in lines if l.strip() and not l.startswith("#"))
+        first = body.split(". ")[0].strip()
+        return title, (first if first.endswith(".") else first + ".") if first else ""
+    return Path(path).stem, ""
+
+
+def render_site(executed: list[Path], out_dir: Path) -> Path:
+    """One HTML page per executed chapter (nbconvert's lab template, figures embedded as data URIs) and an
+    index page listing the chapters in order with one line each. Returns the index path."""
+    from nbconvert import HTMLExporter
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exporter = HTMLExporter(template_name="lab")
+    items = []
+    for nb in executed:
+        body, _ = exporter.from_filename(str(nb))
+        page = out_dir / (nb.stem + ".html")
+        page.write_text(body)
+        title, line = chapter_line(nb)
+        items.append(f'<li><a href="{page.name}">{html.escape(title)}</a><br><span>{html.escape(line)}</span></li>')
+    index = out_dir / "index.html"
+    index.write_text(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>infusing_kit: the chapters</title>\n"
+        "<style>body{font-family:system-ui,sans-serif;max-width:46rem;margin:2rem auto;line-height:1.45}"
+        "li{margin:.7rem 0}span{color:#444;font-size:.92rem}</style></head><body>\n"
+        "<h1>infusing_kit: knowledge-preserving fine-tuning of vision-language models</h1>\n"
+        "<p>The executed chapters of the kit, in order. Each page opens without Jupyter.</p>\n<ol>\n"
+        + "\n".join(items) + "\n</ol>\n</body></html>\n")
+    return index
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,18 +110,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "build" / "notebooks"), help="folder for the executed copies")
     ap.add_argument("--smoke", action="store_true", help="SMOKE=True: tiny settings, as in CI")
     ap.add_argument("--only", nargs="*", help="notebook number prefixes to run, e.g. 02 03")
+    ap.add_argument("--figures", help="FIGURES_DIR for the chapters (default: the notebooks' own, build/figures)")
+    ap.add_argument("--results", help="RESULTS_DIR for the chapters (default: the notebooks' own, runs/notebooks)")
+    ap.add_argument("--html", help="also render the executed chapters into a static site in this folder")
     args = ap.parse_args(argv)
     paths = notebook_paths(args.only)
     if not paths:
         print(f"no notebooks matched in {NOTEBOOKS}", file=sys.stderr)
         return 1
-    total = 0.0
+    total, executed = 0.0, []
     for p in paths:
         print(f"running {p.name} (SMOKE={args.smoke}) ...", flush=True)
-        seconds = run_notebook(p, Path(args.out), args.smoke)
+        seconds = run_notebook(p, Path(args.out), args.smoke, results_dir=args.results, figures_dir=args.figures)
         total += seconds
-        print(f"  done in {seconds:.0f} s -> {Path(args.out) / p.name}", flush=True)
+        executed.append(Path(args.out) / p.name)
+        print(f"  done in {seconds:.0f} s, {count_images(executed[-1])} figures -> {executed[-1]}", flush=True)
     print(f"{len(paths)} notebooks in {total:.0f} s")
+    if args.html:
+        index = render_site(executed, Path(args.html))
+        size = sum(f.stat().st_size for f in Path(args.html).glob("*.html"))
+        print(f"site: {index} ({len(executed)} chapters, {size / 1e6:.1f} MB)")
     return 0
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world
+from .checkpoints import atomic_save
 from .losses import clip_contrastive_loss
 from .models import CONFIG_DIR, VLM, freeze_text_tower, load_model, preprocess, progress_bar
 
@@ -114,9 +115,7 @@ def load_pretrained_toy(name: str = "toy-clip", device: str | torch.device = "cp
         freeze_text_tower(vlm)
     else:
         vlm, info = pretrain(cfg, device=device, progress=progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"state_dict": {k: v.cpu() for k, v in vlm.model.state_dict().items()}, "info": info}, tmp)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        path.parent.mkdir(parents=True, exist_ok=True)  # atomic: a reader never sees half a file
+        atomic_save({"state_dict": {k: v.cpu() for k, v in vlm.model.state_dict().items()}, "info": info}, path)
     vlm.pretrained = f"toy:{path.name}"
     return vlm

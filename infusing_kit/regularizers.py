@@ -2,8 +2,9 @@
 
 Weight space (theta: image-tower tensors T, theta0: their pretrained values; the head is never included):
   L2-SP, mean form (the paper):  R = sum_T mean_{i in T} (theta_i - theta0_i)^2
-      every tensor counts equally. open_clip fuses q, k, v into one in_proj tensor while the paper's
-      JAX model keeps three; split_qkv=True takes the mean of each third (= 3x the fused mean).
+      every tensor counts equally. open_clip and timm fuse q, k, v into one tensor (and an attention pool's
+      k, v into one) while the paper's JAX model keeps them apart; split_qkv=True takes the mean of each part
+      (= 3x, or 2x, the fused mean; `towers.fused_parts`).
   L2-SP, sum form (Li et al. 2018, "Explicit inductive bias for transfer learning"):  R = 1/2 ||theta - theta0||^2
   EWC (Kirkpatrick et al. 2017):  R = 1/2 sum_i F_i (theta_i - theta0_i)^2, F the diagonal Fisher on generic data
   L2 to zero (a control, plain weight decay as a loss):  R = 1/2 ||theta||^2
@@ -29,12 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .towers import fused_parts
+
 # ---------------------------------------------------------------------------- weight space
-
-
-def is_fused_qkv(name: str) -> bool:
-    """open_clip (nn.MultiheadAttention) and timm name their fused q/k/v tensors like this."""
-    return name.endswith("in_proj_weight") or name.endswith("in_proj_bias") or ".qkv." in name
 
 
 def l2sp(params: dict[str, Tensor], ref: dict[str, Tensor], form: Literal["mean", "sum"] = "mean",
@@ -48,8 +46,8 @@ def l2sp(params: dict[str, Tensor], ref: dict[str, Tensor], form: Literal["mean"
         d2 = (p - ref[name]) ** 2
         if form == "sum":
             total = total + d2.sum() / 2
-        elif split_qkv and is_fused_qkv(name):
-            total = total + sum(part.mean() for part in d2.chunk(3, dim=0))
+        elif split_qkv and fused_parts(name) > 1:
+            total = total + sum(part.mean() for part in d2.chunk(fused_parts(name), dim=0))
         else:
             total = total + d2.mean()
     return total if isinstance(total, Tensor) else torch.tensor(0.0)
@@ -65,17 +63,13 @@ def l2_zero(params: dict[str, Tensor]) -> Tensor:
     return sum((p ** 2).sum() for p in params.values()) / 2
 
 
-def quadratic_weights(params: dict[str, Tensor], kind: Literal["l2sp_mean", "l2sp_sum", "ewc", "l2_zero"],
-                      split_qkv: bool = True, fisher: dict[str, Tensor] | None = None) -> list[Tensor | float]:
-    """Per-tensor w of 1/2 sum_i w_i (theta_i - c_i)^2 for each penalty (a float per tensor, or F for EWC)."""
+def quadratic_weights(params: dict[str, Tensor], kind: Literal["l2sp_mean", "l2sp_sum", "l2_zero"],
+                      split_qkv: bool = True) -> list[float]:
+    """Per-tensor w of 1/2 sum_i w_i (theta_i - c_i)^2 for the L2 penalties (EWC's w is the Fisher itself)."""
     if kind == "l2sp_mean":
-        return [2.0 * (3 if split_qkv and is_fused_qkv(n) else 1) / p.numel() for n, p in params.items()]
+        return [2.0 * (fused_parts(n) if split_qkv else 1) / p.numel() for n, p in params.items()]
     if kind in ("l2sp_sum", "l2_zero"):
         return [1.0] * len(params)
-    if kind == "ewc":
-        if fisher is None:
-            raise ValueError("EWC needs a diagonal Fisher: fisher=fisher_diagonal(...)")
-        return [fisher[n] for n in params]
     raise ValueError(f"unknown quadratic penalty {kind!r}")
 
 
@@ -139,13 +133,14 @@ def quadratic_penalty_(params: list[Tensor], q: Quadratic, value: bool = True,
     return total
 
 
-def fisher_diagonal(vlm, images: Tensor, labels, class_emb: Tensor, logit_scale: float | None = None,
+def fisher_diagonal(vlm, images, labels, class_emb: Tensor, logit_scale: float | None = None,
                     progress: bool = False) -> dict[str, Tensor]:
     """Diagonal empirical Fisher of the image tower on generic data:  F_i = mean_x (d log p(y_x | x) / d theta_i)^2,
 
     with p(y | x) = softmax(logit_scale * emb(x) @ class_emb^T) the frozen zero-shot classifier over the generic
     classes (class_emb: (C, D) prompt embeddings). One backward pass per image (a square of a batch gradient
-    is not a mean of squares); eval preprocessing. Use a few hundred to a few thousand images."""
+    is not a mean of squares); eval preprocessing. Use a few hundred to a few thousand images.
+    images: uint8 (N, 3, H, W) or a data.Split / data.FileSplit."""
     from .models import image_embedding, preprocess, progress_bar
     visual = vlm.visual
     was_training = visual.training
@@ -156,7 +151,8 @@ def fisher_diagonal(vlm, images: Tensor, labels, class_emb: Tensor, logit_scale:
     labels = torch.as_tensor(np.asarray(labels))
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     for i in progress_bar(range(len(images)), progress, desc="fisher"):
-        emb = image_embedding(vlm, preprocess(vlm, images[i:i + 1]))
+        x = images[i:i + 1] if isinstance(images, Tensor) else images.take([i])
+        emb = image_embedding(vlm, preprocess(vlm, x))
         log_p = F.log_softmax(scale * emb @ cls.T, dim=-1)[0, int(labels[i])]
         grads = torch.autograd.grad(log_p, list(params.values()))
         torch._foreach_addcmul_(list(fisher.values()), grads, grads)

@@ -1,34 +1,45 @@
 """Pre-extracted teacher embeddings for distillation (the paper's pipeline, step 1).
 
-The frozen pretrained model embeds the generic training images once, with eval preprocessing;
-distillation then costs no extra forward pass. The embeddings are stored index-aligned with the
-images together with a fingerprint of (model weights, input size, image bytes): training refuses
-embeddings whose fingerprint does not match the model it starts from and the data it is given,
-so a stale or misaligned file cannot be used silently (the official code read them from a
-different folder than it wrote them to).
+The frozen pretrained model embeds the generic training images once, with eval preprocessing; distillation then
+costs no extra forward pass. The embeddings are stored index-aligned with the images, together with a
+fingerprint of (model name, input size, tower weights, data): training refuses embeddings whose fingerprint does
+not match the model it starts from and the data it is given, so a stale or misaligned file cannot be used
+silently (the official code read them from a different folder than it wrote them to).
+
+`extract_teacher(vlm, data, path=...)` writes them to a memory-mapped `path` (.npy) in chunks, with a small
+`path.json` recording the fingerprint and the rows done: an extraction killed part-way continues where it
+stopped, and a large generic set never has to fit in memory.
 """
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .models import VLM, embed_images
+from .data import FileSplit, Split
+from .checkpoints import atomic_save, atomic_write_text, tower_fingerprint
+from .models import VLM, embed_images, progress_bar
 
 
-def fingerprint(vlm: VLM, images: torch.Tensor) -> str:
-    """sha256 over the image tower's weights, the input size and the image bytes (first 16 hex digits)."""
-    h = hashlib.sha256()
-    h.update(f"{vlm.name}|{vlm.image_size}|{tuple(images.shape)}".encode())
-    for k, v in sorted(vlm.visual.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    h.update(images.contiguous().numpy().tobytes())
+def data_fingerprint(data) -> str:
+    """The images a teacher embeds: pixels of an in-memory split or tensor, the file list of a FileSplit."""
+    if isinstance(data, FileSplit):
+        return data.fingerprint()
+    if isinstance(data, Split):
+        data = data.images
+    h = hashlib.sha256(f"{tuple(data.shape)}".encode())  # uint8 pixels
+    h.update(data.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def fingerprint(vlm: VLM, data) -> str:
+    """sha256 over the model name, input size, tower weights and the data (first 16 hex digits)."""
+    key = f"{vlm.name}|{vlm.image_size}|{tower_fingerprint(vlm.visual)}|{data_fingerprint(data)}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -36,21 +47,18 @@ class TeacherEmbeddings:
     embeddings: torch.Tensor  # (N, D) float32, L2-normalised, row i = image i of the split
     fingerprint: str
 
-    def check(self, vlm: VLM, images: torch.Tensor, what: str = "generic") -> None:
-        if len(self.embeddings) != len(images):
-            raise ValueError(f"teacher embeddings have {len(self.embeddings)} rows for {len(images)} {what} images; "
+    def check(self, vlm: VLM, data, what: str = "generic") -> None:
+        if len(self.embeddings) != len(data):
+            raise ValueError(f"teacher embeddings have {len(self.embeddings)} rows for {len(data)} {what} images; "
                              "extract them again with extract_teacher(model, images)")
-        fp = fingerprint(vlm, images)
+        fp = fingerprint(vlm, data)
         if fp != self.fingerprint:
             raise ValueError(f"teacher embeddings were extracted from another model or other {what} images "
                              f"(fingerprint {self.fingerprint} != {fp}); extract them again with "
                              "extract_teacher(pretrained_model, images) before fine-tuning starts")
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        torch.save({"embeddings": self.embeddings, "fingerprint": self.fingerprint}, tmp)
-        os.replace(tmp, path)
+        atomic_save({"embeddings": self.embeddings, "fingerprint": self.fingerprint}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "TeacherEmbeddings":
@@ -58,7 +66,35 @@ class TeacherEmbeddings:
         return cls(d["embeddings"], d["fingerprint"])
 
 
-def extract_teacher(vlm: VLM, images: torch.Tensor, batch_size: int = 256, progress: bool = True) -> TeacherEmbeddings:
-    """Embed `images` with the (pretrained, frozen) model, eval preprocessing, and fingerprint the pair."""
-    emb = embed_images(vlm, images, batch_size=batch_size, progress=progress)
-    return TeacherEmbeddings(torch.from_numpy(np.ascontiguousarray(emb)), fingerprint(vlm, images))
+def extract_teacher(vlm: VLM, data, batch_size: int = 256, progress: bool = True, path: str | Path | None = None,
+                    chunk: int = 8192) -> TeacherEmbeddings:
+    """Embed `data` (uint8 images, a Split or a FileSplit) with the (pretrained, frozen) model, eval preprocessing,
+    and fingerprint the pair. path=None: in memory. path=FILE.npy: a memory-mapped file filled `chunk` rows at a
+    time, resumable (FILE.npy.json records the fingerprint and the rows done)."""
+    fp = fingerprint(vlm, data)
+    if path is None:
+        emb = embed_images(vlm, data, batch_size=batch_size, progress=progress)
+        return TeacherEmbeddings(torch.from_numpy(np.ascontiguousarray(emb)), fp)
+    path = Path(path)
+    meta_path = path.with_name(path.name + ".json")
+    n, dim = len(data), vlm.embed_dim
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() and path.exists() else None
+    if meta is not None and (meta["fingerprint"] != fp or meta["rows"] != n or meta["dim"] != dim):
+        raise ValueError(f"{path} holds teacher embeddings of another model or other data (fingerprint "
+                         f"{meta['fingerprint']} != {fp}); delete {path} and {meta_path} to extract again")
+    if meta is None:
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim)).flush()
+        meta = {"fingerprint": fp, "rows": n, "dim": dim, "done": 0}
+        atomic_write_text(json.dumps(meta), meta_path)
+    emb = np.load(path, mmap_mode="r+")
+    bar = progress_bar(None, progress, total=n, initial=meta["done"], desc="teacher embeddings")
+    for start in range(meta["done"], n, chunk):
+        stop = min(n, start + chunk)
+        part = data[start:stop] if isinstance(data, torch.Tensor) else data.rows(start, stop)
+        embed_images(vlm, part, batch_size=batch_size, progress=False, out=emb[start:stop])
+        emb.flush()
+        meta["done"] = stop
+        atomic_write_text(json.dumps(meta), meta_path)  # only after the rows are on disk
+        bar.update(stop - start)
+    bar.close()
+    return TeacherEmbeddings(torch.from_numpy(np.load(path, mmap_mode="r")), fp)

@@ -2,38 +2,43 @@
 
 One readable `train()` driven by a frozen `TrainConfig`:
 
-  for each step:
-      domain  = sampler(step)                    target (fine-grained) or generic batch
-      terms   = train_step(...)                  dict of named, weighted loss terms
-      loss    = sum(terms);  backward;  AdamW step (backbone and head learning rates)
+  for each (step, domain, batch) of the schedule:      target (fine-grained) or generic batch, from (seed, step)
+      terms = train_step(...)                          named, weighted loss terms (the TERMS table)
+      loss  = sum(terms); backward; weight-space penalties' gradients; AdamW step (backbone and head rates)
       every eval_every target steps: validate -> keep the best checkpoint by cfg.select
 
-Everything random in a step comes from (seed, step), so a run resumed from `last.pt` ends with the
-same weights as one that was never interrupted. Files in out_dir: `log.jsonl` (one JSON object per
-logged step or validation), `last.pt` (for resuming), `best.pt` (the kept checkpoint). Checkpoints
-are state dicts plus the config, written atomically. A non-finite loss raises FloatingPointError
-before anything is written.
+`TERMS` is the one table of regularizers: per term, where it applies (generic batches, or the weights at every
+step), which inputs it needs (teacher embeddings, a Fisher, class prompts) and its pure function. A new
+regularizer is a pure function in regularizers.py, a `TrainConfig` field with its row in TERMS (here), a preset
+and a test; `experiment.prepare_inputs` builds what `needs` names.
+
+Everything random in a step comes from (seed, step), so a run resumed from `last.pt` ends with the same weights
+as one that was never interrupted. Files in out_dir (`checkpoints.RunFolder`): `log.jsonl` (one JSON object per
+logged step or validation), `last.pt` (for resuming; it records which model, data and config it belongs to),
+`best.pt` (the kept checkpoint). A non-finite loss raises FloatingPointError before anything is written.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 
-from .data import SAMPLERS, Sampler, Split, batch_indices, domain_at, step_generator
+from .checkpoints import RunFolder, tower_fingerprint
+from .data import SAMPLERS, Sampler, batches, domain_at, step_generator
 from .lora import add_lora, merge_lora
 from .losses import CosineClassifier, MarginLoss, classification_loss
 from .models import VLM, Augment, image_embedding, param_groups, preprocess, progress_bar, train_mode
 from .regularizers import (embedding_distillation, lwf_distillation, Quadratic, quadratic_penalty_,
                            quadratic_weights, relational_distillation)
 from .teacher import TeacherEmbeddings
+from .towers import layout
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,12 @@ class TrainConfig:
                              "or use sampler='target_only'.")
 
     def generic_terms(self) -> list[str]:
-        """Loss terms computed on generic batches."""
-        return [t for t in ("distill", "relational", "lwf") if getattr(self, t) > 0]
+        """Loss terms computed on generic batches (those switched on)."""
+        return [t.name for t in TERMS if t.on == "generic" and getattr(self, t.name) > 0]
+
+    def weight_terms(self) -> list[str]:
+        """Weight-space penalties (applied at every step), those switched on."""
+        return [t.name for t in TERMS if t.on == "weights" and getattr(self, t.name) > 0]
 
 
 # Allowed ranges, checked when a TrainConfig is made (a wrong setting is an error naming the field, never a silent
@@ -138,6 +147,41 @@ def _check_fields(cfg) -> None:
         raise ValueError(f"TrainConfig.freeze_blocks must be >= -1 (-1: freeze nothing), got {cfg.freeze_blocks}")
 
 
+# ---------------------------------------------------------------------------- the regularizers, one table
+@dataclass(frozen=True)
+class Term:
+    """One regularizer: `name` is its TrainConfig weight field. on="generic": `loss(student, teacher, cfg, anchors)`
+    on generic batches (weighted by cfg.<name>); on="weights": a quadratic 1/2 sum w (theta - c)^2 over the tower,
+    `weights(named_params, cfg, inputs)` per tensor, centred on the pretrained weights (or on 0), applied at every
+    step as an analytic gradient. `needs`: inputs train() must be given (see experiment.prepare_inputs)."""
+    name: str
+    on: Literal["generic", "weights"]
+    needs: tuple[str, ...] = ()
+    loss: Callable | None = None
+    weights: Callable | None = None
+    centre: Literal["pretrained", "zero"] = "pretrained"
+
+
+TERMS = (
+    Term("l2sp", "weights", weights=lambda named, cfg, inp: quadratic_weights(named, f"l2sp_{cfg.l2sp_form}",
+                                                                             cfg.l2sp_split_qkv)),
+    Term("ewc", "weights", needs=("fisher",), weights=lambda named, cfg, inp: [inp["fisher"][n] for n in named]),
+    Term("l2_zero", "weights", weights=lambda named, cfg, inp: quadratic_weights(named, "l2_zero"), centre="zero"),
+    Term("distill", "generic", needs=("teacher",),
+         loss=lambda s, t, cfg, a: embedding_distillation(s, t, cfg.distill_kind)),
+    Term("relational", "generic", needs=("teacher",), loss=lambda s, t, cfg, a: relational_distillation(s, t)),
+    Term("lwf", "generic", needs=("teacher", "class_emb"),
+         loss=lambda s, t, cfg, a: lwf_distillation(a.logit_scale * s @ a.class_emb.T,
+                                                    a.logit_scale * t @ a.class_emb.T, cfg.lwf_temperature)),
+)
+TERMS_BY_NAME = {t.name: t for t in TERMS}
+
+
+def needed_inputs(cfg: TrainConfig) -> set[str]:
+    """What train() needs besides the data for this config: "teacher", "fisher", "class_emb"."""
+    return {n for t in TERMS if getattr(cfg, t.name) > 0 for n in t.needs}
+
+
 @dataclass
 class TrainState:
     """What hooks see after each step. Returning False from a hook stops training."""
@@ -164,7 +208,6 @@ class Anchors:
     """What the regularizers compare against, fixed before training starts."""
     params: list[torch.Tensor]                        # trainable image-tower parameters (theta)
     names: list[str]
-    theta0: list[torch.Tensor] | None = None          # their pretrained values
     quad: list[tuple[str, Quadratic]] = field(default_factory=list)   # weight-space penalties, prepared once
     teacher_emb: torch.Tensor | None = None           # (N_generic, D) pre-extracted teacher embeddings
     live_teacher: torch.nn.Module | None = None       # or a frozen copy of the pretrained tower
@@ -172,31 +215,23 @@ class Anchors:
     logit_scale: float = 100.0
 
 
-def train_step(vlm: VLM, head: CosineClassifier, batch: Split, idx: torch.Tensor, domain: int, cfg: TrainConfig,
-               generator: torch.Generator, anchors: Anchors | None = None) -> dict[str, torch.Tensor]:
-    """Named, weighted loss terms for one batch (autograd terms only). domain 0 = target, 1 = generic.
+def train_step(vlm: VLM, head: CosineClassifier, images: torch.Tensor, labels: torch.Tensor | None, idx: torch.Tensor,
+               domain: int, cfg: TrainConfig, generator: torch.Generator,
+               anchors: Anchors | None = None) -> dict[str, torch.Tensor]:
+    """Named, weighted loss terms for one batch of uint8 images (autograd terms only). domain 0 = target (labels
+    given), 1 = generic (idx: the images' indices in the generic split, for pre-extracted teacher embeddings).
 
-    target batch: ce;  generic batch: distill / relational / lwf against the frozen pretrained model.
+    target batch: ce;  generic batch: the generic TERMS switched on, against the frozen pretrained model.
     Weight-space penalties are added after backward by `quadratic_penalty_` (see train())."""
-    images = batch.images[idx]
     pixels = preprocess(vlm, images, train=True, augment=cfg.augment, generator=generator)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=vlm.device.type == "cuda"):
         emb = image_embedding(vlm, pixels)  # (B, D), L2-normalised float32
-    terms = {}
     if domain == 0:
-        labels = torch.as_tensor(batch.labels[idx.numpy()], device=emb.device)
-        terms["ce"] = cfg.ce_weight * classification_loss(head(emb), labels, cfg.classifier, cfg.margin, cfg.scale)
-        return terms
+        return {"ce": cfg.ce_weight * classification_loss(head(emb), labels.to(emb.device), cfg.classifier,
+                                                          cfg.margin, cfg.scale)}
     teacher = _teacher_embedding(vlm, images, idx, anchors)  # of the un-augmented image, eval preprocessing
-    if cfg.distill > 0:
-        terms["distill"] = cfg.distill * embedding_distillation(emb, teacher, cfg.distill_kind)
-    if cfg.relational > 0:
-        terms["relational"] = cfg.relational * relational_distillation(emb, teacher)
-    if cfg.lwf > 0:
-        cls = anchors.class_emb
-        terms["lwf"] = cfg.lwf * lwf_distillation(anchors.logit_scale * emb @ cls.T, anchors.logit_scale * teacher @ cls.T,
-                                                  cfg.lwf_temperature)
-    return terms
+    return {name: getattr(cfg, name) * TERMS_BY_NAME[name].loss(emb, teacher, cfg, anchors)
+            for name in cfg.generic_terms()}
 
 
 def _teacher_embedding(vlm: VLM, images: torch.Tensor, idx: torch.Tensor, anchors: Anchors | None) -> torch.Tensor:
@@ -205,195 +240,171 @@ def _teacher_embedding(vlm: VLM, images: torch.Tensor, idx: torch.Tensor, anchor
     if anchors is not None and anchors.live_teacher is not None:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=vlm.device.type == "cuda"):
             return torch.nn.functional.normalize(anchors.live_teacher(preprocess(vlm, images)).float(), dim=-1)
-    raise ValueError("distillation needs a teacher: train(..., teacher=extract_teacher(model, generic.images)) "
+    raise ValueError("distillation needs a teacher: train(..., teacher=extract_teacher(model, generic)) "
                      "or teacher='live'")
 
 
-def _remap(labels) -> tuple[torch.Tensor, int]:
-    classes, inv = torch.unique(torch.as_tensor(labels), return_inverse=True)
-    return inv, len(classes)
+# ---------------------------------------------------------------------------- the loop
+def train(vlm: VLM, target, cfg: TrainConfig, out_dir: str | Path | None = None, generic=None,
+          validate: Callable[[VLM], dict] | None = None, hooks: tuple[Callable[[TrainState], bool | None], ...] = (),
+          resume: bool = False, progress: bool = True, teacher: TeacherEmbeddings | Literal["live"] | None = None,
+          fisher: dict[str, torch.Tensor] | None = None, class_emb: torch.Tensor | None = None,
+          resume_hint: str = "resume=True") -> tuple[CosineClassifier, TrainResult]:
+    """Fine-tune vlm.visual (in place) on `target` (a data.Split or data.FileSplit); returns the head and a TrainResult.
 
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def train(vlm: VLM, target: Split, cfg: TrainConfig, out_dir: str | Path | None = None,
-          generic: Split | None = None, validate: Callable[[VLM], dict] | None = None,
-          hooks: tuple[Callable[[TrainState], bool | None], ...] = (), resume: bool = False,
-          progress: bool = True, teacher: TeacherEmbeddings | Literal["live"] | None = None,
-          fisher: dict[str, torch.Tensor] | None = None,
-          class_emb: torch.Tensor | None = None) -> tuple[CosineClassifier, TrainResult]:
-    """Fine-tune vlm.visual (in place) on `target`; returns the head and a TrainResult.
-
-    generic: generic data for the samplers' generic batches (distillation terms apply to them).
-    teacher: pre-extracted embeddings of generic.images by the pretrained model (checked by fingerprint),
+    generic: generic data for the samplers' generic batches (the generic TERMS apply to them).
+    teacher: pre-extracted embeddings of the generic images by the pretrained model (checked by fingerprint),
     or "live" for a frozen copy of the tower. fisher: diagonal Fisher for EWC (`fisher_diagonal`).
     class_emb: (C, D) generic class-prompt embeddings for LwF.
     validate(vlm) -> dict of validation scores; the kept (and, at the end, loaded) checkpoint maximises
-    validate()[cfg.select] over the validations after step 0. out_dir=None keeps nothing on disk.
-    resume=True continues from out_dir/last.pt; without it an out_dir holding a run is refused."""
-    # ==== setup: data, head, frozen parts, optimiser =======================================
-    if cfg.sampler != "target_only" and generic is None:
-        raise ValueError(f"sampler={cfg.sampler!r} needs generic data: pass generic=Split(...)")
-    if cfg.generic_terms() and cfg.sampler == "target_only":
-        raise ValueError(f"{cfg.generic_terms()} apply to generic batches, but sampler='target_only' draws none; "
-                         "use sampler='round_robin' (the paper), 'balanced' or 'proportional'")
-    if out_dir is not None and not (resume and (Path(out_dir) / "last.pt").exists()) and any(
-            (Path(out_dir) / f).exists() for f in ("last.pt", "best.pt", "log.jsonl")):
-        raise FileExistsError(f"{out_dir} already holds a training run (last.pt / best.pt / log.jsonl). "
-                              "Pass resume=True to continue it, or choose a new out_dir; nothing was overwritten.")
-    device = vlm.device
+    validate()[cfg.select] over the validations after step 0 (and step 0 itself with cfg.keep_pretrained).
+    out_dir=None keeps nothing on disk. resume=True continues from out_dir/last.pt (a folder without one starts
+    afresh); without it an out_dir holding a run is refused."""
+    _check_data(cfg, target, generic)
+    folder = RunFolder(out_dir, resume, resume_hint)
     labels, n_classes = _remap(target.labels)
-    target = Split(target.images, labels.numpy())
-    head = CosineClassifier(vlm.visual.output_dim, n_classes, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    requires_grad_before = {n: p.requires_grad for n, p in vlm.visual.named_parameters()}
-    try:  # from here on, the model goes back as it came (trainable set, LoRA merged) whatever happens
-        _freeze_first_blocks(vlm, cfg.freeze_blocks)
-        if cfg.lora_rank > 0:
-            add_lora(vlm.visual, cfg.lora_rank, seed=cfg.seed)  # merged back into the weights at the end
+    head = CosineClassifier(vlm.embed_dim, n_classes, generator=torch.Generator().manual_seed(cfg.seed)).to(vlm.device)
+    identity = {"model": vlm.name, "weights": tower_fingerprint(vlm.visual), "target": target.fingerprint(),
+                "generic": generic.fingerprint() if generic is not None and cfg.sampler != "target_only" else None,
+                "classes": n_classes, "config": asdict(cfg)}
+    sizes = (len(target), len(generic) if generic is not None else 0)
+    with _handed_back(vlm, cfg):  # the model goes back as it came (trainable set, LoRA merged) whatever happens
         opt = torch.optim.AdamW(param_groups(vlm, head, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay),
                                 betas=(0.9, 0.999), eps=1e-8)
         anchors = _anchors(vlm, cfg, generic, teacher, fisher, class_emb)
-        domains = (target, generic)
-        sizes = (len(target), len(generic) if generic is not None else 0)
-
-        # ==== output folder: never overwrite a user's run; resume from last.pt ==================
-        step, target_step, best, history = 0, 0, {"score": None, "step": None, "state": None}, []
-        start = {"score": None}  # the pretrained model's validation score on cfg.select
-        out = Path(out_dir) if out_dir is not None else None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            if resume and (out / "last.pt").exists():
-                ckpt = torch.load(out / "last.pt", map_location=device, weights_only=False)
-                if ckpt["config"] != asdict(cfg):
-                    diff = {k: (v, asdict(cfg)[k]) for k, v in ckpt["config"].items() if asdict(cfg).get(k) != v}
-                    raise ValueError(f"{out / 'last.pt'} was written with another config {diff}; resume with the same "
-                                     "TrainConfig or start a new out_dir")
-                if ckpt.get("theta0") is not None:  # the pretrained weights, not the resumed ones, anchor L2-SP / EWC
-                    for t, n in zip(anchors.theta0, anchors.names):  # in place: the penalties hold these tensors
-                        t.copy_(ckpt["theta0"][n])
-                vlm.visual.load_state_dict(ckpt["visual"])
-                head.load_state_dict(ckpt["head"])
-                opt.load_state_dict(ckpt["optimizer"])
-                step, target_step, history = ckpt["step"], ckpt["target_step"], ckpt["history"]
-                start["score"] = next((h[f"val/{cfg.select}"] for h in history
-                                       if h["step"] == 0 and f"val/{cfg.select}" in h), None)
-                best = {"score": ckpt["best_score"], "step": ckpt["best_step"], "state": None}
-                if (out / "best.pt").exists():
-                    b = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
-                    best["state"] = {"visual": b["visual"], "head": b["head"]}
-            with open(out / "log.jsonl", "w") as f:  # rewritten from the checkpoint's history: no duplicate lines
-                f.writelines(json.dumps(h) + "\n" for h in history)
-
-        def log(record: dict) -> None:
-            history.append(record)
-            if out is not None:
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-
-        def run_validation() -> dict[str, float]:
-            train_mode(vlm, False)
-            val = {k: float(v) for k, v in validate(vlm).items()}
-            train_mode(vlm, True)
-            if cfg.select not in val:
-                raise KeyError(f"TrainConfig.select={cfg.select!r} is not among the validation scores {sorted(val)}")
-            log({"step": step, "target_step": target_step, **{f"val/{k}": v for k, v in val.items()}})
-            if step == 0:
-                start["score"] = val[cfg.select]
-            if (target_step > 0 or cfg.keep_pretrained) and (best["score"] is None or val[cfg.select] > best["score"]):
-                best.update(score=val[cfg.select], step=target_step,
-                            state={"visual": copy.deepcopy(vlm.visual.state_dict()), "head": copy.deepcopy(head.state_dict())})
-                if out is not None:
-                    _atomic_save({**best["state"], "config": asdict(cfg), "step": target_step, "score": best["score"]},
-                                 out / "best.pt")
-            return val
-
-        def save_last() -> None:
-            if out is not None:
-                theta0 = None if anchors.theta0 is None else {n: t for n, t in zip(anchors.names, anchors.theta0)}
-                _atomic_save({"visual": vlm.visual.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
-                              "theta0": theta0,
-                              "step": step, "target_step": target_step, "history": history, "config": asdict(cfg),
-                              "best_score": best["score"], "best_step": best["step"]}, out / "last.pt")
-
-        # ==== the loop ==========================================================================
+        run = _Progress(folder, cfg, vlm, head, opt, folder.restore(identity), identity)
         t0 = time.time()
-        if validate is not None and cfg.eval_every and step == 0:
-            run_validation()  # the pretrained model: logged; kept only with cfg.keep_pretrained
+        if validate is not None and cfg.eval_every and run.step == 0:
+            run.validate(validate)  # the pretrained model: logged; kept only with cfg.keep_pretrained
         train_mode(vlm, True)
-        pending: list[tuple[int, torch.Tensor]] = []  # losses not yet checked for finiteness (avoids a sync per step)
-        bar = progress_bar(None, progress, total=cfg.steps, initial=target_step, desc="train")
-        while target_step < cfg.steps:
-            domain = domain_at(step, cfg.sampler, cfg.seed, sizes)
-            data = domains[domain]
-            gen = step_generator(cfg.seed, step)
-            idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step)
-            frozen_warmup = target_step < cfg.lp_ft_steps  # LP-FT: head only, backbone gets no gradient at all
-            if frozen_warmup and domain == 1:  # nothing trains on a generic batch then (the head sees target data only)
-                step += 1
+        bar = progress_bar(None, progress, total=cfg.steps, initial=run.target_step, desc="train")
+        for step, domain, idx, images in batches((target, generic), cfg.sampler, cfg.seed, cfg.batch_size, cfg.steps,
+                                                 start=run.step):
+            frozen = run.target_step < cfg.lp_ft_steps  # LP-FT: head only, the backbone gets no gradient at all
+            if frozen and domain == 1:  # nothing trains on a generic batch then (the head sees target data only)
+                run.step = step + 1
                 continue
-            next_target = target_step + (domain == 0)
+            next_target = run.target_step + (domain == 0)
             is_eval = domain == 0 and validate is not None and cfg.eval_every and (
                 next_target % cfg.eval_every == 0 or next_target == cfg.steps)
             is_ckpt = domain == 0 and (next_target == cfg.steps or (cfg.ckpt_every and next_target % cfg.ckpt_every == 0))
             is_log = (step + 1) % cfg.log_every == 0 or is_eval or is_ckpt or next_target == cfg.steps
-            _set_backbone_trainable(anchors, not frozen_warmup)
-            terms = train_step(vlm, head, data, idx, domain, cfg, gen, anchors)
-            loss = sum(terms.values())
+            for p in anchors.params:
+                p.requires_grad_(not frozen)
+            terms = train_step(vlm, head, images, labels[idx] if domain == 0 else None, idx, domain, cfg,
+                               step_generator(cfg.seed, step), anchors)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if not frozen_warmup:
+            sum(terms.values()).backward()
+            if not frozen:
                 for name, q in anchors.quad:  # weight-space penalties: analytic gradient, no graph
                     value = quadratic_penalty_(anchors.params, q, value=is_log)  # the value only when logged
                     if value is not None:
                         terms[name] = value
-                loss = sum(terms.values())
-            pending.append((step, loss.detach()))
             opt.step()
-            step += 1
-            target_step = next_target
+            run.after_step(step, domain, terms, is_log)
             bar.update(int(domain == 0))
-            record = None
-            if is_log:
-                _check_finite(pending, terms)
-                pending.clear()
-                record = {"step": step, "target_step": target_step, "domain": ("target", "generic")[domain],
-                          "loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
-                log(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-            val = run_validation() if is_eval else None
+            val = run.validate(validate) if is_eval else None
             if is_ckpt:
-                save_last()
-            state = TrainState(step, target_step, ("target", "generic")[domain],
-                               {k: v for k, v in (record or {}).items() if k not in ("step", "target_step", "domain")}, val)
+                run.save_last()
+            state = TrainState(run.step, run.target_step, ("target", "generic")[domain], run.last_losses, val)
             if any(h(state) is False for h in hooks):
-                _check_finite(pending, terms)
-                save_last()
+                run.check_finite()
+                run.save_last()
                 break
         bar.close()
-        # ==== the kept checkpoint ===========================================================
-        if best["state"] is not None:
-            vlm.visual.load_state_dict(best["state"]["visual"])
-            head.load_state_dict(best["state"]["head"])
-        warnings_ = []
-        if start["score"] is not None and best["score"] is not None and best["score"] < start["score"]:
-            warnings_.append(f"the kept checkpoint (target step {best['step']}) scores {cfg.select} = {best['score']:.4f} "
-                             f"on validation, below the pretrained model's {start['score']:.4f}: fine-tuning made "
-                             "the model worse on the selection key (too high a learning rate, or a run that diverged?)")
-            warnings.warn(warnings_[-1], stacklevel=2)
-            log({"step": step, "target_step": target_step, "warning": warnings_[-1]})
+        run.load_best()
+        result = run.result(time.time() - t0, count_updates(cfg, sizes, run.step))
+    return head, result
 
-    finally:  # also on errors and interrupts: LoRA merged, the trainable set handed back as it came
-        train_mode(vlm, False)
-        if cfg.lora_rank > 0:
-            merge_lora(vlm.visual)
-        for n, p in vlm.visual.named_parameters():
-            p.requires_grad_(requires_grad_before[n])
-    return head, TrainResult(best["step"], best["score"], history, time.time() - t0, out,
-                             count_updates(cfg, sizes, step), warnings_)
+
+class _Progress:
+    """The state of one training run: counters, history, the best checkpoint, and their files."""
+
+    def __init__(self, folder: RunFolder, cfg: TrainConfig, vlm: VLM, head, opt, ckpt: dict | None, identity: dict):
+        self.folder, self.cfg, self.vlm, self.head, self.opt, self.identity = folder, cfg, vlm, head, opt, identity
+        self.step = self.target_step = 0
+        self.history: list[dict] = []
+        self.best = {"score": None, "step": None, "state": None}
+        self.start_score = None  # the pretrained model's validation score on cfg.select
+        self.pending: list[tuple[int, torch.Tensor]] = []  # losses not yet checked (avoids a sync per step)
+        self.last_losses: dict[str, float] = {}
+        if ckpt is not None:
+            vlm.visual.load_state_dict(ckpt["visual"])
+            head.load_state_dict(ckpt["head"])
+            opt.load_state_dict(ckpt["optimizer"])
+            self.step, self.target_step, self.history = ckpt["step"], ckpt["target_step"], ckpt["history"]
+            self.best = {"score": ckpt["best_score"], "step": ckpt["best_step"], "state": folder.best_state()}
+            self.start_score = ckpt.get("start_score")
+        folder.start_log(self.history)
+
+    def log(self, record: dict) -> None:
+        self.history.append(record)
+        self.folder.log(record)
+
+    def after_step(self, step: int, domain: int, terms: dict[str, torch.Tensor], is_log: bool) -> None:
+        self.step, self.target_step = step + 1, self.target_step + (domain == 0)
+        self.pending.append((step, sum(terms.values()).detach()))
+        self.terms = terms
+        self.last_losses = {}
+        if is_log:
+            self.check_finite()
+            record = {"step": self.step, "target_step": self.target_step, "domain": ("target", "generic")[domain],
+                      "loss": float(sum(terms.values()).detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+            self.log(record)
+            self.last_losses = {k: v for k, v in record.items() if k not in ("step", "target_step", "domain")}
+
+    def check_finite(self) -> None:
+        if not self.pending:
+            return
+        ok = torch.isfinite(torch.stack([l for _, l in self.pending]))
+        if not bool(ok.all()):
+            bad = self.pending[int((~ok).nonzero()[0])][0]
+            raise FloatingPointError(
+                f"non-finite loss at step {bad} (last terms: { {k: float(v.detach()) for k, v in self.terms.items()} }). "
+                "Training stopped; checkpoints already written were kept. Lower the learning rates or loss weights.")
+        self.pending.clear()
+
+    def validate(self, validate: Callable) -> dict[str, float]:
+        cfg = self.cfg
+        train_mode(self.vlm, False)
+        val = {k: float(v) for k, v in validate(self.vlm).items()}
+        train_mode(self.vlm, True)
+        if cfg.select not in val:
+            raise KeyError(f"TrainConfig.select={cfg.select!r} is not among the validation scores {sorted(val)}")
+        self.log({"step": self.step, "target_step": self.target_step, **{f"val/{k}": v for k, v in val.items()}})
+        if self.step == 0:
+            self.start_score = val[cfg.select]
+        if (self.target_step > 0 or cfg.keep_pretrained) and (self.best["score"] is None or val[cfg.select] > self.best["score"]):
+            self.best.update(score=val[cfg.select], step=self.target_step,
+                             state={"visual": copy.deepcopy(self.vlm.visual.state_dict()),
+                                    "head": copy.deepcopy(self.head.state_dict())})
+            self.folder.save("best.pt", {**self.best["state"], "config": asdict(cfg), "step": self.target_step,
+                                         "score": self.best["score"]})
+        return val
+
+    def save_last(self) -> None:
+        self.folder.save("last.pt", {"visual": self.vlm.visual.state_dict(), "head": self.head.state_dict(),
+                                     "optimizer": self.opt.state_dict(), "step": self.step,
+                                     "target_step": self.target_step, "history": self.history,
+                                     "config": asdict(self.cfg), "identity": self.identity,
+                                     "best_score": self.best["score"], "best_step": self.best["step"],
+                                     "start_score": self.start_score})
+
+    def load_best(self) -> None:
+        if self.best["state"] is not None:
+            self.vlm.visual.load_state_dict(self.best["state"]["visual"])
+            self.head.load_state_dict(self.best["state"]["head"])
+
+    def result(self, seconds: float, updates: dict) -> TrainResult:
+        warns = []
+        if self.start_score is not None and self.best["score"] is not None and self.best["score"] < self.start_score:
+            warns.append(f"the kept checkpoint (target step {self.best['step']}) scores {self.cfg.select} = "
+                         f"{self.best['score']:.4f} on validation, below the pretrained model's {self.start_score:.4f}: "
+                         "fine-tuning made the model worse on the selection key (too high a learning rate, or a run "
+                         "that diverged?)")
+            warnings.warn(warns[-1], stacklevel=3)
+            self.log({"step": self.step, "target_step": self.target_step, "warning": warns[-1]})
+        return TrainResult(self.best["step"], self.best["score"], self.history, seconds, self.folder.path, updates, warns)
 
 
 def count_updates(cfg: TrainConfig, sizes: tuple[int, int], steps: int) -> dict[str, int]:
@@ -408,64 +419,82 @@ def count_updates(cfg: TrainConfig, sizes: tuple[int, int], steps: int) -> dict[
     return {"target": target, "generic": generic, "backbone": backbone}
 
 
-def _check_finite(pending: list[tuple[int, torch.Tensor]], terms: dict[str, torch.Tensor]) -> None:
-    if not pending:
-        return
-    ok = torch.isfinite(torch.stack([l for _, l in pending]))
-    if not bool(ok.all()):
-        bad = pending[int((~ok).nonzero()[0])][0]
-        raise FloatingPointError(
-            f"non-finite loss at step {bad} (last terms: { {k: float(v.detach()) for k, v in terms.items()} }). "
-            "Training stopped; checkpoints already written were kept. Lower the learning rates or loss weights.")
+def _remap(labels) -> tuple[torch.Tensor, int]:
+    classes, inv = torch.unique(torch.as_tensor(np.asarray(labels)), return_inverse=True)
+    return inv, len(classes)
+
+
+def _check_data(cfg: TrainConfig, target, generic) -> None:
+    """Refuse data a run cannot learn from, before any work."""
+    classes, counts = np.unique(np.asarray(target.labels), return_counts=True)
+    if len(classes) < 2:
+        raise ValueError(f"the target data has {len(classes)} class: a classifier cannot learn from one class "
+                         "(its loss is 0 from the start); give it at least two")
+    if cfg.sampler != "target_only" and generic is None:
+        raise ValueError(f"sampler={cfg.sampler!r} needs generic data: pass generic=...")
+    if cfg.generic_terms() and cfg.sampler == "target_only":
+        raise ValueError(f"{cfg.generic_terms()} apply to generic batches, but sampler='target_only' draws none; "
+                         "use sampler='round_robin' (the paper), 'balanced' or 'proportional'")
+
+
+@contextlib.contextmanager
+def _handed_back(vlm: VLM, cfg: TrainConfig):
+    """Freeze blocks / add LoRA for the run; on exit (also on errors and interrupts) merge LoRA and hand the
+    trainable set back as it came."""
+    before = {n: p.requires_grad for n, p in vlm.visual.named_parameters()}
+    try:
+        _freeze_first_blocks(vlm, cfg.freeze_blocks)
+        if cfg.lora_rank > 0:
+            add_lora(vlm.visual, cfg.lora_rank, seed=cfg.seed)  # merged back into the weights at the end
+        yield
+    finally:
+        train_mode(vlm, False)
+        if cfg.lora_rank > 0:
+            merge_lora(vlm.visual)
+        for n, p in vlm.visual.named_parameters():
+            p.requires_grad_(before[n])
 
 
 def _freeze_first_blocks(vlm: VLM, n_blocks: int) -> None:
-    """requires_grad=False on the patch embedding, class/position embeddings, pre-LN and blocks 0..n_blocks-1."""
+    """requires_grad=False on the stem (patch embedding, class/position embeddings, pre-norm) and blocks 0..n-1."""
     if n_blocks < 0:
         return
-    blocks = getattr(getattr(vlm.visual, "transformer", None), "resblocks", None)
-    if blocks is None:
-        raise ValueError(f"freeze_blocks needs an open_clip VisionTransformer tower, {vlm.name} has none")
-    if n_blocks > len(blocks):
-        raise ValueError(f"freeze_blocks={n_blocks} but {vlm.name} has {len(blocks)} blocks")
-    stem = ("conv1.", "class_embedding", "positional_embedding", "ln_pre.")
+    parts = layout(vlm.visual)
+    if n_blocks > parts.n_blocks:
+        raise ValueError(f"freeze_blocks={n_blocks} but {vlm.name} has {parts.n_blocks} blocks")
     for name, p in vlm.visual.named_parameters():
-        if name.startswith(stem) or any(name.startswith(f"transformer.resblocks.{i}.") for i in range(n_blocks)):
+        if parts.frozen_by(name, n_blocks):
             p.requires_grad_(False)
 
 
-def _set_backbone_trainable(anchors: Anchors, on: bool) -> None:
-    """LP-FT: switch the tower's trainable parameters off during the head-only warm-up, back on after."""
-    for p in anchors.params:
-        p.requires_grad_(on)
-
-
-def _anchors(vlm: VLM, cfg: TrainConfig, generic: Split | None, teacher, fisher, class_emb) -> Anchors:
+def _anchors(vlm: VLM, cfg: TrainConfig, generic, teacher, fisher, class_emb) -> Anchors:
     named = [(n, p) for n, p in vlm.visual.named_parameters() if p.requires_grad]
     a = Anchors(params=[p for _, p in named], names=[n for n, _ in named])
-    a.theta0 = [p.detach().clone() for p in a.params]
-    params = dict(named)
-    if cfg.l2sp > 0:
-        kind = "l2sp_mean" if cfg.l2sp_form == "mean" else "l2sp_sum"
-        a.quad.append(("l2sp", Quadratic.build(quadratic_weights(params, kind, cfg.l2sp_split_qkv), cfg.l2sp, a.theta0)))
-    if cfg.ewc > 0:
-        if fisher is None:
-            raise ValueError("TrainConfig.ewc > 0 needs train(..., fisher=fisher_diagonal(model, generic images, ...))")
-        a.quad.append(("ewc", Quadratic.build([fisher[n].to(vlm.device) for n in a.names], cfg.ewc, a.theta0)))
-    if cfg.l2_zero > 0:
-        a.quad.append(("l2_zero", Quadratic.build(quadratic_weights(params, "l2_zero"), cfg.l2_zero)))
+    inputs = {"fisher": fisher}
+    missing = {"fisher": fisher is None, "teacher": teacher is None, "class_emb": class_emb is None}
+    for need in sorted(needed_inputs(cfg)):
+        if missing[need]:
+            users = [t.name for t in TERMS if need in t.needs and getattr(cfg, t.name) > 0]
+            hint = {"teacher": "a teacher: train(..., teacher=extract_teacher(pretrained_model, generic)) or teacher='live'",
+                    "fisher": "a Fisher: train(..., fisher=fisher_diagonal(model, generic images, labels, prompts))",
+                    "class_emb": "class prompts: train(..., class_emb=(C, D) generic class-prompt embeddings)"}[need]
+            raise ValueError(f"{users} need {hint} (experiment.prepare_inputs builds it)")
+    if cfg.weight_terms():
+        theta0 = [p.detach().clone() for p in a.params]
+        params = dict(named)
+        if fisher is not None:
+            inputs["fisher"] = {n: fisher[n].to(vlm.device) for n in a.names}
+        for name in cfg.weight_terms():
+            t = TERMS_BY_NAME[name]
+            a.quad.append((name, Quadratic.build(t.weights(params, cfg, inputs), getattr(cfg, name),
+                                                 theta0 if t.centre == "pretrained" else None)))
     if cfg.generic_terms():
-        if teacher is None:
-            raise ValueError(f"{cfg.generic_terms()} need a teacher: train(..., teacher=extract_teacher(model, "
-                             "generic.images)) or teacher='live'")
         if teacher == "live":
             a.live_teacher = copy.deepcopy(vlm.visual).eval().requires_grad_(False)
         else:
-            teacher.check(vlm, generic.images)
+            teacher.check(vlm, generic)
             a.teacher_emb = teacher.embeddings.to(vlm.device)
-    if cfg.lwf > 0:
-        if class_emb is None:
-            raise ValueError("TrainConfig.lwf > 0 needs train(..., class_emb=(C, D) generic class-prompt embeddings)")
+    if class_emb is not None and cfg.lwf > 0:
         a.class_emb = torch.nn.functional.normalize(torch.as_tensor(class_emb).float(), dim=-1).to(vlm.device)
         a.logit_scale = float(vlm.model.logit_scale.exp())
     return a

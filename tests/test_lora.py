@@ -5,7 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from infusing_kit.lora import TARGETS, add_lora, has_lora, merge_lora
+from infusing_kit.lora import add_lora, has_lora, merge_lora
+from infusing_kit.towers import layout
 from infusing_kit.models import load_model, preprocess
 from infusing_kit.train import TrainConfig, train
 from test_train import CFG, _target, _validate, _vlm
@@ -17,7 +18,7 @@ def test_lora_starts_at_the_pretrained_model_and_trains_only_its_factors():
     with torch.no_grad():
         before = vlm.visual(x)
     names = add_lora(vlm.visual, rank=2)
-    assert names and all(n.endswith(TARGETS) for n in names)
+    assert names and all(n.endswith(layout(vlm.visual).lora_targets) for n in names)
     with torch.no_grad():
         assert torch.equal(vlm.visual(x), before), "B = 0 must leave the model unchanged"
     trainable = {n for n, p in vlm.visual.named_parameters() if p.requires_grad}
@@ -36,7 +37,7 @@ def test_trained_lora_is_merged_into_a_low_rank_change_of_the_targets(tmp_path):
     assert set(after) == set(theta0), "merged tower must have the original parameter names"
     assert all(p.requires_grad for p in vlm.visual.parameters()), "train() must hand back the trainable set"
     changed = [k for k in theta0 if not torch.equal(theta0[k], after[k])]
-    assert changed and all(k.endswith(TARGETS) for k in changed), changed
+    assert changed and all(k.endswith(layout(vlm.visual).lora_targets) for k in changed), changed
     for k in changed:
         assert torch.linalg.matrix_rank((after[k] - theta0[k]).double(), rtol=1e-6) <= 2, k
     fresh = load_model("toy-clip-tiny", pretrained=None)  # a plain model loads the merged weights

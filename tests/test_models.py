@@ -51,8 +51,8 @@ def test_train_augmentation_is_deterministic_given_a_generator(vlm):
 def test_unknown_model_and_offline_weights_are_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown model name 'ViT-Q-99'"):
         load_model("ViT-Q-99")
-    with pytest.raises(ValueError, match="pretrained='toy' exists only"):
-        load_model("RN50", pretrained="toy")
+    with pytest.raises(ValueError, match="pretrain.load_pretrained_toy"):
+        load_model("toy-clip", pretrained="toy")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises((RuntimeError, ValueError), match="not on this machine|cannot create"):
         load_model("RN50", pretrained="openai")

@@ -1,12 +1,20 @@
-"""Every notebook runs headless with papermill in SMOKE mode (fresh kernel, shared results folder).
+"""Every notebook runs headless with papermill in SMOKE mode (fresh kernel, shared results folder), shows its
+figures, and the executed chapters render into a course site that a real browser displays.
 
 A failing cell, including a chapter's assertion that its phenomenon shows, fails the test with the cell's
-traceback (papermill's PapermillExecutionError). The runs the chapters share are computed once per session."""
+traceback (papermill's PapermillExecutionError). A drawing chapter whose executed copy holds fewer figures than
+it draws fails too (the figures a reader sees, not files written on the side). The runs the chapters share are
+computed once per session."""
 import pytest
 
-from infusing_kit.notebook_runner import notebook_paths, run_notebook
+from conftest import ARTIFACTS
+from infusing_kit.notebook_runner import count_images, notebook_paths, render_site, run_notebook
 
 PATHS = notebook_paths()
+# figures each chapter shows in SMOKE mode (its executed copy's image outputs), counted from the code: a chapter
+# that loses one (a backend that draws nothing, a figure no longer displayed) fails
+MIN_FIGURES = {"00": 3, "01": 0, "02": 3, "03": 4, "04": 3, "05": 3, "06": 2, "07": 3, "08": 2, "09": 2, "10": 3,
+               "11": 1}
 
 
 @pytest.fixture(scope="session")
@@ -18,11 +26,38 @@ def shared(tmp_path_factory):
 def test_there_is_a_numbered_series():
     names = [p.name[:2] for p in PATHS]
     assert names == sorted(names) and {"00", "01", "02", "03", "10"} <= set(names), names
+    assert set(MIN_FIGURES) == set(names), "every chapter needs its expected figure count"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
-def test_notebook_runs_in_smoke_mode(path, shared):
+def test_notebook_runs_in_smoke_mode_and_shows_its_figures(path, shared):
     seconds = run_notebook(path, shared["executed"], smoke=True, results_dir=shared["results"],
                            figures_dir=shared["figures"], timeout=900)
-    print(f"{path.name}: {seconds:.0f} s")
+    figures = count_images(shared["executed"] / path.name)
+    print(f"{path.name}: {seconds:.0f} s, {figures} figures")
+    assert figures >= MIN_FIGURES[path.name[:2]], f"{path.name} shows {figures} figures, expected {MIN_FIGURES[path.name[:2]]}"
+
+
+@pytest.mark.slow
+def test_the_course_site_renders_in_a_real_browser(shared, browser):
+    executed = sorted(shared["executed"].glob("*.ipynb"))
+    if not executed:  # run alone: execute one drawing chapter first
+        run_notebook(PATHS[2], shared["executed"], smoke=True, results_dir=shared["results"],
+                     figures_dir=shared["figures"], timeout=900)
+        executed = sorted(shared["executed"].glob("*.ipynb"))
+    site = ARTIFACTS / "html"
+    index = render_site(executed, site)
+    page = browser.new_page()
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(index.as_uri())
+    links = page.locator("li a")
+    assert links.count() == len(executed)
+    drawing = next(p for p in executed if count_images(p) > 0)
+    page.goto((site / (drawing.stem + ".html")).as_uri())
+    page.wait_for_load_state("load")
+    images = page.evaluate("""() => Array.from(document.images).map(i => ({w: i.naturalWidth, ok: i.complete}))""")
+    assert len(images) >= count_images(drawing) and all(i["ok"] and i["w"] > 0 for i in images), images
+    page.screenshot(path=str(ARTIFACTS / f"site-{drawing.stem}.png"), full_page=False)
+    assert not errors, errors

@@ -13,7 +13,7 @@ from infusing_kit.regularizers import (embedding_distillation, ewc_penalty, fish
                                        lwf_distillation, Quadratic, quadratic_penalty_, quadratic_weights,
                                        relational_distillation, wise_ft)
 from infusing_kit.teacher import extract_teacher
-from infusing_kit.train import TrainConfig, train
+from infusing_kit.train import TERMS_BY_NAME, TrainConfig, train
 
 
 def _params(seed=0):
@@ -57,7 +57,10 @@ def test_analytic_gradient_equals_autograd(kind, foreach):
     want = {n: t.grad.clone() for n, t in theta.items()}
     for t in theta.values():
         t.grad = None
-    weights = quadratic_weights(theta, kind, split_qkv=True, fisher=fisher)
+    # the weights come from train()'s own table of terms, so the production path is what is tested
+    term = {"l2sp_mean": "l2sp", "l2sp_sum": "l2sp", "ewc": "ewc", "l2_zero": "l2_zero"}[kind]
+    cfg = TrainConfig(l2sp_form="sum" if kind == "l2sp_sum" else "mean", l2sp_split_qkv=True)
+    weights = TERMS_BY_NAME[term].weights(theta, cfg, {"fisher": fisher})
     q = Quadratic.build(weights, coef, None if kind == "l2_zero" else list(theta0.values()))
     before = {n: t.detach().clone() for n, t in theta.items()}
     assert quadratic_penalty_(list(theta.values()), q, value=False, foreach=foreach) is None  # gradient only
@@ -210,7 +213,7 @@ def test_config_refuses_regularizers_without_their_inputs():
     target, generic = _domains()
     torch.manual_seed(0)
     vlm = load_model("toy-clip-tiny", pretrained=None)
-    with pytest.raises(ValueError, match="needs train\\(..., fisher="):
+    with pytest.raises(ValueError, match="need a Fisher: train\\(..., fisher="):
         train(vlm, target, TrainConfig(steps=1, ewc=1.0, eval_every=0), progress=False)
     with pytest.raises(ValueError, match="sampler='target_only' draws none"):
         train(vlm, target, TrainConfig(steps=1, distill=1.0, eval_every=0), generic=generic, progress=False)

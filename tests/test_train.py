@@ -65,10 +65,13 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, cfg):
     vlm_b = _vlm()
     stop_at_3 = lambda s: s.target_step < 3
     train(vlm_b, _target(), cfg, tmp_path / "b", validate=_validate, hooks=(stop_at_3,), progress=False)
-    # a fresh process would start from other weights; last.pt must restore them, and L2-SP's anchor with them
-    vlm_b = _vlm(seed=123)
+    # a fresh process loads the pretrained model again; last.pt restores the trained weights (L2-SP's anchor is
+    # the pretrained model itself, whose identity the checkpoint checks)
+    vlm_b = _vlm()
     with pytest.raises(FileExistsError, match="resume=True"):
         train(vlm_b, _target(), cfg, tmp_path / "b", validate=_validate, progress=False)
+    with pytest.raises(ValueError, match="other initial weights"):
+        train(_vlm(seed=123), _target(), cfg, tmp_path / "b", validate=_validate, resume=True, progress=False)
     head_b, res_b = train(vlm_b, _target(), cfg, tmp_path / "b", validate=_validate, resume=True, progress=False)
     for (k, a), (_, b) in zip(vlm_a.visual.state_dict().items(), vlm_b.visual.state_dict().items()):
         assert torch.equal(a, b), k
@@ -79,7 +82,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, cfg):
 
 def test_resume_with_another_config_is_refused(tmp_path):
     train(_vlm(), _target(), CFG, tmp_path / "r", validate=_validate, hooks=(lambda s: s.target_step < 3,), progress=False)
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match="another TrainConfig"):
         train(_vlm(), _target(), replace(CFG, lr_head=0.5), tmp_path / "r", validate=_validate, resume=True, progress=False)
 
 

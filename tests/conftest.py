@@ -1,0 +1,27 @@
+"""Shared fixtures: a headless Chromium driven by Playwright (for the course site and the explorer page)."""
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "build" / "test-artifacts"   # screenshots the browser tests keep
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A Playwright Browser on Debian's chromium (Playwright's own browser download is not available here)."""
+    exe = chromium_path()
+    if exe is None:
+        pytest.skip("chromium is not installed (.ci/run installs it with apt-get; or `apt-get install chromium`)")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS, headless=True)  # a fresh temporary profile
+        yield b
+        b.close()
