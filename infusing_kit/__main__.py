@@ -1,6 +1,8 @@
 """Command line: a thin adapter from arguments to the library.
 
-  python -m infusing_kit experiment --preset toy-naive [--smoke] [--seed N] --out DIR [--device cpu]
+  python -m infusing_kit experiment --preset toy-naive [--smoke] [--seed N] --out DIR [--device cpu] [--resume]
+  python -m infusing_kit experiment --config FILE.toml --out DIR [--resume]   # your model and data
+  python -m infusing_kit export-world --out DIR [--seed N] [--smoke]          # the built-in world as files + configs
   python -m infusing_kit pretrain [--seed N]                  # fill the toy-VLM cache
   python -m infusing_kit presets                              # list the presets
   python -m infusing_kit search --preset NAME --storage runs/search.db [--jobs 2] [--final-seeds 0 1 2]
@@ -21,8 +23,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("experiment", help="run a preset end to end and write DIR/metrics.json")
-    exp.add_argument("--preset", required=True, help="a preset name (see `presets`)")
+    what = exp.add_mutually_exclusive_group(required=True)
+    what.add_argument("--preset", help="a preset on the built-in world (see `presets`)")
+    what.add_argument("--config", help="a TOML experiment file: your model and data (README, 'Your own model and data')")
     exp.add_argument("--out", required=True, help="output folder; must not already hold a metrics.json")
+    exp.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     exp.add_argument("--smoke", action="store_true", help="tiny model, world and schedule (about a minute)")
     exp.add_argument("--seed", type=int, default=0, help="seed of the world, the toy pretraining and the fine-tuning")
     exp.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -32,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--device", default="cpu")
     sub.add_parser("presets", help="list the experiment presets")
+    ex = sub.add_parser("export-world", help="write the built-in world as image files, split files and one config "
+                        "per preset (running a config reproduces the built-in run)")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--smoke", action="store_true")
+    ex.add_argument("--format", default="png", choices=("png", "jpg"), help="image files (png: lossless)")
     se = sub.add_parser("search", help="choose a preset's strengths on validation (Optuna, resumable)")
     se.add_argument("--preset", required=True)
     se.add_argument("--trials", type=int, default=None,
@@ -74,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "report":
         return _report(args)
+    if args.command == "export-world":
+        from .config import export_world
+        try:
+            paths = export_world(args.out, seed=args.seed, smoke=args.smoke, image_format=args.format)
+        except FileExistsError as e:
+            parser.error(str(e))
+        print(f"wrote {len(paths)} configs to {Path(args.out) / 'configs'}")
+        return 0
     if args.command == "compare":
         from .comparison import compare
         compare(args.out, presets=args.presets, jobs=args.jobs, device=args.device, smoke=args.smoke)
@@ -87,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"wrote {len(rows)} trials of {len({r['study'] for r in rows})} studies to {args.out}")
         return 0
-    if args.preset not in experiment.PRESETS:
+    if args.command == "search" and args.preset not in experiment.PRESETS or (
+            args.command == "experiment" and args.preset is not None and args.preset not in experiment.PRESETS):
         parser.error(f"--preset {args.preset!r} is unknown; choose one of {sorted(experiment.PRESETS)}")
     if args.command == "search":
         from .search import final_runs, search
@@ -100,9 +120,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"appended {len(args.final_seeds)} runs to {args.registry}")
         return 0
     try:
-        m = experiment.run_experiment(args.preset, args.out, smoke=args.smoke, seed=args.seed, device=args.device,
-                                      registry=args.registry)
-    except FileExistsError as e:
+        if args.config:
+            from .config import run_config
+            if args.smoke or args.seed:
+                parser.error("--smoke and --seed belong to --preset runs; a config sets its own seed and schedule")
+            m = run_config(args.config, args.out, device=args.device, registry=args.registry, resume=args.resume)
+        else:
+            m = experiment.run_experiment(args.preset, args.out, smoke=args.smoke, seed=args.seed, device=args.device,
+                                          registry=args.registry, resume=args.resume)
+    except (FileExistsError, FileNotFoundError, PermissionError, ValueError) as e:
         parser.error(str(e))
     summary = {when: {axis: {k: round(v, 3) for k, v in m[when][axis].items()} for axis in m[when]}
                for when in ("pretrained", "finetuned")}

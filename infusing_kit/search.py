@@ -126,14 +126,29 @@ def _storage(path: str | Path):
     return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 120}})
 
 
+def _sampler(seed: int, n_startup: int):
+    import optuna
+
+    class TrialSeededTPE(optuna.samplers.TPESampler):
+        """TPE whose randomness for a trial depends only on (study seed, finished trials so far): a study killed
+        and resumed proposes what an uninterrupted one would (one worker), and never repeats its own points."""
+
+        def before_trial(self, study, trial):
+            done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                                optuna.trial.TrialState.PRUNED)))
+            s = (seed + 7919 * done) % 2**31
+            self._rng.rng.seed(s)
+            self._random_sampler._rng.rng.seed(s)
+            super().before_trial(study, trial)
+
+    return TrialSeededTPE(seed=seed, n_startup_trials=n_startup, multivariate=True, constant_liar=True)
+
+
 def _open_study(name: str, storage, n_startup: int, prune_warmup: int):
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-    n_done = len(study.trials)
-    # its own seed, offset by the trials already stored: a resumed study does not re-propose its first points
-    study.sampler = optuna.samplers.TPESampler(seed=(study_seed(name) + n_done) % 2**31, n_startup_trials=n_startup,
-                                               multivariate=True, constant_liar=True)
+    study.sampler = _sampler(study_seed(name), n_startup)  # its own seed per study
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=n_startup, n_warmup_steps=prune_warmup)
     return study
 

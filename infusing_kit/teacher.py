@@ -97,4 +97,4 @@ def extract_teacher(vlm: VLM, data, batch_size: int = 256, progress: bool = True
         atomic_write_text(json.dumps(meta), meta_path)  # only after the rows are on disk
         bar.update(stop - start)
     bar.close()
-    return TeacherEmbeddings(torch.from_numpy(np.load(path, mmap_mode="r")), fp)
+    return TeacherEmbeddings(torch.from_numpy(np.load(path, mmap_mode="c")), fp)  # copy-on-write: never changes the file

@@ -25,3 +25,19 @@ def browser():
         b = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS, headless=True)  # a fresh temporary profile
         yield b
         b.close()
+
+
+@pytest.fixture(scope="session")
+def smoke_reference(tmp_path_factory):
+    """`experiment --preset toy-naive --smoke` run once through the CLI, uninterrupted (with a registry): the
+    oracle of the kill -9 drill and the CLI's own checks."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path_factory.mktemp("smoke-reference") / "run"
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "infusing_kit", "experiment", "--preset", "toy-naive", "--smoke",
+                          "--out", str(out), "--registry", str(out.parent / "results.jsonl")],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
