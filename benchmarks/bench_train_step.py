@@ -24,10 +24,16 @@ from infusing_kit.models import load_model, preprocess
 from infusing_kit.train import TrainConfig, TrainState, train
 
 
+COMPILE = False  # --compile: the image tower through torch.compile (bare and kit alike)
+
+
 def make_vlm(spec, device):
     name, _, size = spec.partition("@")
     torch.manual_seed(0)
-    return load_model(name, pretrained=None, device=device, image_size=int(size) if size else None)
+    vlm = load_model(name, pretrained=None, device=device, image_size=int(size) if size else None)
+    if COMPILE:
+        vlm.model.visual = torch.compile(vlm.model.visual)
+    return vlm
 
 
 def bare(vlm, images, labels, n_classes, batch, steps):
@@ -81,7 +87,8 @@ REGULARIZERS = {
 
 def regularizer_times(spec, device, batch, steps):
     from dataclasses import replace
-    from infusing_kit.teacher import extract_teacher
+    from infusing_kit import world as W
+    from infusing_kit.experiment import Domains, prepare_inputs
     out = {}
     for name, changes in REGULARIZERS.items():
         changes = dict(changes)
@@ -90,11 +97,12 @@ def regularizer_times(spec, device, batch, steps):
         n = batch * 4
         images = torch.randint(0, 256, (n, 3, vlm.image_size, vlm.image_size), dtype=torch.uint8)
         target, generic = Split(images, np.arange(n) % 50), Split(images.flip(0).contiguous(), np.arange(n) % 7)
-        extra = {}
-        if changes.get("distill"):
-            extra["teacher"] = "live" if live else extract_teacher(vlm, generic.images, progress=False)
-        if changes.get("ewc"):
-            extra["fisher"] = {k: torch.rand_like(p) for k, p in vlm.visual.named_parameters()}
+        cfg = replace(TrainConfig(steps=steps, batch_size=batch, eval_every=0, ckpt_every=0, log_every=10**9), **changes)
+        prompts = [W.caption(a) for a in W.combo_to_attributes(np.arange(7))]  # words every tokenizer here knows
+        domains = Domains(target, target, target, generic, generic, generic, generic, prompts)
+        extra = prepare_inputs(vlm, cfg, domains, fisher_images=8)  # the experiments' own input preparation
+        if live:
+            extra["teacher"] = "live"
         times, last = [], [0.0]
 
         def clock(state):
@@ -103,7 +111,6 @@ def regularizer_times(spec, device, batch, steps):
             now = time.perf_counter()
             times.append(now - last[0])
             last[0] = now
-        cfg = replace(TrainConfig(steps=steps, batch_size=batch, eval_every=0, ckpt_every=0, log_every=10**9), **changes)
         last[0] = time.perf_counter()
         train(vlm, target, cfg, generic=generic, hooks=(clock,), progress=False, **extra)
         out[name] = float(np.mean(times[4:]))
@@ -149,8 +156,13 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the image tower (bare and kit)")
+    ap.add_argument("--skip-regularizers", action="store_true")
     args = ap.parse_args()
-    print(f"device {args.device}, torch threads {torch.get_num_threads()}, batch {args.batch}, median of {args.steps - 2} steps")
+    global COMPILE
+    COMPILE = args.compile
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, batch {args.batch}, median of {args.steps - 2} "
+          f"steps, torch.compile {'on' if args.compile else 'off'}")
     print(f"{'model':>16} {'bare img/s':>11} {'kit img/s':>10} {'kit/bare':>9}")
     for spec in args.models:
         vlm = make_vlm(spec, args.device)
@@ -161,7 +173,7 @@ def main():
         vlm = make_vlm(spec, args.device)
         k = kit(vlm, images, labels, args.batch, args.steps)
         print(f"{spec:>16} {b:>11.1f} {k:>10.1f} {k / b:>9.3f}")
-    for spec in args.models:
+    for spec in [] if args.skip_regularizers else args.models:
         t = regularizer_times(spec, args.device, args.batch, args.steps)
         print(f"\n{spec}: mean step time per regularizer (x naive)")
         for name, v in t.items():

@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                        smoke=args.smoke, device=args.device)
             print(f"appended {len(args.final_seeds)} runs to {args.registry}")
         return 0
+    from .distributed import init_from_env
+    args.device = init_from_env(args.device)  # under torchrun: join the process group, one GPU per process
     try:
         if args.config:
             from .config import run_config

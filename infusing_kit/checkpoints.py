@@ -61,16 +61,17 @@ def check_writable(folder: str | Path, what: str = "--out") -> Path:
 class RunFolder:
     """The on-disk side of train(); `None` folder = keep nothing (every method is then a no-op)."""
 
-    def __init__(self, out_dir: str | Path | None, resume: bool, resume_hint: str = "resume=True"):
+    def __init__(self, out_dir: str | Path | None, resume: bool, resume_hint: str = "resume=True", writer: bool = True):
         self.path = Path(out_dir) if out_dir is not None else None
-        self.resume, self.hint = resume, resume_hint
+        self.resume, self.hint, self.writer = resume, resume_hint, writer  # writer=False: read, never write (ranks > 0)
         if self.path is None:
             return
         occupied = [f for f in RUN_FILES if (self.path / f).exists()]
         if occupied and not resume:
             raise FileExistsError(f"{self.path} already holds a training run ({', '.join(occupied)}). Pass "
                                   f"{resume_hint} to continue it, or choose a new folder; nothing was overwritten.")
-        check_writable(self.path, "the run folder")
+        if writer:
+            check_writable(self.path, "the run folder")
 
     def restore(self, identity: dict) -> dict | None:
         """The checkpoint to continue from (None: start afresh). Refuses one that belongs to another run."""
@@ -87,18 +88,18 @@ class RunFolder:
 
     def start_log(self, history: list[dict]) -> None:
         """(Re)write log.jsonl from the checkpoint's history: a resumed run has no duplicate or orphan lines."""
-        if self.path is not None:
+        if self.path is not None and self.writer:
             atomic_write_text("".join(json.dumps(h) + "\n" for h in history), self.path / "log.jsonl")
             if not history and (self.path / "best.pt").exists():  # left by an attempt killed before last.pt
                 (self.path / "best.pt").unlink()
 
     def log(self, record: dict) -> None:
-        if self.path is not None:
+        if self.path is not None and self.writer:
             with open(self.path / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def save(self, name: str, obj: dict) -> None:
-        if self.path is not None:
+        if self.path is not None and self.writer:
             atomic_save(obj, self.path / name)
 
     def best_state(self) -> dict | None:

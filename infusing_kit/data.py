@@ -415,9 +415,11 @@ def schedule(sampler: Sampler, seed: int, sizes: tuple[int, int], target_steps: 
 def batches(domains: tuple, sampler: Sampler, seed: int, batch_size: int, target_steps: int, start: int = 0,
             workers: int | None = None):
     """The training stream: (step, domain, idx, uint8 images) from global step `start` on, a pure function of
-    (seed, step). In-memory splits are indexed directly; file splits are decoded ahead in DataLoader workers."""
+    (seed, step). In-memory splits are indexed directly; file splits are decoded ahead in DataLoader workers.
+    Under torchrun each process gets its slice of every batch (distributed.batch_slice)."""
+    from .distributed import batch_slice
     sizes = (len(domains[0]), len(domains[1]) if domains[1] is not None else 0)
-    plan = [(s, d, batch_indices(sizes[d], batch_size, seed, s)) for s, d in
+    plan = [(s, d, batch_slice(batch_indices(sizes[d], batch_size, seed, s))) for s, d in  # this rank's part
             schedule(sampler, seed, sizes, target_steps, start)]
     if all(d is None or isinstance(d, Split) for d in domains):
         for s, d, idx in plan:

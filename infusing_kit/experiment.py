@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import distributed
 from . import world as W
 from .checkpoints import atomic_write_text, check_writable
 from .metrics import image_text_recall, retrieval_metrics
@@ -302,8 +303,10 @@ def run_setup(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: 
     if (out / "run").exists() and any((out / "run").iterdir()) and not resume:
         raise FileExistsError(f"{out} holds an interrupted run: add --resume (resume=True) to continue it, or choose "
                               "a new --out folder (nothing was overwritten)")
-    check_writable(out, "--out")
-    if registry is not None:
+    main = distributed.is_main()  # under torchrun only rank 0 writes
+    if main:
+        check_writable(out, "--out")
+    if registry is not None and main:
         check_writable(Path(registry).parent, "--registry")
         if Path(registry).exists() and not os.access(registry, os.W_OK):
             raise PermissionError(f"--registry {registry} is not writable; choose a file you can write to")
@@ -322,18 +325,20 @@ def run_setup(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: 
         wise = wise_ft_curve(vlm, theta0, d)
         val = {k: v for k, v in apply_wise_ft(vlm, theta0, wise).items() if k != "alpha"}
     after = evaluate(vlm, d) if test else None
-    save_finetuned(vlm, out / "model.pt", head)  # the kept (or WiSE-FT) image tower: load_model(name, this file)
+    if main:
+        save_finetuned(vlm, out / "model.pt", head)  # the kept (or WiSE-FT) image tower: load_model(name, this file)
     where = torch.device(device)
     metrics = {"preset": setup.name, "description": setup.description, "seed": setup.seed, "smoke": setup.smoke,
                "model": vlm.name, "device": f"{where.type} (bf16 autocast)" if where.type == "cuda" else
                f"{where.type} (float32)", **setup.source, "train": asdict(cfg), "overrides": setup.overrides,
                "best_step": result.best_step, "val": val, "wise_ft": wise, "updates": result.updates,
                "stopped_at": result.updates["target"] if result.updates["target"] < cfg.steps else None,
-               "warnings": result.warnings, "code": code_version(),
+               "warnings": result.warnings, "code": code_version(), "processes": distributed.world(),
                "train_seconds": round(result.seconds, 1), "seconds": round(time.time() - t0, 1),
                "pretrained": before, "finetuned": after}
-    atomic_write_text(json.dumps(metrics, indent=2), out / "metrics.json")
-    if registry is not None:
+    if main:
+        atomic_write_text(json.dumps(metrics, indent=2), out / "metrics.json")
+    if registry is not None and main:
         from .results import append_result
         append_result(registry, metrics, run_dir=out)
     return metrics

@@ -236,6 +236,21 @@ def embed_images(vlm: VLM, images, batch_size: int = 256, progress: bool = True,
     """L2-normalised float32 embeddings (N, D), eval preprocessing, of uint8 images (N, 3, H, W) or of a split
     (`data.Split` / `data.FileSplit`, the latter decoded in chunks by DataLoader workers: memory does not grow
     with N). out: an (N, D) array to fill (e.g. a memory-mapped file)."""
+    from . import distributed
+    from .data import FileSplit, Split, chunks
+    if distributed.active():  # each process embeds its part, then every process gets the whole
+        n = len(images)
+        part = distributed.local_slice(n)
+        mine = images.rows(part.start, part.stop) if isinstance(images, (Split, FileSplit)) else images[part]
+        full = distributed.gather_rows(_embed_local(vlm, mine, batch_size, progress and distributed.is_main()), n)
+        if out is not None:
+            out[:] = full
+            return out
+        return full
+    return _embed_local(vlm, images, batch_size, progress, out)
+
+
+def _embed_local(vlm: VLM, images, batch_size: int, progress: bool, out: np.ndarray | None = None) -> np.ndarray:
     from .data import FileSplit, Split, chunks
     n = len(images)
     if isinstance(images, FileSplit):

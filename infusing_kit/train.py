@@ -30,6 +30,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from . import distributed
 from .checkpoints import RunFolder, tower_fingerprint
 from .data import SAMPLERS, Sampler, batches, domain_at, step_generator
 from .lora import add_lora, merge_lora
@@ -261,7 +262,9 @@ def train(vlm: VLM, target, cfg: TrainConfig, out_dir: str | Path | None = None,
     out_dir=None keeps nothing on disk. resume=True continues from out_dir/last.pt (a folder without one starts
     afresh); without it an out_dir holding a run is refused."""
     _check_data(cfg, target, generic)
-    folder = RunFolder(out_dir, resume, resume_hint)
+    distributed.check_config(cfg)
+    folder = RunFolder(out_dir, resume, resume_hint, writer=distributed.is_main())
+    distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
     labels, n_classes = _remap(target.labels)
     head = CosineClassifier(vlm.embed_dim, n_classes, generator=torch.Generator().manual_seed(cfg.seed)).to(vlm.device)
     identity = {"model": vlm.name, "weights": tower_fingerprint(vlm.visual), "target": target.fingerprint(),
@@ -277,7 +280,8 @@ def train(vlm: VLM, target, cfg: TrainConfig, out_dir: str | Path | None = None,
         if validate is not None and cfg.eval_every and run.step == 0:
             run.validate(validate)  # the pretrained model: logged; kept only with cfg.keep_pretrained
         train_mode(vlm, True)
-        bar = progress_bar(None, progress, total=cfg.steps, initial=run.target_step, desc="train")
+        bar = progress_bar(None, progress and distributed.is_main(), total=cfg.steps, initial=run.target_step,
+                           desc="train")
         for step, domain, idx, images in batches((target, generic), cfg.sampler, cfg.seed, cfg.batch_size, cfg.steps,
                                                  start=run.step):
             frozen = run.target_step < cfg.lp_ft_steps  # LP-FT: head only, the backbone gets no gradient at all
@@ -295,6 +299,7 @@ def train(vlm: VLM, target, cfg: TrainConfig, out_dir: str | Path | None = None,
                                step_generator(cfg.seed, step), anchors)
             opt.zero_grad(set_to_none=True)
             sum(terms.values()).backward()
+            distributed.average_gradients(anchors.params + list(head.parameters()))  # no-op in one process
             if not frozen:
                 for name, q in anchors.quad:  # weight-space penalties: analytic gradient, no graph
                     value = quadratic_penalty_(anchors.params, q, value=is_log)  # the value only when logged
@@ -348,8 +353,10 @@ class _Progress:
         self.last_losses = {}
         if is_log:
             self.check_finite()
+            values = distributed.mean_over_ranks(torch.stack([v.detach().float() for v in terms.values()]))
+            terms_now = dict(zip(terms, values.tolist()))  # the global batch's losses, under torchrun too
             record = {"step": self.step, "target_step": self.target_step, "domain": ("target", "generic")[domain],
-                      "loss": float(sum(terms.values()).detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+                      "loss": float(sum(terms_now.values())), **terms_now}
             self.log(record)
             self.last_losses = {k: v for k, v in record.items() if k not in ("step", "target_step", "domain")}
 
