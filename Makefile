@@ -12,7 +12,7 @@ export INFUSING_KIT_CACHE ?= $(CURDIR)/.cache
 # No MPLBACKEND here: Jupyter kernels must draw inline (an exported Agg backend hides every figure of the
 # notebooks, in `make run` and in `make lab`); scripts that only save files pick Agg themselves.
 
-.PHONY: setup test run figures lab bench clean
+.PHONY: setup test run figures lab explorer bench clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,13 @@ figures:
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks
+
+# The ablation explorer (chapter 11) as a page: Voila on 127.0.0.1:$(PORT), no code shown, nothing fetched from
+# the internet (share/jupyter/voila/templates/offline: Voila's lab template without its CDN stylesheets).
+PORT ?= 8866
+explorer: $(STAMP)
+	cd notebooks && JUPYTER_PATH=$(CURDIR)/share/jupyter ../$(VENV)/bin/voila explorer_page.ipynb \
+		--port=$(PORT) --Voila.ip=127.0.0.1 --no-browser --template=offline
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train_step.py

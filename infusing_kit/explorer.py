@@ -1,48 +1,97 @@
-"""Ablation explorer: pick methods and two axes, see every run and the per-method means (ipywidgets).
+"""The ablation explorer: every run of a results registry and every trial of its searches, with widgets.
 
-`AblationExplorer(rows)` builds the widgets; `.widget` is what a notebook displays. `.draw()` redraws and
-returns the points it plotted, so tests (and CI, headless) can drive the controls by setting `.value`
-and check what changed without a browser.
+  AblationExplorer(rows, trials=None, galleries=None).widget       # in a notebook (chapter 11)
+  make explorer                                                     # the same page served by Voila
+
+What a user can do:
+- choose methods, seeds and the two axes of the trade-off plot (each run a small point, each method's mean a
+  large one);
+- pick a run: its metric table (before / after / change) and, where its model is available (a run made here, with
+  its model.pt) or a committed gallery exists, a retrieval gallery: a fine-grained test query, its top-5 before
+  and after fine-tuning, correct neighbours framed green;
+- pick a method with a search and slide over its searched strength: the sweep of validation scores with the
+  trial at the slider highlighted and the chosen value marked;
+- the paper's Figure-1 bars for the selected methods.
+
+Every callback is a small method that returns what it drew (tests call them directly, and a browser test drives
+the page). Nothing here trains; test metrics come from the registry, validation scores from the trials.
 """
 from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .results import AXES, COLOURS, deltas
+from .results import AXES, COLOURS, deltas, summarise
+
+K_GALLERY = 5
 
 
 class AblationExplorer:
-    def __init__(self, rows: list[dict]):
+    def __init__(self, rows: list[dict], trials: list[dict] | None = None, galleries: dict | None = None):
         self.rows = [r for r in rows if r.get("finetuned")]
         if not self.rows:
             raise ValueError("the explorer needs finished runs with test metrics (a results registry)")
-        methods = sorted({r["method"] for r in self.rows})
-        labels = {a: AXES[a][2] for a in AXES}
+        self.trials = [t for t in (trials or []) if t.get("state", "complete") == "complete"]
+        self.galleries = galleries or {}
+        self._worlds: dict = {}
+        methods = sorted({r["method"] for r in self.rows}, key=lambda m: (m != "toy-naive", m != "toy-paper", m))
+        seeds = sorted({r["seed"] for r in self.rows})
+        axis = [(f"change: {AXES[a][2]}", a) for a in AXES]
         self.methods = widgets.SelectMultiple(options=methods, value=tuple(methods), description="methods",
                                               rows=min(10, len(methods)))
-        self.x = widgets.Dropdown(options=[(f"change: {labels[a]}", a) for a in AXES], value="i2t", description="x")
-        self.y = widgets.Dropdown(options=[(f"change: {labels[a]}", a) for a in AXES], value="fine", description="y")
-        self.out = widgets.Output()
-        for w in (self.methods, self.x, self.y):
-            w.observe(lambda _: self.draw(), names="value")
-        self.widget = widgets.VBox([widgets.HBox([self.methods, widgets.VBox([self.x, self.y])]), self.out])
+        self.seeds = widgets.SelectMultiple(options=seeds, value=tuple(seeds), description="seeds", rows=min(5, len(seeds)))
+        self.x = widgets.Dropdown(options=axis, value="i2t", description="x")
+        self.y = widgets.Dropdown(options=axis, value="fine", description="y")
+        self.run = widgets.Dropdown(options=self._run_options(), description="run")
+        self.query = widgets.IntSlider(value=0, min=0, max=5, description="query")
+        searched = sorted({t["method"] for t in self.trials if t["params"]})
+        self.sweep_method = widgets.Dropdown(options=searched or ["(no trials)"], description="search")
+        self.strength = widgets.SelectionSlider(options=[0.0], description="strength", continuous_update=False)
+        self.plot_out, self.run_out, self.gallery_out = widgets.Output(), widgets.Output(), widgets.Output()
+        self.sweep_out, self.fig1_out = widgets.Output(), widgets.Output()
+        for w in (self.methods, self.seeds, self.x, self.y):
+            w.observe(lambda _: self._refresh_runs(), names="value")
+        self.run.observe(lambda _: self.show_run(), names="value")
+        self.query.observe(lambda _: self.show_gallery(), names="value")
+        self.sweep_method.observe(lambda _: self._reset_strength(), names="value")
+        self.strength.observe(lambda _: self.draw_sweep(), names="value")
+        title = lambda t: widgets.HTML(f"<h3 style='margin:6px 0'>{t}</h3>")
+        self.widget = widgets.VBox([
+            title("Trade-off: every run"),
+            widgets.HBox([self.methods, widgets.VBox([self.seeds, self.x, self.y])]), self.plot_out,
+            title("One run: metrics and retrieval gallery"), widgets.HBox([self.run, self.query]),
+            widgets.HBox([self.run_out, self.gallery_out]),
+            title("A search: validation scores against the searched strength"),
+            widgets.HBox([self.sweep_method, self.strength]), self.sweep_out,
+            title("Figure 1: change vs the pretrained model"), self.fig1_out])
+        self._reset_strength()
         self.draw()
+        self.show_run()
+        self.draw_figure1()
+
+    # ------------------------------------------------------------------------ the trade-off plot
+    def selected_rows(self) -> list[dict]:
+        return [r for r in self.rows if r["method"] in self.methods.value and r["seed"] in self.seeds.value]
 
     def points(self) -> dict[str, np.ndarray]:
-        """method -> (n_runs, 2) array of (x, y) deltas for the selected methods and axes."""
+        """method -> (n_runs, 2) array of (x, y) deltas for the selected methods, seeds and axes."""
         pts = {}
         for m in self.methods.value:
-            d = [deltas(r) for r in self.rows if r["method"] == m]
-            pts[m] = np.array([[x[self.x.value], x[self.y.value]] for x in d])
+            d = [deltas(r) for r in self.selected_rows() if r["method"] == m]
+            if d:
+                pts[m] = np.array([[x[self.x.value], x[self.y.value]] for x in d])
         return pts
 
     def draw(self) -> dict[str, np.ndarray]:
         pts = self.points()
-        with self.out:
-            self.out.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(6, 4.2))
+        with self.plot_out:
+            self.plot_out.clear_output(wait=True)
+            fig, ax = plt.subplots(figsize=(6.4, 4.2))
             for m, p in pts.items():
                 c = COLOURS.get(m, "#444444")
                 ax.scatter(100 * p[:, 0], 100 * p[:, 1], s=14, alpha=0.45, color=c)
@@ -51,7 +100,207 @@ class AblationExplorer:
             ax.set_xlabel(f"change in {AXES[self.x.value][2]} (points)")
             ax.set_ylabel(f"change in {AXES[self.y.value][2]} (points)")
             ax.axhline(0, color="black", lw=0.5, ls=":"), ax.axvline(0, color="black", lw=0.5, ls=":")
-            ax.legend(fontsize=7, frameon=False)
+            if pts:
+                ax.legend(fontsize=7, frameon=False, loc="best")
             plt.show()
         plt.close("all")
         return pts
+
+    def _refresh_runs(self) -> None:
+        self.draw()
+        current = self.run.value
+        self.run.options = self._run_options()
+        if current in dict(self.run.options).values():
+            self.run.value = current
+        self.draw_figure1()
+
+    # ------------------------------------------------------------------------ one run
+    def _run_options(self) -> list[tuple[str, int]]:
+        rows = self.selected_rows() if hasattr(self, "methods") else self.rows
+        return [(f"{r['method']} · seed {r['seed']}", self.rows.index(r)) for r in rows] or [("(no run)", -1)]
+
+    def run_table(self, i: int) -> str:
+        """HTML table of one run's test metrics: pretrained, fine-tuned, change."""
+        r = self.rows[i]
+        lines = ["<table style='border-collapse:collapse;font-size:12px'><tr><th align=left>metric</th>"
+                 "<th>pretrained</th><th>fine-tuned</th><th>change</th></tr>"]
+        for group in ("in_domain", "generic_image", "image_text"):
+            for k, after in r["finetuned"][group].items():
+                if k == "skipped":
+                    continue
+                before = r["pretrained"][group][k]
+                lines.append(f"<tr><td>{group}/{html.escape(k)}</td><td align=right>{before:.3f}</td>"
+                             f"<td align=right>{after:.3f}</td><td align=right>{after - before:+.3f}</td></tr>")
+        upd = r.get("updates") or {}
+        lines.append("</table><p style='font-size:12px'>" + html.escape(
+            f"{r['method']}, seed {r['seed']}; kept step {r.get('best_step')}; batches target/generic "
+            f"{upd.get('target', '?')}/{upd.get('generic', '?')}") + "</p>")
+        return "".join(lines)
+
+    def show_run(self) -> str:
+        i = self.run.value
+        with self.run_out:
+            self.run_out.clear_output(wait=True)
+            text = self.run_table(i) if i is not None and i >= 0 else "<p>no run selected</p>"
+            from IPython.display import HTML, display
+            display(HTML(text))
+        self.show_gallery()
+        return text
+
+    def gallery_data(self, i: int, n_queries: int = 6) -> dict | None:
+        """Neighbours of a few fine-grained test queries before and after fine-tuning, for run i: from a committed
+        gallery, or computed from the run's model.pt (runs made here). None when neither exists."""
+        r = self.rows[i]
+        key = f"{r['method']}|{r['seed']}"
+        if key in self.galleries:
+            return self.galleries[key]
+        run_dir = Path(r.get("run_dir") or "")
+        if r.get("run_dir") and (run_dir / "model.pt").exists() and (run_dir / "metrics.json").exists():
+            return gallery_from_run(run_dir, n_queries)
+        return None
+
+    def show_gallery(self) -> dict | None:
+        i = self.run.value
+        g = self.gallery_data(i) if i is not None and i >= 0 else None
+        with self.gallery_out:
+            self.gallery_out.clear_output(wait=True)
+            if g is None:
+                print("No model for this run here (run it with --out here, or use the committed galleries).")
+            else:
+                self.query.max = len(g["queries"]) - 1
+                q = min(self.query.value, self.query.max)
+                images = self._world_images(g["world"])
+                fig = _gallery_figure(images, g, q)
+                plt.show()
+                plt.close(fig)
+        return g
+
+    def _world_images(self, world_cfg: dict):
+        from . import world as W
+        key = json.dumps(world_cfg, sort_keys=True)
+        if key not in self._worlds:
+            self._worlds[key] = W.make_world(W.WorldConfig(**world_cfg)).fine_test.images
+        return self._worlds[key]
+
+    # ------------------------------------------------------------------------ a search
+    def _reset_strength(self) -> None:
+        trials = self._trials_of(self.sweep_method.value)
+        if not trials:
+            self.strength.options = [0.0]
+            return
+        field = self._field(trials)
+        values = sorted({t["params"][field] for t in trials})
+        self.strength.options = [(f"{v:.3g}", v) for v in values]
+        self.strength.value = values[len(values) // 2]
+        self.draw_sweep()
+
+    def _trials_of(self, method: str) -> list[dict]:
+        return [t for t in self.trials if t["method"] == method and t["params"]]
+
+    @staticmethod
+    def _field(trials: list[dict]) -> str:
+        names = list(trials[0]["params"])
+        return next((f for f in names if f != "lr_backbone"), names[0])
+
+    def sweep(self, method: str, value: float | None = None) -> dict:
+        """The trials of `method`'s search sorted by its first searched strength: x, validation scores, the trial
+        nearest to `value` (highlighted) and the chosen (best on the selection key) trial."""
+        trials = self._trials_of(method)
+        if not trials:
+            return {}
+        field = self._field(trials)
+        trials = sorted(trials, key=lambda t: t["params"][field])
+        select = "fine_map@20" if method.startswith("toy-naive") else "mean_map@20"
+        chosen = max(trials, key=lambda t: t["val"].get(select, -1))
+        value = chosen["params"][field] if value is None else value
+        near = min(trials, key=lambda t: abs(np.log(t["params"][field] + 1e-12) - np.log(value + 1e-12)))
+        return {"field": field, "x": [t["params"][field] for t in trials],
+                "fine": [t["val"].get("fine_map@20") for t in trials],
+                "generic": [t["val"].get("generic_map@20") for t in trials],
+                "highlight": near, "chosen": chosen}
+
+    def draw_sweep(self) -> dict:
+        s = self.sweep(self.sweep_method.value, self.strength.value)
+        with self.sweep_out:
+            self.sweep_out.clear_output(wait=True)
+            if not s:
+                print("no search trials loaded")
+                return s
+            fig, ax = plt.subplots(figsize=(6.4, 3.4))
+            ax.plot(s["x"], s["fine"], "o", ms=4, label="fine-grained val", color="#0072B2")
+            ax.plot(s["x"], s["generic"], "s", ms=4, label="generic val", color="#D55E00")
+            h, c, f = s["highlight"], s["chosen"], s["field"]
+            ax.scatter([h["params"][f]] * 2, [h["val"]["fine_map@20"], h["val"]["generic_map@20"]], s=160,
+                       facecolors="none", edgecolors="black", lw=1.5, label=f"trial at slider ({h['params'][f]:.3g})")
+            ax.axvline(c["params"][f], color="#009E73", ls="--", label=f"chosen ({c['params'][f]:.3g})")
+            ax.set_xscale("log" if min(s["x"]) > 0 else "linear")
+            ax.set_xlabel(f"{f} (searched)"), ax.set_ylabel("validation mAP@20"), ax.set_ylim(0, 1.02)
+            ax.set_title(f"{self.sweep_method.value}: {len(s['x'])} trials", fontsize=10)
+            ax.legend(fontsize=7, frameon=False)
+            plt.show()
+            plt.close(fig)
+        return s
+
+    # ------------------------------------------------------------------------ Figure 1
+    def draw_figure1(self) -> list[dict]:
+        from .figures import figure1
+        summary = summarise(self.selected_rows())
+        with self.fig1_out:
+            self.fig1_out.clear_output(wait=True)
+            if summary:
+                fig = figure1(summary, methods=tuple(s["method"] for s in summary))
+                plt.show()
+                plt.close(fig)
+        return summary
+
+
+def gallery_from_run(run_dir: str | Path, n_queries: int = 6) -> dict:
+    """Top-k fine-grained test neighbours of evenly spaced queries, before (pretrained) and after (model.pt)."""
+    from . import world as W
+    from .metrics import knn_search
+    from .models import embed_images, load_model
+    from .pretrain import PretrainConfig, load_pretrained_toy
+    run_dir = Path(run_dir)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    w = W.make_world(W.WorldConfig(**m["world"]))
+    pcfg = PretrainConfig(**m["pretrain"])
+    models = {"before": load_pretrained_toy(pcfg.model, cfg=pcfg, progress=False),
+              "after": load_model(pcfg.model, str(run_dir / "model.pt"))}
+    queries = np.linspace(0, len(w.fine_test) - 1, n_queries).astype(int)
+    out = {"world": m["world"], "queries": queries.tolist(), "method": m["preset"], "seed": m["seed"]}
+    for when, vlm in models.items():
+        emb = embed_images(vlm, w.fine_test.images, progress=False)
+        _, nn = knn_search(emb[queries], emb, k=K_GALLERY + 1)
+        nn = np.array([[j for j in row if j != q][:K_GALLERY] for row, q in zip(nn, queries)])  # self by identity
+        out[when] = nn.tolist()
+        out[f"{when}_relevant"] = (w.fine_test.labels[nn] == w.fine_test.labels[queries][:, None]).tolist()
+    return out
+
+
+def make_galleries(rows: list[dict], out: str | Path, seeds=(0,), n_queries: int = 6) -> dict:
+    """Galleries for the registry's runs of `seeds` whose model is here, written to `out` (JSON) to commit."""
+    g = {}
+    for r in rows:
+        if r["seed"] in seeds and r.get("run_dir") and (Path(r["run_dir"]) / "model.pt").exists():
+            g[f"{r['method']}|{r['seed']}"] = gallery_from_run(r["run_dir"], n_queries)
+    Path(out).write_text(json.dumps(g))
+    return g
+
+
+def _gallery_figure(images, g: dict, q: int):
+    query = g["queries"][q]
+    fig, axes = plt.subplots(2, K_GALLERY + 1, figsize=(1.05 * (K_GALLERY + 1), 2.5), squeeze=False)
+    for row, when in enumerate(("before", "after")):
+        axes[row, 0].imshow(images[query].permute(1, 2, 0).numpy(), interpolation="nearest")
+        axes[row, 0].set_ylabel(when, fontsize=8)
+        for c in range(K_GALLERY):
+            ax = axes[row, c + 1]
+            ax.imshow(images[g[when][q][c]].permute(1, 2, 0).numpy(), interpolation="nearest")
+            for side in ax.spines.values():
+                side.set_edgecolor("#009E73" if g[f"{when}_relevant"][q][c] else "#D55E00")
+                side.set_linewidth(2.5)
+        for ax in axes[row]:
+            ax.set_xticks([]), ax.set_yticks([])
+    axes[0, 0].set_title("query", fontsize=8)
+    fig.suptitle(f"{g['method']} seed {g['seed']}: top-{K_GALLERY} (green: same class)", fontsize=9)
+    return fig

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -81,15 +82,38 @@ def chapter_line(path: Path) -> tuple[str, str]:
     return Path(path).stem, ""
 
 
+MATH = re.compile(r"(?<![\\$])\$\$?([^$]+?)\$?\$(?!\$)")
+
+
+def math_to_mathml(markdown: str) -> str:
+    """$...$ (inline) and $$...$$ (display) LaTeX in a markdown cell as MathML, which browsers render without
+    MathJax; a formula latex2mathml cannot parse stays as code, so the page still shows it."""
+    from latex2mathml.converter import convert
+
+    def one(m: re.Match) -> str:
+        display = m.group(0).startswith("$$")
+        try:
+            return convert(m.group(1).strip(), display="block" if display else "inline")
+        except Exception:
+            return f"<code>{html.escape(m.group(0))}</code>"
+    return MATH.sub(one, markdown)
+
+
 def render_site(executed: list[Path], out_dir: Path) -> Path:
-    """One HTML page per executed chapter (nbconvert's lab template, figures embedded as data URIs) and an
-    index page listing the chapters in order with one line each. Returns the index path."""
+    """One HTML page per executed chapter and an index page listing the chapters in order with one line each.
+    Returns the index path. The pages fetch nothing: the kit's template (templates/site) is nbconvert's lab
+    template without CDN scripts, figures are embedded as data URIs and formulas are MathML."""
+    import nbformat
     from nbconvert import HTMLExporter
     out_dir.mkdir(parents=True, exist_ok=True)
-    exporter = HTMLExporter(template_name="lab")
+    exporter = HTMLExporter(template_name="site", extra_template_basedirs=[str(Path(__file__).parent / "templates")])
     items = []
     for nb in executed:
-        body, _ = exporter.from_filename(str(nb))
+        book = nbformat.read(str(nb), as_version=4)
+        for cell in book.cells:
+            if cell.cell_type == "markdown":
+                cell.source = math_to_mathml(cell.source)
+        body, _ = exporter.from_notebook_node(book, resources={"metadata": {"name": nb.stem}})
         page = out_dir / (nb.stem + ".html")
         page.write_text(body)
         title, line = chapter_line(nb)

@@ -85,7 +85,7 @@ def summarise(rows: list[dict], baseline: str = "toy-naive") -> list[dict]:
         d = [deltas(r) for r in mine]
         s = {"method": m, "seeds": len(d)}
         for kind in ("target", "generic", "backbone"):  # optimiser steps of each kind (mean over seeds)
-            counts = [r["updates"][kind] for r in mine if r.get("updates")]
+            counts = [r["updates"][kind] for r in mine if kind in (r.get("updates") or {})]
             s[f"{kind}_updates"] = float(np.mean(counts)) if counts else float("nan")
         for a in AXES:
             v = np.array([x[a] for x in d])

@@ -130,13 +130,17 @@ def _sampler(seed: int, n_startup: int):
     import optuna
 
     class TrialSeededTPE(optuna.samplers.TPESampler):
-        """TPE whose randomness for a trial depends only on (study seed, finished trials so far): a study killed
-        and resumed proposes what an uninterrupted one would (one worker), and never repeats its own points."""
+        """TPE whose randomness for a trial depends only on (study seed, finished trials so far, trials other
+        workers are running): a study killed and resumed proposes what an uninterrupted one would (one worker),
+        and parallel workers that start a trial at the same moment draw different candidates (the same seed in
+        two workers proposed the same point twice)."""
 
         def before_trial(self, study, trial):
             done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                                 optuna.trial.TrialState.PRUNED)))
-            s = (seed + 7919 * done) % 2**31
+            earlier = sum(t.number < trial.number for t in study.get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))  # running in other workers, started first
+            s = (seed + 7919 * done + 104729 * earlier) % 2**31
             self._rng.rng.seed(s)
             self._random_sampler._rng.rng.seed(s)
             super().before_trial(study, trial)
@@ -274,6 +278,11 @@ def search(preset: str, storage: str | Path, out_root: str | Path, trials: int |
     if total < 8 * d:
         raise ValueError(f"trials={total} is below the {8 * d} space-filling start-up points of a {d}-field search")
     space = [tuple(s) for s in study.user_attrs["space"]]
+    # points a killed session had queued (start-up or an edge extension) run before anything else is decided
+    queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+    finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                            optuna.trial.TrialState.PRUNED)))
+    total = max(total, finished + queued)
     _run_workers((preset, str(storage), str(out_root), smoke, seed, device, base, space, total), jobs, device)
     while extend:
         study = optuna.load_study(study_name=study.study_name, storage=_storage(storage))

@@ -40,5 +40,6 @@ def test_notebooks_are_stored_without_outputs_and_have_one_parameters_cell():
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), f"{path.name} has outputs"
         tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
-        assert "SMOKE" in "".join(tagged[0]["source"]), f"{path.name}: the parameters cell must define SMOKE"
+        if path.name[:2].isdigit():  # the chapters; explorer_page.ipynb (the Voila page) trains nothing
+            assert "SMOKE" in "".join(tagged[0]["source"]), f"{path.name}: the parameters cell must define SMOKE"
         assert nb["metadata"]["kernelspec"]["name"] == "python3", path.name

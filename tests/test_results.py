@@ -11,8 +11,9 @@ from infusing_kit.regularizers import wise_ft
 from infusing_kit.results import dominating, load_trials, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPARISON = ROOT / "results" / "toy-comparison-gpu.jsonl"
-TRIALS = ROOT / "results" / "toy-search-gpu.jsonl"
+PROTOCOL = ROOT / "results" / "toy-protocol-cpu-v2.json"
+CHOSEN = ROOT / "results" / "toy-chosen-cpu-v2.json"
+TRIALS = ROOT / "results" / "toy-trials-cpu-v2.jsonl"
 
 
 def _row(method, seed, fine, generic, i2t):
@@ -31,8 +32,11 @@ def test_dominating_needs_all_three_axes_better():
 
 
 def test_chapter_rows_read_a_registry_without_training(tmp_path):
+    full = tmp_path / "full.jsonl"
+    full.write_text("".join(json.dumps(_row(m, s, 0.5, -0.3, -0.6)) + "\n" for m in ("toy-naive", "toy-l2sp", "toy-ewc")
+                            for s in (0, 1, 2)))
     rows, histories = experiment.chapter_rows(["toy-naive", "toy-l2sp"], tmp_path / "nothing-trains-here",
-                                              comparison=COMPARISON)
+                                              comparison=full)
     assert histories == {} and not (tmp_path / "nothing-trains-here").exists()
     assert sorted((r["method"], r["seed"]) for r in rows) == [(m, s) for m in ("toy-l2sp", "toy-naive") for s in (0, 1, 2)]
     reg = tmp_path / "r.jsonl"
@@ -43,15 +47,31 @@ def test_chapter_rows_read_a_registry_without_training(tmp_path):
         experiment.chapter_rows(["toy-nope"], tmp_path, comparison=reg)
 
 
-def test_committed_trials_match_the_presets_they_chose():
+def test_the_presets_are_the_committed_validation_choices():
+    # the comparison's first stages chose naive's learning rates and schedule and toy-paper's three fields; the
+    # presets the chapters train must be those choices (rounded to 3 digits), not values set by hand
+    protocol = json.loads(PROTOCOL.read_text())
+    naive = experiment.PRESETS["toy-naive"].train
+    for k, v in protocol["toy-naive"]["params"].items():
+        assert getattr(naive, k) == pytest.approx(v, rel=0.01), ("toy-naive", k)
+    assert naive.steps == protocol["schedule"]["steps"] and experiment.PRESETS["toy-naive-long"].train.steps == 2 * naive.steps
     trials = load_trials(TRIALS)
     assert trials and all(set(t["val"]) >= {"fine_map@20", "generic_map@20", "mean_map@20"} for t in trials)
-    for method in ("toy-paper", "toy-l2sp", "toy-relational", "toy-lwf"):
-        best = max(load_trials(TRIALS, method), key=lambda t: t["val"]["mean_map@20"])
-        for k, v in best["params"].items():
+    chosen = {m: c for m, c in json.loads(CHOSEN.read_text()).items() if "params" in c} if CHOSEN.exists() else {}
+    chosen.setdefault("toy-paper", protocol["toy-paper"])
+    for method, c in chosen.items():
+        if method in experiment.PENDING:
+            continue
+        best = max((t for t in load_trials(TRIALS, method) if t["state"] == "complete"),
+                   key=lambda t: t["val"]["mean_map@20"]) if experiment.PRESETS[method].search else None
+        for k, v in c["params"].items():
             assert getattr(experiment.PRESETS[method].train, k) == pytest.approx(v, rel=0.01), (method, k)
+        if best is not None:
+            assert best["params"] == c["search"]["params"], method
+    for method, preset in experiment.PRESETS.items():
+        assert preset.train.steps == naive.steps * (2 if method == "toy-naive-long" else 1), method
     with pytest.raises(ValueError, match="not a trials file"):
-        load_trials(COMPARISON)
+        load_trials(ROOT / "results" / "superseded" / "toy-comparison-gpu.jsonl")
 
 
 def test_wise_ft_curve_endpoints_are_the_two_models():

@@ -110,3 +110,39 @@ def test_flat_length_ignores_the_plateau_before_take_off():
     assert flat_length([(0, 0.0), (25, 0.1), (50, 0.3)]) is None
     sched = choose_schedule([curve, [(s + 25, v) for s, v in curve]], eval_every=25, budget=600)
     assert sched["flat"] == [175, 200] and sched["steps"] == 250 and sched["all_flat"]  # 200 x 1.25
+
+
+
+def test_trials_running_at_once_draw_from_different_random_streams():
+    # two workers that start a trial at the same moment see the same finished trials; with one seed per finished
+    # count they proposed the same strength twice (trials 9 and 10 of a CPU comparison run had equal values)
+    import optuna
+    sampler = S._sampler(123, n_startup=4)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    dist = {"x": optuna.distributions.FloatDistribution(1e-3, 1e3, log=True)}
+    for x in (1e-2, 1e-1, 1.0, 10.0, 100.0):
+        study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions=dist, value=-abs(math.log10(x))))
+    a, b = study.ask(), study.ask()  # both running, nothing sampled yet
+    draws = []
+    for t in (a, b):
+        sampler.before_trial(study, study._storage.get_trial(t._trial_id))
+        draws.append(sampler._rng.rng.random())
+    assert draws[0] != draws[1]
+    # and a lone worker's stream depends only on the finished trials (resume determinism)
+    study.tell(b, state=optuna.trial.TrialState.FAIL)
+    sampler.before_trial(study, study._storage.get_trial(a._trial_id))
+    assert sampler._rng.rng.random() == draws[0]
+
+
+def test_points_a_killed_session_queued_still_run(tmp_path, monkeypatch):
+    # a session killed after queuing an edge extension left those points WAITING; the next session ran nothing
+    # (its trial budget was already met) and the extension's strip stayed unexplored
+    import optuna
+    calls = _fake(monkeypatch, lambda x: 0.5 - abs(math.log10(x) - 2) / 10)
+    db = tmp_path / "s.db"
+    S.search("toy-l2sp", db, tmp_path / "runs", trials=8, base={"steps": 100}, extend=False)
+    study = optuna.load_study(study_name=S.study_name("toy-l2sp", False, 0), storage=f"sqlite:///{db}")
+    for x in (3e-2, 5e-2):
+        study.enqueue_trial({"l2sp": x}, user_attrs={"design": "extension"})
+    S.search("toy-l2sp", db, tmp_path / "runs", trials=8, base={"steps": 100}, extend=False)
+    assert len(calls) == 10 and {c["overrides"]["l2sp"] for c in calls[-2:]} == {3e-2, 5e-2}

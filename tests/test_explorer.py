@@ -1,0 +1,156 @@
+"""The ablation explorer: its callbacks called directly, then the page served by Voila and driven in a real
+browser (headless Chromium): it loads without console errors, the widgets render, changing a control changes the
+plot, selecting a run shows its gallery. A screenshot is kept under build/test-artifacts/."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ARTIFACTS, ROOT
+from infusing_kit.explorer import AblationExplorer, gallery_from_run
+
+
+def _rows(n_methods=3, seeds=(0, 1, 2)):
+    rng = np.random.default_rng(0)
+    rows = []
+    for m in ["toy-naive", "toy-paper", "toy-l2sp"][:n_methods]:
+        for s in seeds:
+            g = lambda: {"map@20": float(rng.random()), "mmp@20": 0.5, "r@1": 0.5}
+            rows.append({"method": m, "seed": s, "smoke": False, "best_step": 100,
+                         "updates": {"target": 300, "generic": 0},
+                         "pretrained": {"in_domain": g(), "generic_image": g(), "image_text": {"i2t_r@1": 0.7}},
+                         "finetuned": {"in_domain": g(), "generic_image": g(),
+                                       "image_text": {"i2t_r@1": float(rng.random())}}})
+    return rows
+
+
+def _trials():
+    return [{"method": "toy-l2sp", "state": "complete", "params": {"l2sp": v},
+             "val": {"fine_map@20": 1 / (1 + v / 100), "generic_map@20": v / (100 + v),
+                     "mean_map@20": 0.5 - abs(np.log10(v) - 2) / 10}} for v in (0.1, 1, 10, 100, 1e3, 1e4)]
+
+
+def test_controls_change_what_is_drawn():
+    e = AblationExplorer(_rows(), _trials())
+    before = e.points()
+    e.x.value = "generic"
+    after = e.draw()
+    assert set(after) == set(before) and all(not np.array_equal(before[m], after[m]) for m in after)
+    e.seeds.value = (0,)
+    assert all(len(p) == 1 for p in e.points().values())
+    assert len(e.run.options) == 3, "the run menu follows the selected seeds"
+    e.methods.value = ("toy-paper",)
+    assert list(e.points()) == ["toy-paper"] and [s["method"] for s in e.draw_figure1()] == ["toy-paper"]
+
+
+def test_a_run_shows_its_metrics_and_the_slider_walks_the_sweep():
+    e = AblationExplorer(_rows(), _trials())
+    table = e.run_table(0)
+    r = e.rows[0]
+    want = r["finetuned"]["in_domain"]["map@20"] - r["pretrained"]["in_domain"]["map@20"]
+    assert "in_domain/map@20" in table and f"{want:+.3f}" in table
+    s = e.sweep("toy-l2sp", 0.1)
+    assert s["highlight"]["params"]["l2sp"] == 0.1 and s["chosen"]["params"]["l2sp"] == 100
+    e.sweep_method.value = "toy-l2sp"
+    e.strength.value = 1e4
+    assert e.draw_sweep()["highlight"]["params"]["l2sp"] == 1e4
+    assert e.gallery_data(0) is None  # no model here, no committed gallery: the panel says so
+
+
+@pytest.mark.slow
+def test_a_run_made_here_gets_a_live_gallery(smoke_reference):
+    g = gallery_from_run(smoke_reference, n_queries=4)
+    assert len(g["queries"]) == 4 and np.array(g["after"]).shape == (4, 5)
+    assert all(q not in row for q, row in zip(g["queries"], g["after"])), "the query itself is not its neighbour"
+    row = json.loads((smoke_reference.parent / "results.jsonl").read_text().splitlines()[0])
+    e = AblationExplorer([row])
+    shown = e.show_gallery()
+    assert shown is not None and len(shown["queries"]) == 6 and np.array(shown["before"]).shape == (6, 5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_explorer_page_works_in_a_real_browser(tmp_path, browser, smoke_reference):
+    import papermill
+    # the page on test data: three methods over three seeds, one run with its model (a live gallery), a search
+    rows = _rows()
+    live = json.loads((smoke_reference.parent / "results.jsonl").read_text().splitlines()[0])
+    live["method"], live["seed"], live["smoke"] = "toy-naive", 0, False  # the page reads non-SMOKE rows
+    rows = [r for r in rows if not (r["method"] == "toy-naive" and r["seed"] == 0)] + [live]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "trials.jsonl").write_text("".join(json.dumps(t) + "\n" for t in _trials()))
+    nb = papermill.parameterize.parameterize_notebook(
+        papermill.iorw.load_notebook_node(str(ROOT / "notebooks" / "explorer_page.ipynb")),
+        {"COMPARISON": str(tmp_path / "rows.jsonl"), "TRIALS": str(tmp_path / "trials.jsonl"),
+         "GALLERIES": str(tmp_path / "none.json")})
+    papermill.iorw.write_ipynb(nb, str(tmp_path / "explorer.ipynb"))
+    port = _free_port()
+    voila = subprocess.Popen([str(Path(sys.executable).with_name("voila")), str(tmp_path / "explorer.ipynb"),
+                              f"--port={port}", "--Voila.ip=127.0.0.1", "--no-browser", "--template=offline"],
+                             cwd=tmp_path,
+                             env={**os.environ, "TQDM_DISABLE": "1", "JUPYTER_PATH": str(ROOT / "share" / "jupyter")},
+                             stdout=open(tmp_path / "voila.log", "w"), stderr=subprocess.STDOUT)
+    t0 = time.time()
+    try:
+        page = browser.new_page(viewport={"width": 1200, "height": 1800})
+        errors = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        for _ in range(480):  # the server needs a few seconds to start
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.25)
+        page.goto(f"http://127.0.0.1:{port}/", timeout=300_000, wait_until="commit")  # it streams as cells run
+        try:
+            page.wait_for_selector(".widget-select-multiple select", timeout=240_000)
+        except Exception:
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "explorer-failed.png"), full_page=True)
+            import psutil
+            kernels = [(p.pid, p.cpu_times(), " ".join(p.cmdline())[-80:]) for p in psutil.process_iter()
+                       if "ipykernel" in " ".join(p.cmdline())]
+            raise AssertionError(f"no widgets after 240 s; the page shows: {page.inner_text('body')[-2000:]}; "
+                                 f"kernels {kernels}; voila log: {(tmp_path / 'voila.log').read_text()[-3000:]}")
+        page.wait_for_function("document.querySelectorAll('.jp-OutputArea-output img').length >= 3", timeout=180_000)
+        assert "import" not in page.inner_text("body"), "code is shown on the page"
+
+        def plot_src():
+            return page.eval_on_selector_all(".jp-OutputArea-output img", "els => els.map(e => e.src)")
+
+        first = plot_src()
+        x_menu = page.locator("select").nth(2)  # methods, seeds, then the x axis menu
+        x_menu.select_option(index=1)
+        page.wait_for_function(f"document.querySelector('.jp-OutputArea-output img').src !== {json.dumps(first[0])}",
+                               timeout=60_000)
+        assert plot_src()[0] != first[0], "changing the x axis did not redraw the trade-off plot"
+        run_menu = page.locator("select").nth(4)
+        labels = run_menu.locator("option").all_inner_texts()  # widgets render spaces as no-break spaces
+        live_label = next(o for o in labels if o.replace("\xa0", " ").startswith("toy-naive · seed 0"))
+        before = len(plot_src())
+        run_menu.select_option(label=live_label)
+        page.wait_for_function(f"document.querySelectorAll('.jp-OutputArea-output img').length > {before}",
+                               timeout=120_000)
+        assert "in_domain/map@20" in page.inner_text("body")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "explorer.png"), full_page=True)
+        assert not errors, errors
+        print(f"explorer page: {time.time() - t0:.0f} s from server start to the last check")
+    finally:
+        voila.terminate()
+        try:
+            voila.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            voila.kill()
