@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 
-def make_jpegs(root: Path, n: int, classes: int = 32, size=(375, 500), seed: int = 0) -> Path:
+def make_jpegs(root: Path, n: int, classes: int = 32, size=(375, 500), seed: int = 0, start: int = 0) -> Path:
     """n JPEG photos-to-be (smooth colour fields with noise, so they compress like photos), in class folders."""
     from PIL import Image
     rng = np.random.default_rng(seed)
@@ -37,7 +37,7 @@ def make_jpegs(root: Path, n: int, classes: int = 32, size=(375, 500), seed: int
         base = rng.integers(0, 256, 3)
         img = (base + 60 * np.sin(xx[..., None] / (20 + c) + rng.random(3) * 6) +
                rng.normal(0, 12, (*size, 3))).clip(0, 255).astype(np.uint8)
-        Image.fromarray(img).save(root / f"c{c:03d}" / f"{i:06d}.jpg", quality=90)
+        Image.fromarray(img).save(root / f"c{c:03d}" / f"{start + i:06d}.jpg", quality=90)
     return root
 
 
@@ -128,7 +128,7 @@ def main() -> int:
         print(f"train step fed by the loader:  {fed:8.1f} img/s")
         print(f"ratio fed / synthetic: {fed / synthetic:.3f} (goal >= 0.9)")
         if args.rss:
-            make_jpegs(Path(tmp) / "ten", 10_000 - args.images, seed=1)
+            make_jpegs(Path(tmp) / "ten", 10_000 - args.images, seed=1, start=args.images)
             small = Path(tmp) / "small"
             for i, p in enumerate(sorted(root.rglob("*.jpg"))[:1000]):
                 (small / p.parent.name).mkdir(parents=True, exist_ok=True)

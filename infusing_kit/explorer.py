@@ -18,7 +18,9 @@ the page). Nothing here trains; test metrics come from the registry, validation 
 """
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 from pathlib import Path
 
@@ -29,6 +31,25 @@ import numpy as np
 from .results import AXES, COLOURS, deltas, summarise
 
 K_GALLERY = 5
+
+
+# Output widgets get their content by setting `outputs` directly, never through the capture context (`with out:`):
+# a headless client (papermill's nbclient, Voila's executor) could wait forever on a cell that captured into a
+# widget no page shows (seen in chapter 11's checks, kernel idle, client waiting).
+def _show_figure(out: widgets.Output, fig) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    out.outputs = ({"output_type": "display_data", "metadata": {},
+                    "data": {"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": "<figure>"}},)
+
+
+def _show_html(out: widgets.Output, text: str) -> None:
+    out.outputs = ({"output_type": "display_data", "metadata": {}, "data": {"text/html": text, "text/plain": text}},)
+
+
+def _show_text(out: widgets.Output, text: str) -> None:
+    out.outputs = ({"output_type": "stream", "name": "stdout", "text": text + "\n"},)
 
 
 class AblationExplorer:
@@ -89,21 +110,18 @@ class AblationExplorer:
 
     def draw(self) -> dict[str, np.ndarray]:
         pts = self.points()
-        with self.plot_out:
-            self.plot_out.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(6.4, 4.2))
-            for m, p in pts.items():
-                c = COLOURS.get(m, "#444444")
-                ax.scatter(100 * p[:, 0], 100 * p[:, 1], s=14, alpha=0.45, color=c)
-                ax.scatter(100 * p[:, 0].mean(), 100 * p[:, 1].mean(), s=80, color=c, edgecolor="black",
-                           label=f"{m.removeprefix('toy-')} ({len(p)})")
-            ax.set_xlabel(f"change in {AXES[self.x.value][2]} (points)")
-            ax.set_ylabel(f"change in {AXES[self.y.value][2]} (points)")
-            ax.axhline(0, color="black", lw=0.5, ls=":"), ax.axvline(0, color="black", lw=0.5, ls=":")
-            if pts:
-                ax.legend(fontsize=7, frameon=False, loc="best")
-            plt.show()
-        plt.close("all")
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for m, p in pts.items():
+            c = COLOURS.get(m, "#444444")
+            ax.scatter(100 * p[:, 0], 100 * p[:, 1], s=14, alpha=0.45, color=c)
+            ax.scatter(100 * p[:, 0].mean(), 100 * p[:, 1].mean(), s=80, color=c, edgecolor="black",
+                       label=f"{m.removeprefix('toy-')} ({len(p)})")
+        ax.set_xlabel(f"change in {AXES[self.x.value][2]} (points)")
+        ax.set_ylabel(f"change in {AXES[self.y.value][2]} (points)")
+        ax.axhline(0, color="black", lw=0.5, ls=":"), ax.axvline(0, color="black", lw=0.5, ls=":")
+        if pts:
+            ax.legend(fontsize=7, frameon=False, loc="best")
+        _show_figure(self.plot_out, fig)
         return pts
 
     def _refresh_runs(self) -> None:
@@ -139,11 +157,8 @@ class AblationExplorer:
 
     def show_run(self) -> str:
         i = self.run.value
-        with self.run_out:
-            self.run_out.clear_output(wait=True)
-            text = self.run_table(i) if i is not None and i >= 0 else "<p>no run selected</p>"
-            from IPython.display import HTML, display
-            display(HTML(text))
+        text = self.run_table(i) if i is not None and i >= 0 else "<p>no run selected</p>"
+        _show_html(self.run_out, text)
         self.show_gallery()
         return text
 
@@ -162,17 +177,14 @@ class AblationExplorer:
     def show_gallery(self) -> dict | None:
         i = self.run.value
         g = self.gallery_data(i) if i is not None and i >= 0 else None
-        with self.gallery_out:
-            self.gallery_out.clear_output(wait=True)
-            if g is None:
-                print("No model for this run here (run it with --out here, or use the committed galleries).")
-            else:
-                self.query.max = len(g["queries"]) - 1
-                q = min(self.query.value, self.query.max)
-                images = self._world_images(g["world"])
-                fig = _gallery_figure(images, g, q)
-                plt.show()
-                plt.close(fig)
+        if g is None:
+            _show_text(self.gallery_out, "No model for this run here (run it with --out here, or use the committed "
+                                         "galleries).")
+        else:
+            self.query.max = len(g["queries"]) - 1
+            q = min(self.query.value, self.query.max)
+            images = self._world_images(g["world"])
+            _show_figure(self.gallery_out, _gallery_figure(images, g, q))
         return g
 
     def _world_images(self, world_cfg: dict):
@@ -221,36 +233,32 @@ class AblationExplorer:
 
     def draw_sweep(self) -> dict:
         s = self.sweep(self.sweep_method.value, self.strength.value)
-        with self.sweep_out:
-            self.sweep_out.clear_output(wait=True)
-            if not s:
-                print("no search trials loaded")
-                return s
-            fig, ax = plt.subplots(figsize=(6.4, 3.4))
-            ax.plot(s["x"], s["fine"], "o", ms=4, label="fine-grained val", color="#0072B2")
-            ax.plot(s["x"], s["generic"], "s", ms=4, label="generic val", color="#D55E00")
-            h, c, f = s["highlight"], s["chosen"], s["field"]
-            ax.scatter([h["params"][f]] * 2, [h["val"]["fine_map@20"], h["val"]["generic_map@20"]], s=160,
-                       facecolors="none", edgecolors="black", lw=1.5, label=f"trial at slider ({h['params'][f]:.3g})")
-            ax.axvline(c["params"][f], color="#009E73", ls="--", label=f"chosen ({c['params'][f]:.3g})")
-            ax.set_xscale("log" if min(s["x"]) > 0 else "linear")
-            ax.set_xlabel(f"{f} (searched)"), ax.set_ylabel("validation mAP@20"), ax.set_ylim(0, 1.02)
-            ax.set_title(f"{self.sweep_method.value}: {len(s['x'])} trials", fontsize=10)
-            ax.legend(fontsize=7, frameon=False)
-            plt.show()
-            plt.close(fig)
+        if not s:
+            _show_text(self.sweep_out, "no search trials loaded")
+            return s
+        fig, ax = plt.subplots(figsize=(6.4, 3.4))
+        ax.plot(s["x"], s["fine"], "o", ms=4, label="fine-grained val", color="#0072B2")
+        ax.plot(s["x"], s["generic"], "s", ms=4, label="generic val", color="#D55E00")
+        h, c, f = s["highlight"], s["chosen"], s["field"]
+        ax.scatter([h["params"][f]] * 2, [h["val"]["fine_map@20"], h["val"]["generic_map@20"]], s=160,
+                   facecolors="none", edgecolors="black", lw=1.5, label=f"trial at slider ({h['params'][f]:.3g})")
+        ax.axvline(c["params"][f], color="#009E73", ls="--", label=f"chosen ({c['params'][f]:.3g})")
+        ax.set_xscale("log" if min(s["x"]) > 0 else "linear")
+        ax.set_xlabel(f"{f} (searched)"), ax.set_ylabel("validation mAP@20"), ax.set_ylim(0, 1.02)
+        ax.set_title(f"{self.sweep_method.value}: {len(s['x'])} trials", fontsize=10)
+        ax.legend(fontsize=7, frameon=False)
+        _show_figure(self.sweep_out, fig)
         return s
 
     # ------------------------------------------------------------------------ Figure 1
     def draw_figure1(self) -> list[dict]:
         from .figures import figure1
         summary = summarise(self.selected_rows())
-        with self.fig1_out:
-            self.fig1_out.clear_output(wait=True)
-            if summary:
-                fig = figure1(summary, methods=tuple(s["method"] for s in summary))
-                plt.show()
-                plt.close(fig)
+        if summary:
+            fig = figure1(summary, methods=tuple(s["method"] for s in summary))
+            _show_figure(self.fig1_out, fig)
+        else:
+            _show_text(self.fig1_out, "no run selected")
         return summary
 
 

@@ -38,9 +38,10 @@ def _trials():
 
 def test_controls_change_what_is_drawn():
     e = AblationExplorer(_rows(), _trials())
-    before = e.points()
+    before, png = e.points(), e.plot_out.outputs[0]["data"]["image/png"]
     e.x.value = "generic"
     after = e.draw()
+    assert e.plot_out.outputs[0]["data"]["image/png"] != png, "the plot widget still shows the old figure"
     assert set(after) == set(before) and all(not np.array_equal(before[m], after[m]) for m in after)
     e.seeds.value = (0,)
     assert all(len(p) == 1 for p in e.points().values())
