@@ -155,3 +155,16 @@ def test_the_explorer_page_works_in_a_real_browser(tmp_path, browser, smoke_refe
             voila.wait(timeout=30)
         except subprocess.TimeoutExpired:
             voila.kill()
+
+
+def test_run_model_reads_model_files_from_before_they_named_their_model(tmp_path, smoke_reference):
+    import shutil
+    import torch
+    from infusing_kit.explorer import run_model
+    run = tmp_path / "old-run"
+    run.mkdir()
+    shutil.copy(smoke_reference / "metrics.json", run / "metrics.json")
+    new = torch.load(smoke_reference / "model.pt", map_location="cpu", weights_only=True)
+    torch.save({"visual": new["visual"], "head": new["head"]}, run / "model.pt")  # the layout of commits <= 109d7af
+    old, current = run_model(run), run_model(smoke_reference)
+    assert all(torch.equal(v, current.visual.state_dict()[k]) for k, v in old.visual.state_dict().items())
