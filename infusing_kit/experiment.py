@@ -74,7 +74,7 @@ def _method(description: str, search: tuple = (), wise_ft: bool = False, smoke: 
 
 # Strengths (and toy-paper's learning rate) chosen on validation by `python -m infusing_kit compare`, seed 0, at
 # the naive schedule above; the ranges below are where each search starts (it extends a range whose best value
-# sits at an edge). Found per world and model, not copied from the paper. tests/test_comparison.py checks the
+# sits at an edge). Found per world and model, not copied from the paper. tests/test_results.py checks the
 # presets against the committed choices (results/toy-protocol-cpu-v2.json, results/toy-chosen-cpu-v2.json);
 # a preset that has no committed choice yet is listed in PENDING (its value is the superseded search's).
 PRESETS: dict[str, Preset] = {
