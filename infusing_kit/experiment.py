@@ -34,7 +34,8 @@ from .checkpoints import atomic_write_text, check_writable
 from .metrics import image_text_recall, retrieval_metrics
 from .models import VLM, embed_images, embed_texts, save_finetuned
 from .pretrain import PretrainConfig, load_pretrained_toy
-from .regularizers import fisher_diagonal, wise_ft
+from .drift import layer_depths
+from .regularizers import fisher_diagonal, lines, model_stock, wise_ft
 from .teacher import extract_teacher
 from .train import TrainConfig, needed_inputs, train
 
@@ -182,13 +183,14 @@ class Setup:
 
 
 def toy_setup(preset: str, seed: int = 0, smoke: bool = False, device: str = "cpu", overrides: dict | None = None,
-              cache_dir: str | Path | None = None, progress: bool = True) -> Setup:
-    """A preset on the built-in world and the toy VLM pretrained on it (same seed)."""
+              cache_dir: str | Path | None = None, progress: bool = True, train_seed: int | None = None) -> Setup:
+    """A preset on the built-in world and the toy VLM pretrained on it (same seed). train_seed: a different seed
+    for the fine-tuning only (head, batches, augmentation), the world and the pretrained model unchanged."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     overrides = check_overrides(overrides)
     p = PRESETS[preset]
-    cfg = replace(p.smoke_train if smoke else p.train, seed=seed, **overrides)
+    cfg = replace(p.smoke_train if smoke else p.train, seed=seed if train_seed is None else train_seed, **overrides)
     wcfg, pcfg = world_config(seed, smoke), pretrain_config(seed, smoke)
     model = lambda: load_pretrained_toy(pcfg.model, device=device, cache_dir=cache_dir, cfg=pcfg, progress=progress)
     return Setup(preset, p.description, model, Domains.from_world(W.make_world(wcfg)), cfg, p.wise_ft, seed, smoke,
@@ -209,16 +211,23 @@ def evaluate(vlm: VLM, data, progress: bool = False) -> dict[str, dict[str, floa
             "image_text": image_text_recall(pairs, captions, d.text_test.caption_image)}
 
 
-def validation_fn(data):
-    """validate(vlm) -> fine-grained and generic validation mAP@20 and their mean (docs/method.md, "Protocol")."""
+def validation_fn(data, reference: np.ndarray | None = None):
+    """validate(vlm) -> fine-grained and generic validation mAP@20 and their mean (docs/method.md, "Protocol").
+
+    reference: the pretrained model's embeddings of the generic validation images (`embed_images`); with it,
+    validate also reports "generic_agreement", the mean cosine between the current and the pretrained embedding
+    of each generic validation image (1 = the teacher's features; logged only, never used for selection)."""
     d = data if isinstance(data, Domains) else Domains.from_world(data)
 
     def validate(vlm: VLM) -> dict[str, float]:
         f = retrieval_metrics(embed_images(vlm, d.target_val, progress=False), d.target_val.labels, k=K, map_at_r=False)
-        g = retrieval_metrics(embed_images(vlm, d.generic_val, progress=False), d.generic_val.labels, k=K,
-                              map_at_r=False)
-        return {f"fine_map@{K}": f[f"map@{K}"], f"generic_map@{K}": g[f"map@{K}"],
-                f"mean_map@{K}": (f[f"map@{K}"] + g[f"map@{K}"]) / 2}
+        generic = embed_images(vlm, d.generic_val, progress=False)
+        g = retrieval_metrics(generic, d.generic_val.labels, k=K, map_at_r=False)
+        out = {f"fine_map@{K}": f[f"map@{K}"], f"generic_map@{K}": g[f"map@{K}"],
+               f"mean_map@{K}": (f[f"map@{K}"] + g[f"map@{K}"]) / 2}
+        if reference is not None:
+            out["generic_agreement"] = float((generic * reference).sum(1).mean())
+        return out
     return validate
 
 
@@ -241,6 +250,64 @@ def apply_wise_ft(vlm: VLM, theta0: dict, curve: list[dict], key: str = f"mean_m
     theta1 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
     vlm.visual.load_state_dict(wise_ft(theta0, theta1, best["alpha"]))
     return best
+
+
+def lines_curve(vlm: VLM, theta0: dict, data, alphas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+                betas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)) -> list[dict]:
+    """Validation scores of LiNeS (`regularizers.lines`) for each (alpha, beta) with alpha + beta <= 1, where
+    theta1 is vlm's current tower; beta = 0 rows are WiSE-FT. vlm is handed back at theta1. No test data."""
+    validate = validation_fn(data)
+    theta1 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
+    depth, n_layers = layer_depths(vlm.visual)
+    curve = []
+    for a in alphas:
+        for b in betas:
+            if a + b <= 1 + 1e-9:
+                vlm.visual.load_state_dict(lines(theta0, theta1, depth, n_layers, a, b))
+                curve.append({"alpha": round(float(a), 2), "beta": round(float(b), 2), **validate(vlm)})
+    vlm.visual.load_state_dict(theta1)
+    return curve
+
+
+def apply_lines(vlm: VLM, theta0: dict, curve: list[dict], key: str = f"mean_map@{K}") -> dict:
+    """Move vlm to the (alpha, beta) of `curve` that maximises validation `key`; returns that row."""
+    best = max(curve, key=lambda r: r[key])
+    theta1 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
+    depth, n_layers = layer_depths(vlm.visual)
+    vlm.visual.load_state_dict(lines(theta0, theta1, depth, n_layers, best["alpha"], best["beta"]))
+    return best
+
+
+def merge_curve(vlm: VLM, theta0: dict, thetas: list[dict], data, ts=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)) -> list[dict]:
+    """Validation scores of merges of fine-tuned towers `thetas` (same pretrained theta0): Model Stock's per-tensor
+    ratio (`regularizers.model_stock`, merge "stock", t = its mean ratio) and one global ratio t for each `ts`
+    (merge "uniform": theta0 + t (mean - theta0); t = 1 is the runs' average). vlm is handed back as it came."""
+    validate = validation_fn(data)
+    current = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
+    stock, ratios = model_stock(theta0, thetas)
+    vlm.visual.load_state_dict(stock)
+    curve = [{"merge": "stock", "t": round(float(np.mean(list(ratios.values()))), 3), **validate(vlm)}]
+    mean = _average(thetas)
+    for t in ts:
+        vlm.visual.load_state_dict(wise_ft(theta0, mean, float(t)))
+        curve.append({"merge": "uniform", "t": round(float(t), 2), **validate(vlm)})
+    vlm.visual.load_state_dict(current)
+    return curve
+
+
+def apply_merge(vlm: VLM, theta0: dict, thetas: list[dict], curve: list[dict], key: str = f"mean_map@{K}") -> dict:
+    """Move vlm to the merge of `curve` that maximises validation `key`; returns that row."""
+    best = max(curve, key=lambda r: r[key])
+    if best["merge"] == "stock":
+        vlm.visual.load_state_dict(model_stock(theta0, thetas)[0])
+    else:
+        vlm.visual.load_state_dict(wise_ft(theta0, _average(thetas), best["t"]))
+    return best
+
+
+def _average(thetas: list[dict]) -> dict:
+    return {k: torch.stack([t[k] for t in thetas]).mean(0) if v.is_floating_point() else v
+            for k, v in thetas[0].items()}
 
 
 def _kept_validation(history: list[dict], best_step: int | None) -> dict[str, float]:
@@ -332,8 +399,9 @@ def run_setup(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: 
     before = evaluate(vlm, d) if test else None
     extra = prepare_inputs(vlm, cfg, d, teacher_path=out / "teacher.npy" if len(d.generic_train) > 50_000 else None)
     theta0 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
+    reference = embed_images(vlm, d.generic_val, progress=False)  # for the logged teacher agreement
     head, result = train(vlm, d.target_train, cfg, out_dir=out / "run", generic=d.generic_train,
-                         validate=validation_fn(d), progress=progress, hooks=hooks, resume=resume,
+                         validate=validation_fn(d, reference), progress=progress, hooks=hooks, resume=resume,
                          resume_hint="--resume (resume=True)", **extra)
     val = _kept_validation(result.history, result.best_step)
     wise = None
@@ -363,24 +431,25 @@ def run_setup(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: 
 def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",
                    progress: bool = True, cache_dir: str | Path | None = None, overrides: dict | None = None,
                    test: bool = True, registry: str | Path | None = None, hooks: tuple = (),
-                   resume: bool = False) -> dict:
+                   resume: bool = False, train_seed: int | None = None) -> dict:
     """Run a preset on the built-in world end to end and write out_dir/metrics.json (see `run_setup`).
-    overrides: TrainConfig fields to change (a search trial)."""
-    setup = toy_setup(preset, seed, smoke, device, overrides, cache_dir, progress)
+    overrides: TrainConfig fields to change (a search trial). train_seed: see `toy_setup`."""
+    setup = toy_setup(preset, seed, smoke, device, overrides, cache_dir, progress, train_seed)
     return run_setup(setup, out_dir, device, progress, test, registry, hooks, resume)
 
 
 def cached_run(preset: str, root: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",
-               registry: str | Path | None = None, progress: bool = True):
+               registry: str | Path | None = None, progress: bool = True, train_seed: int | None = None):
     """Run a preset once and reuse it: (metrics, fine-tuned VLM, pretrained VLM, world).
 
-    Results live in root/<preset>[-smoke]-s<seed>/ (metrics.json, model.pt, run/log.jsonl); notebooks share
-    them instead of training the same model again. An interrupted run there is resumed."""
+    Results live in root/<preset>[-smoke]-s<seed>[-ft<train_seed>]/ (metrics.json, model.pt, run/log.jsonl);
+    notebooks share them instead of training the same model again. An interrupted run there is resumed.
+    train_seed: a second fine-tuning of the same pretrained model on the same world (see `toy_setup`)."""
     from .models import load_model
-    out = Path(root) / f"{preset}{'-smoke' if smoke else ''}-s{seed}"
+    out = Path(root) / f"{preset}{'-smoke' if smoke else ''}-s{seed}{'' if train_seed is None else f'-ft{train_seed}'}"
     if not (out / "metrics.json").exists():
         run_experiment(preset, out, smoke=smoke, seed=seed, device=device, progress=progress, registry=registry,
-                       resume=(out / "run").exists())
+                       resume=(out / "run").exists(), train_seed=train_seed)
     metrics = json.loads((out / "metrics.json").read_text())
     world = W.make_world(W.WorldConfig(**metrics["world"]))
     pcfg = PretrainConfig(**metrics["pretrain"])

@@ -5,6 +5,8 @@ colours fixed per method in results.COLOURS; PNG and SVG).
 - `tradeoff(summary)`: fine-grained gain vs forgetting, one point per method with error bars over seeds.
 - `curves(history)`: validation scores over training steps (forgetting as it happens).
 - `sweep(trials, field)`: validation scores against a searched strength, from exported search trials.
+- `drift(drifts)`: per-block weight distance and feature CKA against the pretrained tower (`drift.layer_drift`).
+- `agreement(histories)`: teacher agreement on generic images over training.
 """
 from __future__ import annotations
 
@@ -113,6 +115,54 @@ def curves(history: list[dict], label: str = "", axes=None):
     if label:
         axes[0].legend(frameon=False)
     return axes[0].figure
+
+
+def drift(drifts: dict[str, dict], axes=None):
+    """Where forgetting happens: per part of the tower, the relative weight distance from the pretrained weights
+    (left) and the linear CKA of each block's output with the pretrained one (right; solid: generic images,
+    dashed: fine-grained). drifts: {method: drift.layer_drift(...)}."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    styles = ("-", "--", ":")
+    for method, d in drifts.items():
+        c = _colour(method)
+        parts = d["groups"]
+        axes[0].plot(range(len(parts)), [d["weight"][g] for g in parts], marker="o", color=c,
+                     label=method.removeprefix("toy-"))
+        for (domain, cka), ls in zip(d["cka"].items(), styles):
+            names = list(cka)
+            axes[1].plot([parts.index(n) for n in names], list(cka.values()), marker="o", ls=ls, color=c,
+                         label=f"{method.removeprefix('toy-')} ({domain})")
+    parts = next(iter(drifts.values()))["groups"]
+    for ax in axes:
+        ax.set_xticks(range(len(parts)), parts, rotation=30, fontsize=8)
+    axes[0].set_ylabel("||theta - theta0|| / ||theta0||")
+    axes[0].set_title("weight distance from the pretrained tower", fontsize=10)
+    axes[1].set_ylabel("linear CKA vs pretrained")
+    axes[1].set_title("features of each block vs the pretrained ones", fontsize=10)
+    axes[1].set_ylim(0, 1.02)
+    axes[0].legend(frameon=False, fontsize=8)
+    axes[1].legend(frameon=False, fontsize=7)
+    return axes[0].figure
+
+
+def agreement(histories: dict[str, list[dict]], ax=None):
+    """Teacher agreement over training: mean cosine between each generic validation image's embedding and the
+    pretrained model's (`val/generic_agreement` in a run's history), against target steps."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.2, 3.4))
+    for method, history in histories.items():
+        rows = [h for h in history if "val/generic_agreement" in h]
+        if not rows:
+            raise ValueError(f"the history of {method} logs no val/generic_agreement (a run from before the kit "
+                             "logged it): delete its folder to train it again")
+        ax.plot([h["target_step"] for h in rows], [h["val/generic_agreement"] for h in rows], marker="o",
+                color=_colour(method), label=method.removeprefix("toy-"))
+    ax.set_xlabel("target steps")
+    ax.set_ylabel("mean cos(student, teacher)")
+    ax.set_title("agreement with the pretrained model on generic images", fontsize=10)
+    ax.legend(frameon=False, fontsize=8)
+    return ax.figure
 
 
 def show_images(images, titles=None, ncols: int = 8, scale: float = 1.1):
