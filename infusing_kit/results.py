@@ -28,7 +28,7 @@ COLOURS = {
     "toy-ewc": "#009E73", "toy-l2-zero": "#999999", "toy-distill": "#CC79A7", "toy-distill-cos": "#AA4499",
     "toy-relational": "#882255", "toy-lwf": "#E69F00", "toy-mix-balanced": "#DDCC77",
     "toy-mix-proportional": "#999933", "toy-low-lr": "#332288", "toy-lp-ft": "#44AA99", "toy-freeze": "#117733",
-    "toy-wise-ft": "#F0E442", "toy-lora": "#661100", "toy-lines": "#B8860B", "toy-model-stock": "#6A5ACD",
+    "toy-wise-ft": "#F0E442", "toy-lora": "#661100", "toy-lines": "#B8860B", "toy-two-seed-merge": "#6A5ACD",
 }
 
 
