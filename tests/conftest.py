@@ -41,3 +41,17 @@ def smoke_reference(tmp_path_factory):
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
+
+
+def tiny_world_and_model():
+    """A 4-class fine-grained world with a few generic images and an untrained toy-clip-tiny (seeded): enough for
+    validation functions and weight-space merges, in well under a second."""
+    import torch
+
+    from infusing_kit import world as W
+    from infusing_kit.models import load_model
+    world = W.make_world(W.WorldConfig(seed=3, generic_train=50, generic_val_combos=10, generic_test_combos=10,
+                                       text_pairs=10, fine_train_classes=6, fine_val_classes=4, fine_test_classes=4,
+                                       fine_per_class=4))
+    torch.manual_seed(0)
+    return world, load_model("toy-clip-tiny", pretrained=None)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_world_and_model
 from infusing_kit import drift, experiment
-from infusing_kit import world as W
 from infusing_kit.models import load_model
 from infusing_kit.regularizers import lines, model_stock, wise_ft
 
@@ -109,11 +109,7 @@ def test_model_stock_by_hand():
 
 
 def test_lines_and_merge_curves_choose_on_validation_and_hand_back():
-    world = W.make_world(W.WorldConfig(seed=3, generic_train=50, generic_val_combos=10, generic_test_combos=10,
-                                       text_pairs=10, fine_train_classes=6, fine_val_classes=4, fine_test_classes=4,
-                                       fine_per_class=4))
-    torch.manual_seed(0)
-    vlm = load_model("toy-clip-tiny", pretrained=None)
+    world, vlm = tiny_world_and_model()
     theta0 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
     runs = []
     for s in (1, 2):
@@ -134,11 +130,7 @@ def test_lines_and_merge_curves_choose_on_validation_and_hand_back():
 
 
 def test_validation_reports_agreement_with_the_reference():
-    world = W.make_world(W.WorldConfig(seed=3, generic_train=50, generic_val_combos=10, generic_test_combos=10,
-                                       text_pairs=10, fine_train_classes=6, fine_val_classes=4, fine_test_classes=4,
-                                       fine_per_class=4))
-    torch.manual_seed(0)
-    vlm = load_model("toy-clip-tiny", pretrained=None)
+    world, vlm = tiny_world_and_model()
     from infusing_kit.models import embed_images
     ref = embed_images(vlm, world.generic_val, progress=False)
     assert experiment.validation_fn(world, ref)(vlm)["generic_agreement"] == pytest.approx(1.0, abs=1e-5)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from infusing_kit import experiment, world as W
-from infusing_kit.models import load_model
+from conftest import tiny_world_and_model
+from infusing_kit import experiment
 from infusing_kit.regularizers import wise_ft
 from infusing_kit.results import dominating, load_trials, summarise
 
@@ -76,11 +76,7 @@ def test_the_presets_are_the_committed_validation_choices():
 
 
 def test_wise_ft_curve_endpoints_are_the_two_models():
-    world = W.make_world(W.WorldConfig(seed=3, generic_train=50, generic_val_combos=10, generic_test_combos=10,
-                                       text_pairs=10, fine_train_classes=6, fine_val_classes=4, fine_test_classes=4,
-                                       fine_per_class=4))
-    torch.manual_seed(0)
-    vlm = load_model("toy-clip-tiny", pretrained=None)
+    world, vlm = tiny_world_and_model()
     theta0 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
     with torch.no_grad():
         for p in vlm.visual.parameters():
