@@ -445,17 +445,32 @@ def cached_run(preset: str, root: str | Path, smoke: bool = False, seed: int = 0
     Results live in root/<preset>[-smoke]-s<seed>[-ft<train_seed>]/ (metrics.json, model.pt, run/log.jsonl);
     notebooks share them instead of training the same model again. An interrupted run there is resumed.
     train_seed: a second fine-tuning of the same pretrained model on the same world (see `toy_setup`)."""
-    from .models import load_model
     out = Path(root) / f"{preset}{'-smoke' if smoke else ''}-s{seed}{'' if train_seed is None else f'-ft{train_seed}'}"
     if not (out / "metrics.json").exists():
         run_experiment(preset, out, smoke=smoke, seed=seed, device=device, progress=progress, registry=registry,
                        resume=(out / "run").exists(), train_seed=train_seed)
-    metrics = json.loads((out / "metrics.json").read_text())
+    return load_run(out, device, progress)
+
+
+def load_run(run_dir: str | Path, device: str = "cpu", progress: bool = False):
+    """A finished built-in-world run folder -> (metrics with its "history", fine-tuned VLM, pretrained VLM, world).
+
+    Also reads the model.pt of runs made before the file named its model (image tower and head only, commits up
+    to 109d7af): their tower goes on top of the run's pretrained toy model."""
+    from .models import load_model
+    run_dir = Path(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     world = W.make_world(W.WorldConfig(**metrics["world"]))
     pcfg = PretrainConfig(**metrics["pretrain"])
     pretrained = load_pretrained_toy(pcfg.model, device=device, cfg=pcfg, progress=progress)
-    tuned = load_model(pcfg.model, str(out / "model.pt"), device=device)
-    metrics["history"] = [json.loads(l) for l in (out / "run" / "log.jsonl").read_text().splitlines()]
+    ckpt = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    if set(ckpt) == {"visual", "head"}:
+        tuned = load_pretrained_toy(pcfg.model, device=device, cfg=pcfg, progress=False)
+        tuned.visual.load_state_dict(ckpt["visual"])
+    else:
+        tuned = load_model(metrics.get("model", pcfg.model), str(run_dir / "model.pt"), device=device)
+    log = run_dir / "run" / "log.jsonl"
+    metrics["history"] = [json.loads(l) for l in log.read_text().splitlines()] if log.exists() else []
     return metrics, tuned, pretrained, world
 
 

@@ -263,37 +263,21 @@ class AblationExplorer:
 
 
 def run_model(run_dir: str | Path):
-    """The kept model of a toy-world run folder (metrics.json + model.pt). Also reads the model.pt of runs made
-    before the file named its model (image tower and head only, commits up to 109d7af): their tower goes on
-    top of the run's pretrained toy model."""
-    import torch
-    from .models import load_model
-    from .pretrain import PretrainConfig, load_pretrained_toy
-    run_dir = Path(run_dir)
-    m = json.loads((run_dir / "metrics.json").read_text())
-    ckpt = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-    if set(ckpt) == {"visual", "head"}:
-        pcfg = PretrainConfig(**m["pretrain"])
-        vlm = load_pretrained_toy(pcfg.model, cfg=pcfg, progress=False)
-        vlm.visual.load_state_dict(ckpt["visual"])
-        return vlm
-    return load_model(m["model"], str(run_dir / "model.pt"))
+    """The kept model of a toy-world run folder (metrics.json + model.pt), old model.pt files included
+    (`experiment.load_run`)."""
+    from .experiment import load_run
+    return load_run(run_dir)[1]
 
 
 def gallery_from_run(run_dir: str | Path, n_queries: int = 6) -> dict:
     """Top-k fine-grained test neighbours of evenly spaced queries, before (pretrained) and after (model.pt)."""
-    from . import world as W
+    from .experiment import load_run
     from .metrics import knn_search
     from .models import embed_images
-    from .pretrain import PretrainConfig, load_pretrained_toy
-    run_dir = Path(run_dir)
-    m = json.loads((run_dir / "metrics.json").read_text())
-    w = W.make_world(W.WorldConfig(**m["world"]))
-    pcfg = PretrainConfig(**m["pretrain"])
-    models = {"before": load_pretrained_toy(pcfg.model, cfg=pcfg, progress=False), "after": run_model(run_dir)}
+    m, after, before, w = load_run(run_dir)
     queries = np.linspace(0, len(w.fine_test) - 1, n_queries).astype(int)
     out = {"world": m["world"], "queries": queries.tolist(), "method": m["preset"], "seed": m["seed"]}
-    for when, vlm in models.items():
+    for when, vlm in (("before", before), ("after", after)):
         emb = embed_images(vlm, w.fine_test.images, progress=False)
         _, nn = knn_search(emb[queries], emb, k=K_GALLERY + 1)
         nn = np.array([[j for j in row if j != q][:K_GALLERY] for row, q in zip(nn, queries)])  # self by identity

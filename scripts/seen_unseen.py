@@ -6,25 +6,18 @@ The generic test split holds both kinds (world.seen_in_generic_train); a method 
 replays would keep the seen part and lose the unseen one. Retrieval runs inside each part (queries and index
 from the same part), pretrained vs the run's kept model.
 """
-import json
 import sys
-from pathlib import Path
 
 from infusing_kit import world as W
+from infusing_kit.experiment import load_run
 from infusing_kit.metrics import retrieval_metrics
-from infusing_kit.explorer import run_model
 from infusing_kit.models import embed_images
-from infusing_kit.pretrain import PretrainConfig, load_pretrained_toy
 
 
 def main(run_dirs: list[str]) -> int:
     print("| run | part | images | pretrained mAP@20 | fine-tuned mAP@20 | change |\n|---|---|---|---|---|---|")
-    for d in map(Path, run_dirs):
-        m = json.loads((d / "metrics.json").read_text())
-        w = W.make_world(W.WorldConfig(**m["world"]))
-        pcfg = PretrainConfig(**m["pretrain"])
-        before = load_pretrained_toy(pcfg.model, cfg=pcfg, progress=False)
-        after = run_model(d)
+    for d in run_dirs:
+        m, after, before, w = load_run(d)
         split = w.generic_test
         seen = W.seen_in_generic_train(w, split)
         emb = {k: embed_images(v, split.images, progress=False) for k, v in (("before", before), ("after", after))}
