@@ -109,8 +109,14 @@ class AblationExplorer:
         return pts
 
     def draw(self) -> dict[str, np.ndarray]:
-        pts = self.points()
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        pts = self.scatter(ax)
+        _show_figure(self.plot_out, fig)
+        return pts
+
+    def scatter(self, ax) -> dict[str, np.ndarray]:
+        """The trade-off scatter of the selection on `ax` (one dot per run, a large dot per method's mean)."""
+        pts = self.points()
         for m, p in pts.items():
             c = COLOURS.get(m, "#444444")
             ax.scatter(100 * p[:, 0], 100 * p[:, 1], s=14, alpha=0.45, color=c)
@@ -121,7 +127,6 @@ class AblationExplorer:
         ax.axhline(0, color="black", lw=0.5, ls=":"), ax.axvline(0, color="black", lw=0.5, ls=":")
         if pts:
             ax.legend(fontsize=7, frameon=False, loc="best")
-        _show_figure(self.plot_out, fig)
         return pts
 
     def _refresh_runs(self) -> None:
