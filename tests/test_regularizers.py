@@ -130,7 +130,9 @@ def test_fisher_matches_per_sample_brute_force(tiny):
     images = torch.randint(0, 256, (5, 3, 32, 32), generator=g, dtype=torch.uint8)
     labels = torch.tensor([0, 3, 1, 6, 3])
     class_emb = F.normalize(torch.randn(7, tiny.visual.output_dim, generator=g), dim=1)
+    threads = torch.get_num_threads()
     fisher = fisher_diagonal(tiny, images, labels, class_emb, logit_scale=10.0)
+    assert torch.get_num_threads() == threads, "fisher_diagonal must hand back the thread count it found"
     brute = {n: torch.zeros_like(p) for n, p in tiny.visual.named_parameters()}
     tiny.visual.eval()
     for i in range(5):
