@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("--jobs", type=int, default=1, help="runs at once (2 on 2 CPU cores; 8-16 on one large GPU)")
     co.add_argument("--device", default="cpu")
     co.add_argument("--smoke", action="store_true", help="tiny world and schedules (a check of the pipeline)")
+    co.add_argument("--stop-after", type=int, choices=(1, 2, 3, 4), help="stop after this stage (resume later)")
     tr = sub.add_parser("trials", help="export the finished search trials of Optuna SQLite files as JSON lines")
     tr.add_argument("--storage", nargs="+", required=True, help="SQLite files written by `search`")
     tr.add_argument("--out", required=True, help="JSON-lines file to write; must not exist yet")
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "compare":
         from .comparison import compare
-        compare(args.out, presets=args.presets, jobs=args.jobs, device=args.device, smoke=args.smoke)
+        compare(args.out, presets=args.presets, jobs=args.jobs, device=args.device, smoke=args.smoke,
+                stop_after=args.stop_after)
         return 0
     if args.command == "trials":
         from .search import trial_rows

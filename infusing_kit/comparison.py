@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .checkpoints import atomic_write_text
-from .experiment import PRESETS, run_experiment
+from .experiment import PRESETS, check_identity, run_experiment
 
 CALIBRATION_STEPS = 600   # target steps of the naive learning-rate search (generous: cut down in stage 2)
 FLAT_TOL = 0.03           # fine-grained validation may gain less than this over the last FLAT_FRAC of a schedule
@@ -108,7 +108,7 @@ def run_many(tasks: list[dict], jobs: int, device: str) -> list[dict]:
 
 def compare(out: str | Path, presets: list[str] | None = None, jobs: int = 1, device: str = "cpu",
             smoke: bool = False, trials: dict | None = None, final_seeds=FINAL_SEEDS, heldout_seeds=HELDOUT_SEEDS,
-            search_seeds=SEARCH_SEEDS, log=print) -> dict:
+            search_seeds=SEARCH_SEEDS, log=print, stop_after: int | None = None) -> dict:
     """Run (or resume) the whole comparison into `out`; returns the chosen configurations.
 
     presets: the presets to compare besides toy-naive (default: every preset with a search space, and
@@ -147,6 +147,8 @@ def compare(out: str | Path, presets: list[str] | None = None, jobs: int = 1, de
         cal = run_many([dict(preset="toy-naive", out_dir=runs / "calibration" / f"s{s}", smoke=smoke, seed=s,
                              device=device, progress=False, overrides={**lrs, "steps": budget}, test=False)
                         for s in search_seeds], jobs, device)
+        for s, m in zip(search_seeds, cal):
+            chosen["identity"] = check_identity(chosen.get("identity"), m, f"calibration run of seed {s}")
         eval_every = (naive.smoke_train if smoke else naive.train).eval_every
         sched = choose_schedule([_curve(m) for m in cal], eval_every, budget)
         sched["curves"] = {str(s): _curve(m) for s, m in zip(search_seeds, cal)}
@@ -160,6 +162,8 @@ def compare(out: str | Path, presets: list[str] | None = None, jobs: int = 1, de
     chosen["toy-naive"]["params"] = base
     save()
     log(f"  schedule: {steps} target steps (flat at {chosen['schedule']['flat']} x {MARGIN})")
+    if stop_after == 2:
+        return chosen
 
     # 3. every other preset's search with the same target steps and naive's learning rates as the base
     for p in presets:

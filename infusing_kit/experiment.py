@@ -33,7 +33,7 @@ from . import world as W
 from .checkpoints import atomic_write_text, check_writable
 from .metrics import image_text_recall, retrieval_metrics
 from .models import VLM, embed_images, embed_texts, save_finetuned
-from .pretrain import PretrainConfig, load_pretrained_toy
+from .pretrain import FAR_PRETRAIN, PretrainConfig, fingerprint, load_pretrained_toy
 from .drift import layer_depths
 from .regularizers import fisher_diagonal, lines, model_stock, wise_ft
 from .teacher import extract_teacher
@@ -56,7 +56,7 @@ class Preset:
 # results/toy-protocol-cpu-v2.json: lr_backbone 1.222e-3 and lr_head 2.338e-3 (25 trials at 600 target steps, best
 # fine-grained validation mAP@20), then 300 target steps (naive's validation curves flat at 225, 225 and 200 on
 # seeds 0-2, x 1.25). The SMOKE schedule keeps its own, hand-set rates: it only checks that the pipeline runs.
-NAIVE = TrainConfig(steps=300, batch_size=128, lr_backbone=1.22e-3, lr_head=2.34e-3, eval_every=25,
+NAIVE = TrainConfig(steps=300, batch_size=64, lr_backbone=1.22e-3, lr_head=2.34e-3, eval_every=25,
                     select="fine_map@20", ckpt_every=100, augment="none")
 SMOKE_NAIVE = replace(NAIVE, steps=150, batch_size=64, lr_backbone=5e-4, lr_head=1e-2, eval_every=25, ckpt_every=50)
 LR_SPACE = (("lr_backbone", 1e-5, 1e-2, True),)
@@ -132,14 +132,30 @@ SMOKE_WORLD = dict(generic_train=1000, generic_val_combos=40, generic_test_combo
                    fine_train_classes=150, fine_val_classes=30, fine_test_classes=64, fine_per_class=8)
 
 
-def world_config(seed: int, smoke: bool) -> W.WorldConfig:
-    return W.WorldConfig(seed=seed, **(SMOKE_WORLD if smoke else {}))
+WORLDS = ("near", "far")
 
 
-def pretrain_config(seed: int, smoke: bool = False) -> PretrainConfig:
-    """The toy VLM of an experiment. Smoke runs use the same (cached) model: a smaller one does not learn
-    the fine-grained marks within a smoke-sized schedule (measured: toy-clip-tiny stays at chance)."""
-    return replace(PretrainConfig(), seed=seed)
+def world_config(seed: int, smoke: bool, world: str = "near") -> W.WorldConfig:
+    """The world of an experiment. near (the default): one fixed world (seed 0), as the paper has one dataset; the
+    run's seed varies the fine-tuning only. far (the kit's first world): the seed also draws the world."""
+    _check_world(world)
+    size = SMOKE_WORLD if smoke else {}
+    return W.WorldConfig(seed=0, **size) if world == "near" else replace(W.FAR, seed=seed, **size)
+
+
+def pretrain_config(seed: int, smoke: bool = False, world: str = "near") -> PretrainConfig:
+    """The toy VLM of an experiment. near: one fixed pretrained model (seed 0), as the paper fine-tunes one
+    checkpoint (the far world's five pretrained models, seeds 0-4 of results/toy-comparison-cpu-v2.jsonl, score
+    generic test mAP@20 0.73-0.87 and image-to-text R@1 0.53-0.80: there the seed changed the starting model as
+    much as the fine-tuning). far: pretrained with the run's seed, as its registry was made.
+    Smoke runs use the same model: a smaller one does not learn the fine-grained task within a smoke schedule."""
+    _check_world(world)
+    return PretrainConfig() if world == "near" else replace(FAR_PRETRAIN, seed=seed)
+
+
+def _check_world(world: str) -> None:
+    if world not in WORLDS:
+        raise ValueError(f"world must be one of {WORLDS}, got {world!r}")
 
 
 # ---------------------------------------------------------------------------- what an experiment is made of
@@ -183,15 +199,17 @@ class Setup:
 
 
 def toy_setup(preset: str, seed: int = 0, smoke: bool = False, device: str = "cpu", overrides: dict | None = None,
-              cache_dir: str | Path | None = None, progress: bool = True, train_seed: int | None = None) -> Setup:
-    """A preset on the built-in world and the toy VLM pretrained on it (same seed). train_seed: a different seed
-    for the fine-tuning only (head, batches, augmentation), the world and the pretrained model unchanged."""
+              cache_dir: str | Path | None = None, progress: bool = True, train_seed: int | None = None,
+              world: str = "near") -> Setup:
+    """A preset on a built-in world and the toy VLM pretrained on it (`world_config`, `pretrain_config`). train_seed:
+    a different seed for the fine-tuning only (head, batches, augmentation), the world and the pretrained model
+    unchanged (in the near world, `seed` already is only the fine-tuning's)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     overrides = check_overrides(overrides)
     p = PRESETS[preset]
     cfg = replace(p.smoke_train if smoke else p.train, seed=seed if train_seed is None else train_seed, **overrides)
-    wcfg, pcfg = world_config(seed, smoke), pretrain_config(seed, smoke)
+    wcfg, pcfg = world_config(seed, smoke, world), pretrain_config(seed, smoke, world)
     model = lambda: load_pretrained_toy(pcfg.model, device=device, cache_dir=cache_dir, cfg=pcfg, progress=progress)
     return Setup(preset, p.description, model, Domains.from_world(W.make_world(wcfg)), cfg, p.wise_ft, seed, smoke,
                  {"world": asdict(wcfg), "pretrain": asdict(pcfg), "model": pcfg.model}, overrides)
@@ -358,6 +376,29 @@ def check_overrides(overrides: dict | None) -> dict:
     return overrides
 
 
+IDENTITY = ("weights", "threads", "torch", "device_kind")
+
+
+def check_identity(expected: dict | None, metrics: dict, what: str) -> dict:
+    """The identity (`run_identity`) of a finished run, refused when it differs from `expected` (None: the first)."""
+    mine = {k: metrics.get(k) for k in IDENTITY}
+    if expected is not None and mine != expected:
+        diff = {k: (expected.get(k), mine[k]) for k in IDENTITY if expected.get(k) != mine[k]}
+        raise ValueError(f"{what} was made with other starting weights, threads, torch or device than the rest of the "
+                         f"comparison ({diff}; expected, found): its numbers would not be comparable. Run it again "
+                         "under the same conditions (e.g. the same --jobs, which sets the threads per run), or start a "
+                         "new comparison folder.")
+    return mine
+
+
+def run_identity(vlm: VLM, device: str) -> dict:
+    """What changes a run's bits besides its config and data: the weights it starts from (their fingerprint), the
+    CPU threads of its process (float sums are ordered differently with 1 and 2 threads), the device and the
+    torch version. Recorded in metrics.json and registry rows; a comparison refuses to mix them."""
+    return {"weights": fingerprint(vlm), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device_kind": torch.device(device).type}
+
+
 def code_version() -> str | None:
     """The git commit of the kit's code (with '+changes' when its files differ from it), or None outside git."""
     import subprocess
@@ -396,6 +437,7 @@ def run_setup(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: 
     t0 = time.time()
     cfg, d = setup.train, setup.domains
     vlm = setup.model()
+    identity = run_identity(vlm, device)
     before = evaluate(vlm, d) if test else None
     extra = prepare_inputs(vlm, cfg, d, teacher_path=out / "teacher.npy" if len(d.generic_train) > 50_000 else None)
     theta0 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
@@ -417,7 +459,7 @@ def run_setup(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: 
                f"{where.type} (float32)", **setup.source, "train": asdict(cfg), "overrides": setup.overrides,
                "best_step": result.best_step, "val": val, "wise_ft": wise, "updates": result.updates,
                "stopped_at": result.updates["target"] if result.updates["target"] < cfg.steps else None,
-               "warnings": result.warnings, "code": code_version(), "processes": distributed.world(),
+               "warnings": result.warnings, "code": code_version(), "processes": distributed.world(), **identity,
                "train_seconds": round(result.seconds, 1), "seconds": round(time.time() - t0, 1),
                "pretrained": before, "finetuned": after}
     if main:
@@ -431,10 +473,10 @@ def run_setup(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: 
 def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",
                    progress: bool = True, cache_dir: str | Path | None = None, overrides: dict | None = None,
                    test: bool = True, registry: str | Path | None = None, hooks: tuple = (),
-                   resume: bool = False, train_seed: int | None = None) -> dict:
-    """Run a preset on the built-in world end to end and write out_dir/metrics.json (see `run_setup`).
-    overrides: TrainConfig fields to change (a search trial). train_seed: see `toy_setup`."""
-    setup = toy_setup(preset, seed, smoke, device, overrides, cache_dir, progress, train_seed)
+                   resume: bool = False, train_seed: int | None = None, world: str = "near") -> dict:
+    """Run a preset on a built-in world end to end and write out_dir/metrics.json (see `run_setup`).
+    overrides: TrainConfig fields to change (a search trial). train_seed, world: see `toy_setup`."""
+    setup = toy_setup(preset, seed, smoke, device, overrides, cache_dir, progress, train_seed, world)
     return run_setup(setup, out_dir, device, progress, test, registry, hooks, resume)
 
 
@@ -460,7 +502,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", progress: bool = False):
     from .models import load_model
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    world = W.make_world(W.WorldConfig(**metrics["world"]))
+    world = W.make_world(W.config_from_dict(metrics["world"]))
     pcfg = PretrainConfig(**metrics["pretrain"])
     pretrained = load_pretrained_toy(pcfg.model, device=device, cfg=pcfg, progress=progress)
     ckpt = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)

@@ -196,7 +196,7 @@ class AblationExplorer:
         from . import world as W
         key = json.dumps(world_cfg, sort_keys=True)
         if key not in self._worlds:
-            self._worlds[key] = W.make_world(W.WorldConfig(**world_cfg)).fine_test.images
+            self._worlds[key] = W.make_world(W.config_from_dict(world_cfg)).fine_test.images
         return self._worlds[key]
 
     # ------------------------------------------------------------------------ a search

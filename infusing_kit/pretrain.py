@@ -1,16 +1,22 @@
 """The toy VLM: a small open_clip CLIP pretrained contrastively by the kit on the built-in world.
 
-It stands in for CLIP/SigLIP when no weights can be downloaded: after a few minutes on two CPU
-cores it knows the generic world (caption retrieval, attribute-combination retrieval) and knows
-nothing of the fine-grained marks, which captions never mention.
+It stands in for CLIP/SigLIP when no weights can be downloaded: it knows the generic world (caption retrieval,
+attribute-combination retrieval), the shapes and colours of the near world's fine-grained classes but only
+partly their shades, and nothing of the far world's marks, which captions never mention.
 
-`load_pretrained_toy(name)` returns the cached model, pretraining it first when the cache has no
-entry for its exact `PretrainConfig` (the cache key is a hash of the config and the world version;
-delete the file, or the cache folder, to rebuild). Cache folder: $INFUSING_KIT_CACHE, else
-~/.cache/infusing_kit.
+Same config, same bits: pretraining runs on one CPU thread whatever the process's thread count (float sums in
+matrix products are ordered differently with 1 and 2 threads, so a 2-thread and a 1-thread process pretrained
+different models; measured). `fingerprint(vlm)` is the hash every run records of the weights it started from.
+
+`load_pretrained_toy(name)` returns the model for a `PretrainConfig`: from the cache, else from the weights the
+kit ships for the default configs (infusing_kit/weights, written by `python -m infusing_kit pretrain`; the near
+world's model takes 17 minutes to pretrain on one core), else pretrained now and cached. The cache key is a hash
+of the config, the architecture and the world version; delete the file, or the cache folder, to rebuild. Cache
+folder: $INFUSING_KIT_CACHE, else ~/.cache/infusing_kit.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -19,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,21 +34,42 @@ from .checkpoints import atomic_save
 from .losses import clip_contrastive_loss
 from .models import CONFIG_DIR, VLM, freeze_text_tower, load_model, preprocess, progress_bar
 
-WORLD_VERSION = 1  # bump when the world's rendering changes, so cached models are rebuilt
+WORLD_VERSION = 1  # bump when the generic world's rendering changes, so cached models are rebuilt
+PRETRAIN_VERSION = 2  # 2: pretraining on one thread (version 1 models depended on the thread count)
+WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     model: str = "toy-clip"      # a config in infusing_kit/model_configs
     seed: int = 0
-    steps: int = 300             # fresh image-caption batches (77k images at the default size)
+    steps: int = 1000            # fresh image-caption batches (256k images at the default size)
     batch_size: int = 256
     lr: float = 2e-3             # AdamW, linear warm-up then cosine decay to 0
     warmup: int = 40
     weight_decay: float = 0.05
 
 
+FAR_PRETRAIN = PretrainConfig(steps=300)   # the far world's toy VLM (results/toy-*-v2.*): a shorter pretraining
 SMOKE_PRETRAIN = PretrainConfig(model="toy-clip-tiny", steps=400, batch_size=128, lr=3e-3, warmup=20)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the body on one CPU thread (torch's intra-op pool), then restore the count: results that do not depend
+    on how many threads the process has."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fingerprint(vlm: VLM) -> str:
+    """sha256 (16 hex digits) over the whole model's state (both towers): what a run records of its starting weights."""
+    from .checkpoints import tower_fingerprint
+    return tower_fingerprint(vlm.model)
 
 
 def cache_dir(path: str | Path | None = None) -> Path:
@@ -51,8 +79,8 @@ def cache_dir(path: str | Path | None = None) -> Path:
 def cache_path(cfg: PretrainConfig, root: str | Path | None = None) -> Path:
     """The cache file of a pretrained toy VLM: keyed by the config, the architecture file and the world version."""
     arch = (CONFIG_DIR / f"{cfg.model}.json").read_text() if (CONFIG_DIR / f"{cfg.model}.json").exists() else ""
-    key = hashlib.sha256(json.dumps({**asdict(cfg), "world": WORLD_VERSION, "arch": json.loads(arch or "{}")},
-                                    sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps({**asdict(cfg), "world": WORLD_VERSION, "arch": json.loads(arch or "{}"),
+                                     "pretrain": PRETRAIN_VERSION}, sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir(root) / f"{cfg.model}-pretrained-{key}.pt"
 
 
@@ -66,7 +94,13 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 
 def pretrain(cfg: PretrainConfig = PretrainConfig(), device: str | torch.device = "cpu",
              progress: bool = True) -> tuple[VLM, dict]:
-    """Contrastive (CLIP) pretraining of a fresh toy model on fresh world batches. Deterministic from cfg.seed."""
+    """Contrastive (CLIP) pretraining of a fresh toy model on fresh world batches. Deterministic from cfg.seed, on one
+    CPU thread whatever the process's thread count (the same bits from any process; `one_thread`)."""
+    with one_thread():
+        return _pretrain(cfg, device, progress)
+
+
+def _pretrain(cfg: PretrainConfig, device, progress: bool) -> tuple[VLM, dict]:
     torch.manual_seed(cfg.seed)
     vlm = load_model(cfg.model, pretrained=None, device=device)
     for p in vlm.model.parameters():
@@ -95,7 +129,8 @@ def pretrain(cfg: PretrainConfig = PretrainConfig(), device: str | torch.device 
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
     freeze_text_tower(vlm)
-    return vlm, {"config": asdict(cfg), "seconds": time.time() - t0, "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+    return vlm, {"config": asdict(cfg), "seconds": time.time() - t0, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+                 "threads": 1, "device": str(device), "torch": torch.__version__}
 
 
 def load_pretrained_toy(name: str = "toy-clip", device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
@@ -104,13 +139,16 @@ def load_pretrained_toy(name: str = "toy-clip", device: str | torch.device = "cp
     if cfg is None:
         cfg = SMOKE_PRETRAIN if name == SMOKE_PRETRAIN.model else replace(PretrainConfig(), model=name)
     path = cache_path(cfg, cache_dir)
-    if path.exists():
+    shipped = shipped_path(cfg)
+    if path.exists() or shipped.exists():
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            state = (torch.load(path, map_location="cpu", weights_only=True)["state_dict"] if path.exists() else
+                     read_weights(shipped))
         except Exception as e:
-            raise RuntimeError(f"cached toy model {path} cannot be read ({e}); delete it to pretrain again") from e
+            bad = path if path.exists() else shipped
+            raise RuntimeError(f"toy model weights {bad} cannot be read ({e}); delete the file to pretrain again") from e
         vlm = load_model(cfg.model, pretrained=None, device="cpu")
-        vlm.model.load_state_dict(ckpt["state_dict"])
+        vlm.model.load_state_dict(state)
         vlm.model.to(device)
         freeze_text_tower(vlm)
     else:
@@ -119,3 +157,23 @@ def load_pretrained_toy(name: str = "toy-clip", device: str | torch.device = "cp
         atomic_save({"state_dict": {k: v.cpu() for k, v in vlm.model.state_dict().items()}, "info": info}, path)
     vlm.pretrained = f"toy:{path.name}"
     return vlm
+
+
+def shipped_path(cfg: PretrainConfig) -> Path:
+    """Where the kit ships the weights of `cfg` (exists for the default configs only)."""
+    return WEIGHTS_DIR / (cache_path(cfg, WEIGHTS_DIR).stem + ".npz")
+
+
+def write_weights(vlm: VLM, path: str | Path, info: dict | None = None) -> Path:
+    """The whole model's float32 state as a compressed .npz (exact bits; `read_weights` loads it), atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+    state = {k: v.detach().cpu().numpy() for k, v in vlm.model.state_dict().items()}
+    np.savez_compressed(tmp, **state, __info__=np.frombuffer(json.dumps(info or {}).encode(), np.uint8))
+    os.replace(tmp, path)
+    return path
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    with np.load(path) as f:
+        return {k: torch.from_numpy(f[k].copy()) for k in f.files if k != "__info__"}

@@ -39,6 +39,8 @@ def append_result(path: str | Path, metrics: dict, run_dir: str | Path | None = 
            "best_step": metrics.get("best_step"), "updates": metrics.get("updates"),
            "pretrained": metrics["pretrained"], "finetuned": metrics["finetuned"], "warnings": metrics.get("warnings", []),
            "seconds": metrics["seconds"], "device": metrics.get("device"), "code": metrics.get("code"),
+           "world": (metrics.get("world") or {}).get("kind", "far" if metrics.get("world") else None),
+           "weights": metrics.get("weights"), "threads": metrics.get("threads"), "torch": metrics.get("torch"),
            "run_dir": str(run_dir) if run_dir else None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -215,6 +215,11 @@ def _objective(preset: str, study_name_: str, out_root: Path, smoke: bool, seed:
         out = Path(out_root) / study_name_ / f"trial{trial.number:03d}"
         m = run_experiment(preset, out, smoke=smoke, seed=seed, device=device, progress=False,
                            overrides={**base, **params}, test=False, hooks=(report,))
+        from .experiment import check_identity
+        study = trial.study
+        ident = check_identity(study.user_attrs.get("identity"), m, f"trial {trial.number} of study {study_name_}")
+        if "identity" not in study.user_attrs:
+            study.set_user_attr("identity", ident)
         for k, v in m["val"].items():
             trial.set_user_attr(k, v)
         trial.set_user_attr("train", m["train"])

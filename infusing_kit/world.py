@@ -6,10 +6,20 @@ Two domains, both rendered on the fly as uint8 tensors (N, 3, S, S), determinist
   background). Each image comes with captions that name all six, so a contrastively pretrained
   model learns to embed images by their full attribute combination. Generic image-image
   retrieval labels are that combination (several renders per combination).
-- fine-grained: a large square carrying small dark marks on a 4x4 grid; the class is the 16-bit
-  mark pattern (512 classes, any two differ in at least 3 marks). Colour, background, a 1 px shift and
-  pixel noise are nuisances that vary inside a class. Captions never mention the marks, so a pretrained model is bad at them,
-  and the splits are class-disjoint (open-set retrieval, as in the paper).
+- fine-grained, in one of two kinds (`WorldConfig.kind`):
+  - "near" (the default, what the chapters teach on): a large centred shape in a class-specific *shade*
+    of one of the eight captioned colours (512 classes = 8 shapes x 8 colours x 8 shades; shades of one
+    colour lie at least 45 RGB units apart within 100 units of it). The pretrained model knows the shape and
+    the colour family, which captions name, and only partly the shade, which they do not: it retrieves the
+    fine-grained classes far above chance and fine-tuning has to sharpen what it already sees, as
+    off-the-shelf CLIP does on cars or products. The background is a nuisance. Two of the eight shapes
+    never occur among the training classes: about half of the validation and 40% of the test classes have
+    them, so what the model knew of shapes matters in-domain too (test products are new objects).
+  - "far": a large square carrying small dark marks on a 4x4 grid; the class is the 16-bit mark pattern
+    (512 classes, any two differ in at least 3 marks). Captions never mention marks, so the pretrained model
+    knows nothing of them and fine-tuning must rewrite the tower's stem (the kit's first world; the
+    comparison in results/toy-*-v2.* ran on it).
+  Either way the splits are class-disjoint (open-set retrieval, as in the paper).
 
 `WorldSplits` (via `make_world`) holds every split the kit uses; see its docstring.
 The tokenizer (`ToyTokenizer`) is word level: pad = 0, end-of-text = the largest id, so open_clip's
@@ -19,7 +29,8 @@ from __future__ import annotations
 
 import functools
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import numpy as np
 import torch
@@ -211,22 +222,110 @@ def render_fine(labels: np.ndarray, seed: int, size: int = 32, jitter: float = 1
     return img.clamp(0, 255).round().to(torch.uint8)
 
 
+N_SHADES = 8                           # near world: shades per (shape, colour) group
+SHADE_RADIUS, SHADE_MIN_DISTANCE = 100.0, 45.0
+
+
+@functools.lru_cache(maxsize=2)
+def _shade_table(seed: int = 1234) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    fam = np.array(list(COLOURS.values()), np.float64)
+    rng = np.random.default_rng(seed)
+    shape, colour, rgb = [], [], []
+    for g in range(N_FINE_CLASSES // N_SHADES):  # group g: shape g % 8, colour g // 8
+        pts: list[np.ndarray] = []
+        while len(pts) < N_SHADES:  # uniform in the ball around the colour, rejection for the minimum distance
+            v = rng.normal(size=3)
+            c = np.clip(fam[g // len(SHAPES)] + v / np.linalg.norm(v) * SHADE_RADIUS * rng.uniform() ** (1 / 3), 10, 245)
+            if all(np.linalg.norm(c - p) >= SHADE_MIN_DISTANCE for p in pts):
+                pts.append(c)
+        shape += [g % len(SHAPES)] * N_SHADES
+        colour += [g // len(SHAPES)] * N_SHADES
+        rgb += pts
+    return np.array(shape), np.array(colour), np.array(rgb, np.float32)
+
+
+def shade_table() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The near world's 512 fine-grained classes: (shape id (512,), colour-family id (512,), RGB shade (512, 3)).
+
+    Class c has shape c // 8 % 8 and colour c // 64: the 8 classes of one (shape, colour) group differ in shade
+    only, at least SHADE_MIN_DISTANCE apart and within SHADE_RADIUS of the captioned colour. Fixed seed: the
+    same classes in every world."""
+    return tuple(a.copy() for a in _shade_table())
+
+
+def render_shades(labels: np.ndarray, seed: int, size: int = 32, jitter: float = 1.5,
+                  colour_noise: float = 4.0) -> torch.Tensor:
+    """Render one near-world fine-grained image per class id. uint8 (N, 3, size, size).
+
+    The class's shape, large (radius 7.5 px at 32 px, +-12%), centred (+-`jitter` px), plain, in the class's
+    shade (+ `colour_noise` per channel), on a random background (a nuisance), with pixel noise."""
+    shape, _, rgb = _shade_table()
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    g = torch.Generator().manual_seed(int(seed))
+    scale = size / 32.0
+    pos = torch.full((n, 2), size / 2.0) + (torch.rand(n, 2, generator=g) - 0.5) * 2 * jitter * scale
+    r = SIZES["large"] * scale * (1 + (torch.rand(n, generator=g) - 0.5) * 0.24)
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    dx = xx[None] - pos[:, 0, None, None]
+    dy = yy[None] - pos[:, 1, None, None]
+    mask = _shape_mask(torch.as_tensor(shape[labels]), dx, dy, r[:, None, None])
+    colour = torch.as_tensor(rgb[labels]) + torch.randn(n, 3, generator=g) * colour_noise
+    bg = torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32)[torch.randint(0, len(BACKGROUNDS), (n,), generator=g)]
+    bg = bg + torch.randn(n, 3, generator=g) * 6
+    img = torch.where(mask[:, None], colour[:, :, None, None], bg[:, :, None, None])
+    img = img + torch.randn(img.shape, generator=g) * 6
+    return img.clamp(0, 255).round().to(torch.uint8)
+
+
+def spread_combinations(candidates: np.ndarray, n: int, min_distance: int) -> np.ndarray:
+    """The first n of `candidates` (in order, greedily) whose attribute tuples pairwise differ in at least
+    `min_distance` of the six attributes. min_distance 1: the first n distinct combinations."""
+    attrs = combo_to_attributes(np.arange(N_COMBOS))
+    chosen: list[int] = []
+    for c in candidates:
+        if not chosen or (attrs[chosen] != attrs[c]).sum(1).min() >= min_distance:
+            chosen.append(int(c))
+            if len(chosen) == n:
+                return np.array(chosen, dtype=np.int64)
+    raise ValueError(f"only {len(chosen)} of the {n} image-text combinations differ in >= {min_distance} attributes; "
+                     "ask for fewer text_pairs or a smaller text_min_distance")
+
+
 # ---------------------------------------------------------------------------- splits
 @dataclass(frozen=True)
 class WorldConfig:
+    kind: Literal["near", "far"] = "near"   # the fine-grained domain (module docstring); FAR is the kit's first world
     seed: int = 0
     image_size: int = 32
     renders_per_combo: int = 4       # generic retrieval: images per attribute combination
     generic_train: int = 6000        # generic images the fine-tuning may use (replay, distillation, Fisher)
     generic_val_combos: int = 100    # generic validation: held out from generic train, x renders
-    generic_test_combos: int = 200   # generic test (image-image retrieval): x renders
-    text_pairs: int = 500            # generic held-out image-caption pairs (distinct combinations)
+    generic_test_combos: int = 1000  # generic test (image-image retrieval): x renders
+    text_pairs: int = 250            # generic held-out image-caption pairs ...
+    text_min_distance: int = 2       # ... whose combinations pairwise differ in at least this many attributes
     fine_train_classes: int = 205    # fine-grained classes for training ...
     fine_val_classes: int = 51       # ... a class-disjoint ~20% slice of the training classes for validation
     fine_test_classes: int = 256     # class-disjoint test classes
     fine_per_class: int = 12         # images per fine-grained class
-    fine_jitter: float = 1.0         # px of object translation inside a fine-grained class (a nuisance, as in photos)
-    fine_mark_px: int = 3            # side of a mark in px (at 32 px)
+    fine_jitter: float = 1.5         # px of object translation inside a fine-grained class (a nuisance, as in photos)
+    fine_mark_px: int = 3            # far: side of a mark in px (at 32 px)
+    fine_unseen_shapes: tuple = (6, 7)   # near: shapes no training class has (val and test have them)
+
+
+# The kit's first world, under which results/toy-*-v2.* were made (its rows predate `kind`: see `config_from_dict`).
+FAR = WorldConfig(kind="far", generic_test_combos=200, text_pairs=500, text_min_distance=1, fine_jitter=1.0)
+
+
+def config_from_dict(d: dict) -> WorldConfig:
+    """The WorldConfig a run recorded (metrics.json "world"). Runs made before worlds had a kind are far-world runs."""
+    d = dict(d)
+    if "kind" not in d:
+        d.update(kind="far", text_min_distance=1)
+    if "fine_unseen_shapes" in d:
+        d["fine_unseen_shapes"] = tuple(d["fine_unseen_shapes"])
+    known = {f.name for f in fields(WorldConfig)}
+    return WorldConfig(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -241,8 +340,10 @@ class WorldSplits:
     What is held out, exactly (as in the paper's ImageNet/Flickr setting, classes are shared, images are not):
     - every image of every split is a fresh render, so no image is shared between splits or with pretraining;
     - generic_val, generic_test and text_test use disjoint sets of combinations from each other;
-    - generic_train draws its combinations at random from all 5,760, so about 65% of the val/test/text
-      combinations also occur in generic_train (with the default sizes; other renders);
+    - generic_train draws its combinations at random from all 5,760, so most val/test/text combinations also
+      occur in generic_train (other renders);
+    - the text_test combinations pairwise differ in at least `text_min_distance` attributes (near world: 2, so no
+      two test captions describe scenes that differ in one word, as Flickr30k's captions rarely do);
     - the toy VLM's pretraining (`caption_stream`) drew from all combinations, and the captions of text_test
       are strings of the same two templates that pretraining saw (as "a photo of a dog" is for CLIP).
     `seen_in_generic_train` tells which val/test items have a combination that generic_train also has, so
@@ -279,18 +380,19 @@ def make_world(cfg: WorldConfig = WorldConfig()) -> WorldSplits:
         raise ValueError("WorldConfig asks for more held-out generic combinations than exist")
     val_c = np.repeat(perm[:nv], cfg.renders_per_combo)
     test_c = np.repeat(perm[nv:nv + nt], cfg.renders_per_combo)
-    text_c = perm[nv + nt:nv + nt + np_]
+    text_c = spread_combinations(perm[nv + nt:], np_, cfg.text_min_distance)
     train_c = rng.integers(0, N_COMBOS, size=cfg.generic_train)
     # fine-grained: class-disjoint train / val / test
     n_cls = cfg.fine_train_classes + cfg.fine_val_classes + cfg.fine_test_classes
     if n_cls > N_FINE_CLASSES:
         raise ValueError(f"WorldConfig asks for {n_cls} fine-grained classes; the world has {N_FINE_CLASSES}")
     cls = rng.permutation(N_FINE_CLASSES)
-    a, b = cfg.fine_train_classes, cfg.fine_train_classes + cfg.fine_val_classes
     fine = []
-    for i, c in enumerate((cls[:a], cls[a:b], cls[b:n_cls])):
+    for i, c in enumerate(_fine_class_split(cfg, cls)):
         lab = np.repeat(np.sort(c), cfg.fine_per_class).astype(np.int64)
-        fine.append(Split(render_fine(lab, seeds[4 + i], s, cfg.fine_jitter, cfg.fine_mark_px), lab))
+        images = (render_fine(lab, seeds[4 + i], s, cfg.fine_jitter, cfg.fine_mark_px) if cfg.kind == "far" else
+                  render_shades(lab, seeds[4 + i], s, cfg.fine_jitter))
+        fine.append(Split(images, lab))
     return WorldSplits(
         cfg,
         generic_train=_generic_split(train_c, seeds[0], s, captions=True),
@@ -299,6 +401,25 @@ def make_world(cfg: WorldConfig = WorldConfig()) -> WorldSplits:
         text_test=_generic_split(text_c, seeds[3], s, captions=True),
         fine_train=fine[0], fine_val=fine[1], fine_test=fine[2],
     )
+
+
+def _fine_class_split(cfg: WorldConfig, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) class ids from a permutation of all classes. far: consecutive slices. near: training
+    classes only from the seen shapes; half the validation classes and about 40% of the test classes (more when
+    the seen shapes run out) from the unseen ones."""
+    a, b = cfg.fine_train_classes, cfg.fine_val_classes
+    if cfg.kind == "far" or not cfg.fine_unseen_shapes:
+        return perm[:a], perm[a:a + b], perm[a + b:a + b + cfg.fine_test_classes]
+    unseen = np.isin(shade_table()[0][perm], cfg.fine_unseen_shapes)
+    seen_ids, unseen_ids = perm[~unseen], perm[unseen]
+    val_u = b // 2
+    test_u = max(round(0.4 * cfg.fine_test_classes), a + b + cfg.fine_test_classes - val_u - len(seen_ids))
+    if a + (b - val_u) + (cfg.fine_test_classes - test_u) > len(seen_ids) or val_u + test_u > len(unseen_ids):
+        raise ValueError(f"WorldConfig asks for more fine-grained classes than the near world's seen ({len(seen_ids)}) "
+                         f"and unseen ({len(unseen_ids)}) shapes give")
+    sv, st = a + b - val_u, a + b - val_u + cfg.fine_test_classes - test_u
+    return (seen_ids[:a], np.concatenate([seen_ids[a:sv], unseen_ids[:val_u]]),
+            np.concatenate([seen_ids[sv:st], unseen_ids[val_u:val_u + test_u]]))
 
 
 def seen_in_generic_train(world: WorldSplits, split: Split) -> np.ndarray:
