@@ -28,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--config", help="a TOML experiment file: your model and data (README, 'Your own model and data')")
     exp.add_argument("--out", required=True, help="output folder; must not already hold a metrics.json")
     exp.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    exp.add_argument("--smoke", action="store_true", help="tiny model, world and schedule (about a minute)")
-    exp.add_argument("--seed", type=int, default=0, help="seed of the world, the toy pretraining and the fine-tuning")
+    exp.add_argument("--smoke", action="store_true", help="a small world and a short schedule (the same model)")
+    exp.add_argument("--seed", type=int, default=0, help="the fine-tuning's seed (in the far world also the world's "
+                     "and the toy pretraining's)")
+    exp.add_argument("--world", default="near", choices=("near", "far"),
+                     help="the built-in world: near (the default) or far (the kit's first world)")
     exp.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     exp.add_argument("--registry", help="results file (JSON lines) to append this run to")
     pre = sub.add_parser("pretrain", help="pretrain the toy VLM into the cache (no-op when cached)")
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     co = sub.add_parser("compare", help="the whole comparison: naive's learning rates and schedule, every preset's "
                         "search, final runs with test metrics, table (resumable: run it again to continue)")
     co.add_argument("--out", default="runs/compare", help="folder of the comparison (studies, runs, registry)")
-    co.add_argument("--presets", nargs="*", help="presets besides toy-naive (default: all with a search, and toy-wise-ft)")
+    co.add_argument("--presets", nargs="*", help="presets besides toy-naive (default: all of `presets`)")
     co.add_argument("--jobs", type=int, default=1, help="runs at once (2 on 2 CPU cores; 8-16 on one large GPU)")
     co.add_argument("--device", default="cpu")
     co.add_argument("--smoke", action="store_true", help="tiny world and schedules (a check of the pipeline)")
@@ -75,8 +78,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import experiment  # imported late: `--help` stays fast
     if args.command == "presets":
+        from .presets import NOT_IN_THE_TABLE
         for name, p in experiment.PRESETS.items():
-            print(f"{name:12s} {p.description}")
+            flags = ", ".join(f for f in (f"post hoc: {p.post_hoc}" if p.post_hoc else p.family,
+                                          "uses the text tower" if p.text else "") if f)
+            print(f"{name:24s} [{flags}] {p.description}")
+        for name, why in NOT_IN_THE_TABLE.items():
+            print(f"{'(' + name + ')':24s} [not in the table] {why}")
         return 0
     if args.command == "pretrain":
         from .pretrain import cache_path, load_pretrained_toy
@@ -131,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             m = run_config(args.config, args.out, device=args.device, registry=args.registry, resume=args.resume)
         else:
             m = experiment.run_experiment(args.preset, args.out, smoke=args.smoke, seed=args.seed, device=args.device,
-                                          registry=args.registry, resume=args.resume)
+                                          registry=args.registry, resume=args.resume, world=args.world)
     except (FileExistsError, FileNotFoundError, PermissionError, ValueError) as e:
         parser.error(str(e))
     summary = {when: {axis: {k: round(v, 3) for k, v in m[when][axis].items()} for axis in m[when]}

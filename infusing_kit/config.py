@@ -14,7 +14,8 @@ complete example:
   [data.generic]  train / val / test = {...}; prompts = "classes.txt" or prompt = "a photo of a {}."
   [data.text]     test = {format = "karpathy_json" | "caption_csv", ...}
   [method]  preset = "toy-paper" (optional: its TrainConfig as the base; schedule = "full" | "smoke"),
-            any TrainConfig field (steps, lr_backbone, l2sp, distill, sampler, ...), wise_ft = true|false
+            any TrainConfig field (steps, lr_backbone, l2sp, distill, sampler, ...),
+            post_hoc = "wise_ft" | "lines" (a post-hoc step chosen on validation; wise_ft = true is the same)
 
 Formats of a data part: "image_folder" (root/<class>/<image>), "split_file" (UnED JSON: [{path, class_id}]),
 "csv" (path,label), "generic_folder" (an image folder split 80/20 per class, seeded: part = "train" | "val";
@@ -80,7 +81,7 @@ def load_config(path: str | Path) -> dict:
     if "prompts" in d["generic"]:
         d["generic"]["prompts"] = str(_exists(root / d["generic"]["prompts"], f"{path} [data.generic] prompts"))
     m = cfg["method"]
-    known = {f.name for f in fields(TrainConfig)} | {"preset", "schedule", "wise_ft"}
+    known = {f.name for f in fields(TrainConfig)} | {"preset", "schedule", "wise_ft", "post_hoc"}
     _keys(m, known, f"{path} [method]")
     if "seed" in m:
         raise ValueError(f"{path} [method]: set the seed at the top level (seed = N), not in [method]")
@@ -99,6 +100,7 @@ def train_config(cfg: dict) -> TrainConfig:
     preset = PRESETS.get(m.pop("preset", None) or "toy-naive")
     base = preset.smoke_train if m.pop("schedule", "full") == "smoke" else preset.train
     m.pop("wise_ft", None)
+    m.pop("post_hoc", None)
     return replace(base, seed=int(cfg.get("seed", 0)), **check_overrides(m))
 
 
@@ -127,14 +129,16 @@ def setup_from_config(cfg: dict | str | Path, device: str = "cpu", progress: boo
                                cache_dir=mc.get("cache_dir"))
     m = cfg["method"]
     preset = m.get("preset", "toy-naive")
-    wise = bool(m.get("wise_ft", PRESETS[preset].wise_ft))
-    overrides = {k: v for k, v in m.items() if k not in ("preset", "schedule", "wise_ft")}
+    post = m.get("post_hoc", "wise_ft" if m.get("wise_ft") is True else PRESETS[preset].post_hoc)
+    if m.get("wise_ft") is False:
+        post = None
+    overrides = {k: v for k, v in m.items() if k not in ("preset", "schedule", "wise_ft", "post_hoc")}
     source = {"config": {k: v for k, v in cfg.items() if k != "_path"}, "config_file": cfg.get("_path"),
               "data_sizes": {f: len(getattr(domains, f)) for f in ("target_train", "target_val", "target_test",
                                                                      "generic_train", "generic_val", "generic_test",
                                                                      "text_test")}}
     return Setup(cfg["name"], f"{cfg['name']} (config file; method from preset {preset!r} and its overrides)", model,
-                 domains, train_config(cfg), wise, int(cfg.get("seed", 0)), m.get("schedule") == "smoke", source,
+                 domains, train_config(cfg), post, int(cfg.get("seed", 0)), m.get("schedule") == "smoke", source,
                  overrides)
 
 

@@ -372,8 +372,16 @@ def default_workers() -> int:
 
 
 # ---------------------------------------------------------------------------- sampling
-Sampler = Literal["target_only", "round_robin", "balanced", "proportional"]
-SAMPLERS = ("target_only", "round_robin", "balanced", "proportional")
+Sampler = Literal["target_only", "round_robin", "balanced", "proportional", "adaptive"]
+SAMPLERS = ("target_only", "round_robin", "balanced", "proportional", "adaptive")
+
+
+@dataclass
+class AdaptiveState:
+    """The adaptive sampler's state (train() updates it from the training losses; resumable): the probability of a
+    generic batch, and how many target batches were drawn before the current step."""
+    p_generic: float = 0.5
+    target_done: int = 0
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -381,19 +389,24 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
 
 
-def domain_at(step: int, sampler: Sampler, seed: int, sizes: tuple[int, int]) -> int:
+def domain_at(step: int, sampler: Sampler, seed: int, sizes: tuple[int, int], p_generic: float | None = None) -> int:
     """0 (target) or 1 (generic) for global step `step`.
 
     round_robin: target, generic, target, ... (the paper); balanced: each with probability 1/2;
-    proportional: probability proportional to the datasets' sizes; target_only: always 0."""
+    proportional: probability proportional to the datasets' sizes; adaptive: probability `p_generic` (train()
+    adapts it from the training losses, `regularizers.adaptive_generic_share`); target_only: always 0."""
     if sampler == "target_only":
         return 0
     if sampler == "round_robin":
         return step % 2
-    p_generic = 0.5 if sampler == "balanced" else sizes[1] / (sizes[0] + sizes[1])
-    if sampler == "proportional" or sampler == "balanced":
-        return int(torch.rand(1, generator=step_generator(seed, step, 1)).item() < p_generic)
-    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if sampler == "adaptive":
+        if p_generic is None:
+            raise ValueError("the adaptive sampler needs its current p_generic")
+    elif sampler in ("proportional", "balanced"):
+        p_generic = 0.5 if sampler == "balanced" else sizes[1] / (sizes[0] + sizes[1])
+    else:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    return int(torch.rand(1, generator=step_generator(seed, step, 1)).item() < p_generic)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -413,12 +426,25 @@ def schedule(sampler: Sampler, seed: int, sizes: tuple[int, int], target_steps: 
 
 
 def batches(domains: tuple, sampler: Sampler, seed: int, batch_size: int, target_steps: int, start: int = 0,
-            workers: int | None = None):
+            workers: int | None = None, adaptive: AdaptiveState | None = None):
     """The training stream: (step, domain, idx, uint8 images) from global step `start` on, a pure function of
-    (seed, step). In-memory splits are indexed directly; file splits are decoded ahead in DataLoader workers.
-    Under torchrun each process gets its slice of every batch (distributed.batch_slice)."""
+    (seed, step) (and, for the adaptive sampler, of `adaptive.p_generic` when each step is drawn). In-memory splits
+    are indexed directly; file splits are decoded ahead in DataLoader workers (in the main process for the
+    adaptive sampler, whose next domain is not known ahead). Under torchrun each process gets its slice of every
+    batch (distributed.batch_slice)."""
     from .distributed import batch_slice
     sizes = (len(domains[0]), len(domains[1]) if domains[1] is not None else 0)
+    if sampler == "adaptive":
+        if adaptive is None:
+            raise ValueError("sampler='adaptive' needs its AdaptiveState")
+        step = start
+        while adaptive.target_done < target_steps:
+            d = domain_at(step, sampler, seed, sizes, adaptive.p_generic)
+            idx = batch_slice(batch_indices(sizes[d], batch_size, seed, step))
+            yield step, d, idx, domains[d].take(idx)
+            adaptive.target_done += d == 0
+            step += 1
+        return
     plan = [(s, d, batch_slice(batch_indices(sizes[d], batch_size, seed, s))) for s, d in  # this rank's part
             schedule(sampler, seed, sizes, target_steps, start)]
     if all(d is None or isinstance(d, Split) for d in domains):

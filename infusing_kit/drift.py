@@ -81,7 +81,7 @@ def block_outputs(vlm, images, batch_size: int = 256) -> list[np.ndarray]:
     from .models import image_embedding, preprocess
     tower = vlm.visual
     lay = layout(tower)
-    blocks = tower.transformer.resblocks if lay.kind == "open_clip-vit" else tower.trunk.blocks
+    blocks = lay.blocks(tower)
     tensor = getattr(images, "images", images)
     outs: list[list[np.ndarray]] = [[] for _ in range(lay.n_blocks + 1)]
     current: dict[int, torch.Tensor] = {}

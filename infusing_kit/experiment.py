@@ -34,102 +34,11 @@ from .checkpoints import atomic_write_text, check_writable
 from .metrics import image_text_recall, retrieval_metrics
 from .models import VLM, embed_images, embed_texts, save_finetuned
 from .pretrain import FAR_PRETRAIN, PretrainConfig, fingerprint, load_pretrained_toy
-from .drift import layer_depths
-from .regularizers import fisher_diagonal, lines, model_stock, wise_ft
-from .teacher import extract_teacher
-from .train import TrainConfig, needed_inputs, train
+from .inputs import prepare_inputs
+from .presets import NAIVE, PRESETS, SMOKE_NAIVE, SMOKE_WORLD, Preset
+from .train import TrainConfig, train
 
 K = 20
-
-
-@dataclass(frozen=True)
-class Preset:
-    description: str
-    train: TrainConfig
-    smoke_train: TrainConfig
-    wise_ft: bool = False  # post hoc: interpolate with the pretrained weights, alpha chosen on validation
-    search: tuple = ()     # (field, low, high, log) ranges that `search` explores on validation
-
-
-# The naive schedule: learning rates and length chosen on validation by `python -m infusing_kit compare` (README,
-# "The comparison"); every method trains the same number of target steps.
-# results/toy-protocol-cpu-v2.json: lr_backbone 1.222e-3 and lr_head 2.338e-3 (25 trials at 600 target steps, best
-# fine-grained validation mAP@20), then 300 target steps (naive's validation curves flat at 225, 225 and 200 on
-# seeds 0-2, x 1.25). The SMOKE schedule keeps its own, hand-set rates: it only checks that the pipeline runs.
-NAIVE = TrainConfig(steps=300, batch_size=64, lr_backbone=1.22e-3, lr_head=2.34e-3, eval_every=25,
-                    select="fine_map@20", ckpt_every=100, augment="none")
-SMOKE_NAIVE = replace(NAIVE, steps=150, batch_size=64, lr_backbone=5e-4, lr_head=1e-2, eval_every=25, ckpt_every=50)
-LR_SPACE = (("lr_backbone", 1e-5, 1e-2, True),)
-
-
-def _method(description: str, search: tuple = (), wise_ft: bool = False, smoke: dict | None = None,
-            **changes) -> Preset:
-    """A regularized method: the naive schedule (same target steps, same data) plus `changes`; its checkpoint
-    is chosen by the mean of fine-grained and generic validation mAP@20 (docs/method.md, "Protocol").
-    `smoke`: changes that differ on the SMOKE schedule: SMOKE keeps the hand-set rates and the strengths its
-    chapters' checks were written for (it checks that the pipeline runs and the direction shows, not a result)."""
-    changes = {"select": "mean_map@20", **changes}
-    return Preset(description, replace(NAIVE, **changes), replace(SMOKE_NAIVE, **{**changes, **(smoke or {})}),
-                  wise_ft, search)
-
-
-# Strengths (and toy-paper's learning rate) chosen on validation by `python -m infusing_kit compare`, seed 0, at
-# the naive schedule above; the ranges below are where each search starts (it extends a range whose best value
-# sits at an edge). Found per world and model, not copied from the paper. tests/test_results.py checks the
-# presets against the committed choices (results/toy-protocol-cpu-v2.json, results/toy-chosen-cpu-v2.json);
-# a preset that has no committed choice yet is listed in PENDING (its value is the superseded search's).
-PRESETS: dict[str, Preset] = {
-    "toy-naive": Preset("image tower fine-tuned on the fine-grained domain, no regularizer; checkpoint chosen on "
-                        "fine-grained validation only", NAIVE, SMOKE_NAIVE,
-                        search=LR_SPACE + (("lr_head", 1e-4, 1e-1, True),)),
-    "toy-naive-long": Preset("naive fine-tuning with twice the target steps: as many backbone updates as a "
-                             "round-robin method (is it only the number of updates?)",
-                             replace(NAIVE, steps=2 * NAIVE.steps), replace(SMOKE_NAIVE, steps=2 * SMOKE_NAIVE.steps)),
-    "toy-paper": _method("the paper's combination: L2-SP (per-tensor mean) + embedding distillation on generic "
-                         "batches, round robin, NormFace classifier on target batches",
-                         l2sp=0.177, distill=70.1, lr_backbone=2.03e-3, sampler="round_robin",
-                         smoke=dict(l2sp=20.5, distill=18.2, lr_backbone=SMOKE_NAIVE.lr_backbone),
-                         search=(("l2sp", 0.1, 1e4, True), ("distill", 0.1, 1e3, True)) + LR_SPACE),
-    "toy-l2sp": _method("L2-SP to the pretrained weights, per-tensor mean (the paper's form)", l2sp=0.120,
-                        smoke=dict(l2sp=258.0), search=(("l2sp", 0.1, 1e5, True),)),
-    "toy-l2sp-sum": _method("L2-SP, classic summed form 1/2||theta - theta0||^2 (Li et al. 2018)", l2sp=3.77,
-                            l2sp_form="sum", search=(("l2sp", 1e-4, 1e3, True),)),
-    "toy-ewc": _method("EWC with a diagonal Fisher of the zero-shot classifier on generic data", ewc=49.9,
-                       smoke=dict(ewc=1.86e4), search=(("ewc", 0.1, 1e8, True),)),
-    "toy-l2-zero": _method("plain L2 to zero (control: pulls towards 0, not towards what the model knew)",
-                           l2_zero=0.0726, search=(("l2_zero", 1e-5, 10.0, True),)),
-    "toy-distill": _method("embedding distillation (MSE) to the pretrained model on generic batches, round robin",
-                           distill=157.0, sampler="round_robin", smoke=dict(distill=19.1),
-                           search=(("distill", 0.1, 1e3, True),)),
-    "toy-distill-cos": _method("embedding distillation (cosine) on generic batches, round robin", distill=3.11,
-                               distill_kind="cosine", sampler="round_robin", search=(("distill", 0.01, 1e3, True),)),
-    "toy-relational": _method("relational (Gram-matrix) distillation on generic batches, round robin",
-                              relational=13.3, sampler="round_robin", search=(("relational", 0.1, 1e4, True),)),
-    "toy-lwf": _method("LwF: KL to the pretrained zero-shot logits of the generic classes, round robin", lwf=1.33,
-                       sampler="round_robin", search=(("lwf", 0.01, 100.0, True),)),
-    "toy-mix-balanced": _method("embedding distillation with the balanced sampler (generic with probability 1/2)",
-                                distill=19.1, sampler="balanced", search=(("distill", 0.1, 1e3, True),)),
-    "toy-mix-proportional": _method("embedding distillation with the size-proportional sampler", distill=19.1,
-                                    sampler="proportional", search=(("distill", 0.1, 1e3, True),)),
-    "toy-low-lr": _method("naive fine-tuning with its backbone learning rate chosen on the mean of fine-grained and "
-                          "generic validation (the retention-aware choice)", lr_backbone=1.64e-4, search=LR_SPACE),
-    "toy-lp-ft": _method("LP-FT: the head is trained alone for the first target steps (how many: chosen on "
-                         "validation)", lp_ft_steps=100, search=(("lp_ft_steps", 0, 1000, False),)),
-    "toy-freeze": _method("the patch embedding and the first blocks frozen (how many: chosen on validation)",
-                          freeze_blocks=3, search=(("freeze_blocks", 0, 4, False),)),
-    "toy-lora": _method("LoRA: rank-4 factors on the attention and MLP weights train, the pretrained weights stay "
-                        "frozen (Hu et al. 2021)", lora_rank=4, lr_backbone=5e-3,
-                        search=(("lr_backbone", 1e-4, 1e-1, True),)),
-    "toy-wise-ft": _method("WiSE-FT: naive fine-tuning, then weights interpolated towards the pretrained ones "
-                           "(alpha chosen on validation)", wise_ft=True, select="fine_map@20"),
-}
-# Presets whose strengths the current protocol has not chosen yet: their values come from the superseded
-# search (results/superseded/; naive stopped at 500 steps, four-point searches). `compare --presets NAME`
-# chooses them; the chapters that read them say so.
-PENDING = ("toy-l2sp-sum", "toy-l2-zero", "toy-distill-cos", "toy-relational", "toy-lwf", "toy-mix-balanced",
-           "toy-mix-proportional", "toy-low-lr", "toy-lp-ft", "toy-freeze", "toy-lora")
-SMOKE_WORLD = dict(generic_train=1000, generic_val_combos=40, generic_test_combos=60, text_pairs=150,
-                   fine_train_classes=150, fine_val_classes=30, fine_test_classes=64, fine_per_class=8)
 
 
 WORLDS = ("near", "far")
@@ -191,7 +100,7 @@ class Setup:
     model: Callable[[], VLM]
     domains: Domains
     train: TrainConfig
-    wise_ft: bool = False
+    post_hoc: str | None = None       # a posthoc.METHODS row applied after training
     seed: int = 0
     smoke: bool = False
     source: dict = field(default_factory=dict)   # where model and data come from (echoed into metrics.json)
@@ -211,7 +120,7 @@ def toy_setup(preset: str, seed: int = 0, smoke: bool = False, device: str = "cp
     cfg = replace(p.smoke_train if smoke else p.train, seed=seed if train_seed is None else train_seed, **overrides)
     wcfg, pcfg = world_config(seed, smoke, world), pretrain_config(seed, smoke, world)
     model = lambda: load_pretrained_toy(pcfg.model, device=device, cache_dir=cache_dir, cfg=pcfg, progress=progress)
-    return Setup(preset, p.description, model, Domains.from_world(W.make_world(wcfg)), cfg, p.wise_ft, seed, smoke,
+    return Setup(preset, p.description, model, Domains.from_world(W.make_world(wcfg)), cfg, p.post_hoc, seed, smoke,
                  {"world": asdict(wcfg), "pretrain": asdict(pcfg), "model": pcfg.model}, overrides)
 
 
@@ -249,87 +158,8 @@ def validation_fn(data, reference: np.ndarray | None = None):
     return validate
 
 
-def wise_ft_curve(vlm: VLM, theta0: dict, data, alphas=np.linspace(0, 1, 11)) -> list[dict]:
-    """Validation scores of the WiSE-FT interpolation (1 - alpha) theta0 + alpha theta1 for each alpha, where
-    theta1 is vlm's current (fine-tuned) tower; vlm is handed back at theta1. No training, no test data."""
-    validate = validation_fn(data)
-    theta1 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
-    curve = []
-    for alpha in alphas:
-        vlm.visual.load_state_dict(wise_ft(theta0, theta1, float(alpha)))
-        curve.append({"alpha": round(float(alpha), 2), **validate(vlm)})
-    vlm.visual.load_state_dict(theta1)
-    return curve
-
-
-def apply_wise_ft(vlm: VLM, theta0: dict, curve: list[dict], key: str = f"mean_map@{K}") -> dict:
-    """Move vlm to the alpha of `curve` that maximises validation `key`; returns that row of the curve."""
-    best = max(curve, key=lambda r: r[key])
-    theta1 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
-    vlm.visual.load_state_dict(wise_ft(theta0, theta1, best["alpha"]))
-    return best
-
-
-def lines_curve(vlm: VLM, theta0: dict, data, alphas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-                betas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)) -> list[dict]:
-    """Validation scores of LiNeS (`regularizers.lines`) for each (alpha, beta) with alpha + beta <= 1, where
-    theta1 is vlm's current tower; beta = 0 rows are WiSE-FT. vlm is handed back at theta1. No test data."""
-    validate = validation_fn(data)
-    theta1 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
-    depth, n_layers = layer_depths(vlm.visual)
-    curve = []
-    for a in alphas:
-        for b in betas:
-            if a + b <= 1 + 1e-9:
-                vlm.visual.load_state_dict(lines(theta0, theta1, depth, n_layers, a, b))
-                curve.append({"alpha": round(float(a), 2), "beta": round(float(b), 2), **validate(vlm)})
-    vlm.visual.load_state_dict(theta1)
-    return curve
-
-
-def apply_lines(vlm: VLM, theta0: dict, curve: list[dict], key: str = f"mean_map@{K}") -> dict:
-    """Move vlm to the (alpha, beta) of `curve` that maximises validation `key`; returns that row."""
-    best = max(curve, key=lambda r: r[key])
-    theta1 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
-    depth, n_layers = layer_depths(vlm.visual)
-    vlm.visual.load_state_dict(lines(theta0, theta1, depth, n_layers, best["alpha"], best["beta"]))
-    return best
-
-
-def merge_curve(vlm: VLM, theta0: dict, thetas: list[dict], data, ts=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)) -> list[dict]:
-    """Validation scores of merges of fine-tuned towers `thetas` (same pretrained theta0): Model Stock's per-tensor
-    ratio (`regularizers.model_stock`, merge "stock", t = its mean ratio) and one global ratio t for each `ts`
-    (merge "uniform": theta0 + t (mean - theta0); t = 1 is the runs' average). vlm is handed back as it came."""
-    validate = validation_fn(data)
-    current = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
-    stock, ratios = model_stock(theta0, thetas)
-    vlm.visual.load_state_dict(stock)
-    curve = [{"merge": "stock", "t": round(float(np.mean(list(ratios.values()))), 3), **validate(vlm)}]
-    mean = _average(thetas)
-    for t in ts:
-        vlm.visual.load_state_dict(wise_ft(theta0, mean, float(t)))
-        curve.append({"merge": "uniform", "t": round(float(t), 2), **validate(vlm)})
-    vlm.visual.load_state_dict(current)
-    return curve
-
-
-def apply_merge(vlm: VLM, theta0: dict, thetas: list[dict], curve: list[dict], key: str = f"mean_map@{K}") -> dict:
-    """Move vlm to the merge of `curve` that maximises validation `key`; returns that row."""
-    best = max(curve, key=lambda r: r[key])
-    if best["merge"] == "stock":
-        vlm.visual.load_state_dict(model_stock(theta0, thetas)[0])
-    else:
-        vlm.visual.load_state_dict(wise_ft(theta0, _average(thetas), best["t"]))
-    return best
-
-
-def _average(thetas: list[dict]) -> dict:
-    return {k: torch.stack([t[k] for t in thetas]).mean(0) if v.is_floating_point() else v
-            for k, v in thetas[0].items()}
-
-
 def _kept_validation(history: list[dict], best_step: int | None) -> dict[str, float]:
-    rows = [h for h in history if "val/mean_map@20" in h and h["target_step"] == best_step]
+    rows = [h for h in history if f"val/mean_map@{K}" in h and h["target_step"] == best_step]
     return {k[4:]: v for k, v in rows[-1].items() if k.startswith("val/")} if rows else {}
 
 
@@ -339,29 +169,6 @@ def generic_class_prompts(vlm: VLM, prompts: list[str] | None = None) -> torch.T
         attrs = W.combo_to_attributes(np.arange(W.N_COMBOS))
         prompts = [W.caption(a) for a in attrs]
     return torch.from_numpy(embed_texts(vlm, prompts, progress=False))
-
-
-def prepare_inputs(vlm: VLM, cfg: TrainConfig, domains: Domains, teacher_path: str | Path | None = None,
-                   fisher_images: int = 1000, progress: bool = False) -> dict:
-    """What train() needs besides the data, for the TERMS this config switches on (train.needed_inputs):
-    "teacher" (pre-extracted embeddings of generic_train; memory-mapped at teacher_path when given),
-    "fisher" (EWC's diagonal Fisher on the first `fisher_images` generic images), "class_emb" (generic class
-    prompts). Used by experiments and benchmarks alike."""
-    need, out = needed_inputs(cfg), {}
-    if "teacher" in need:
-        out["teacher"] = extract_teacher(vlm, domains.generic_train, progress=progress, path=teacher_path)
-    if need & {"fisher", "class_emb"}:
-        if domains.generic_prompts is None:
-            raise ValueError(f"{sorted(need & {'fisher', 'class_emb'})} need text prompts of the generic classes; "
-                             "the generic data have none (config: [data.generic] prompt = 'a photo of a {}.')")
-        prompts = generic_class_prompts(vlm, domains.generic_prompts)
-        if "class_emb" in need:
-            out["class_emb"] = prompts
-        if "fisher" in need:
-            n = min(fisher_images, len(domains.generic_train))
-            part = domains.generic_train.rows(0, n)
-            out["fisher"] = fisher_diagonal(vlm, part, part.labels, prompts, progress=progress)
-    return out
 
 
 def check_overrides(overrides: dict | None) -> dict:
@@ -395,7 +202,7 @@ def run_identity(vlm: VLM, device: str) -> dict:
     """What changes a run's bits besides its config and data: the weights it starts from (their fingerprint), the
     CPU threads of its process (float sums are ordered differently with 1 and 2 threads), the device and the
     torch version. Recorded in metrics.json and registry rows; a comparison refuses to mix them."""
-    return {"weights": fingerprint(vlm), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"weights": fingerprint(vlm), "threads": torch.get_num_threads(), "torch": str(torch.__version__),
             "device_kind": torch.device(device).type}
 
 
@@ -415,11 +222,16 @@ def code_version() -> str | None:
 
 # ---------------------------------------------------------------------------- running
 def run_setup(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: bool = True, test: bool = True,
-              registry: str | Path | None = None, hooks: tuple = (), resume: bool = False) -> dict:
+              registry: str | Path | None = None, hooks: tuple = (), resume: bool = False,
+              reuse: str | Path | None = None, merge_with: tuple = ()) -> dict:
     """Fine-tune and evaluate one experiment; write out_dir/metrics.json (never over an existing one).
 
     test=False skips the test sets entirely (a search looks at validation only). registry: a results file to
-    append one row to. hooks: passed to train(). resume=True continues an interrupted run in out_dir."""
+    append one row to. hooks: passed to train(). resume=True continues an interrupted run in out_dir.
+    Post-hoc presets (setup.post_hoc): reuse = a finished run folder of the same training (same TrainConfig but the
+    seed's, same starting weights) whose fine-tuned tower is taken instead of training again; merge_with = model.pt
+    files of other fine-tuned runs of the same pretrained model, for merges (Model Stock, soups)."""
+    from . import posthoc
     out = Path(out_dir)
     if (out / "metrics.json").exists():
         raise FileExistsError(f"{out / 'metrics.json'} exists: that run is finished; choose a new --out folder "
@@ -439,25 +251,31 @@ def run_setup(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: 
     vlm = setup.model()
     identity = run_identity(vlm, device)
     before = evaluate(vlm, d) if test else None
-    extra = prepare_inputs(vlm, cfg, d, teacher_path=out / "teacher.npy" if len(d.generic_train) > 50_000 else None)
-    theta0 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
+    theta0 = posthoc.states_of(vlm)
     reference = embed_images(vlm, d.generic_val, progress=False)  # for the logged teacher agreement
-    head, result = train(vlm, d.target_train, cfg, out_dir=out / "run", generic=d.generic_train,
-                         validate=validation_fn(d, reference), progress=progress, hooks=hooks, resume=resume,
-                         resume_hint="--resume (resume=True)", **extra)
+    if reuse is not None:
+        head, result = None, _reused(Path(reuse), cfg, identity, vlm)
+    else:
+        extra = prepare_inputs(vlm, cfg, d, teacher_path=out / "teacher.npy" if len(d.generic_train) > 50_000 else None)
+        head, result = train(vlm, d.target_train, cfg, out_dir=out / "run", generic=d.generic_train,
+                             validate=validation_fn(d, reference), progress=progress, hooks=hooks, resume=resume,
+                             resume_hint="--resume (resume=True)", **extra)
     val = _kept_validation(result.history, result.best_step)
-    wise = None
-    if setup.wise_ft:  # choose alpha on validation, like any other strength
-        wise = wise_ft_curve(vlm, theta0, d)
-        val = {k: v for k, v in apply_wise_ft(vlm, theta0, wise).items() if k != "alpha"}
+    curve = None
+    if setup.post_hoc:  # chosen on validation, like any other strength
+        thetas = [posthoc.states_of(vlm)] + [posthoc.load_tower(m) for m in merge_with]
+        curve, chosen = posthoc.choose(setup.post_hoc, vlm, theta0, thetas, validation_fn(d), f"mean_map@{K}")
+        val = {k: v for k, v in chosen.items() if k in val or k.endswith(f"map@{K}")}
     after = evaluate(vlm, d) if test else None
     if main:
-        save_finetuned(vlm, out / "model.pt", head)  # the kept (or WiSE-FT) image tower: load_model(name, this file)
+        save_finetuned(vlm, out / "model.pt", head)  # the kept (or merged) image tower: load_model(name, this file)
     where = torch.device(device)
     metrics = {"preset": setup.name, "description": setup.description, "seed": setup.seed, "smoke": setup.smoke,
                "model": vlm.name, "device": f"{where.type} (bf16 autocast)" if where.type == "cuda" else
                f"{where.type} (float32)", **setup.source, "train": asdict(cfg), "overrides": setup.overrides,
-               "best_step": result.best_step, "val": val, "wise_ft": wise, "updates": result.updates,
+               "best_step": result.best_step, "val": val, "post_hoc": setup.post_hoc, "post_hoc_curve": curve,
+               "reused": str(reuse) if reuse is not None else None, "merged": [str(m) for m in merge_with],
+               "updates": result.updates,
                "stopped_at": result.updates["target"] if result.updates["target"] < cfg.steps else None,
                "warnings": result.warnings, "code": code_version(), "processes": distributed.world(), **identity,
                "train_seconds": round(result.seconds, 1), "seconds": round(time.time() - t0, 1),
@@ -470,14 +288,61 @@ def run_setup(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: 
     return metrics
 
 
+def _reused(run_dir: Path, cfg: TrainConfig, identity: dict, vlm: VLM):
+    """A finished run's training, taken for a post-hoc method: refused unless it trained this config (its own seed
+    aside) from the same starting weights, threads and device."""
+    from .posthoc import load_tower
+    from .train import TrainResult
+    m = json.loads((run_dir / "metrics.json").read_text())
+    theirs, ours = dict(m["train"]), asdict(cfg)
+    if {k: v for k, v in theirs.items() if k != "select"} != {k: v for k, v in ours.items() if k != "select"}:
+        diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+        raise ValueError(f"{run_dir} trained another configuration ({diff}): a post-hoc method must start from the "
+                         "training it names")
+    check_identity(identity, m, f"the reused run {run_dir}")
+    vlm.visual.load_state_dict(load_tower(run_dir / "model.pt"))
+    log = run_dir / "run" / "log.jsonl"
+    history = [json.loads(l) for l in log.read_text().splitlines()] if log.exists() else []
+    return TrainResult(m["best_step"], None, history, m.get("train_seconds", 0.0), run_dir, m["updates"], m["warnings"])
+
+
+def ingredient_overrides(preset: str, cfg: TrainConfig, lrs: list[dict] | None = None) -> list[dict]:
+    """The other runs a merging preset needs besides its own (their TrainConfig overrides). "seeds": one more
+    fine-tuning seed (seed + 1000). "lrs": naive with other learning rates (`lrs`, e.g. the search's next best;
+    by default half and twice the backbone rate)."""
+    kind = PRESETS[preset].ingredients
+    if kind == "seeds":
+        return [{"seed": cfg.seed + 1000}]
+    if kind == "lrs":
+        return lrs if lrs is not None else [{"lr_backbone": cfg.lr_backbone * f} for f in (0.5, 2.0)]
+    return []
+
+
 def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",
                    progress: bool = True, cache_dir: str | Path | None = None, overrides: dict | None = None,
                    test: bool = True, registry: str | Path | None = None, hooks: tuple = (),
-                   resume: bool = False, train_seed: int | None = None, world: str = "near") -> dict:
+                   resume: bool = False, train_seed: int | None = None, world: str = "near",
+                   reuse: str | Path | None = None, merge_with: tuple | None = None, tags: dict | None = None) -> dict:
     """Run a preset on a built-in world end to end and write out_dir/metrics.json (see `run_setup`).
-    overrides: TrainConfig fields to change (a search trial). train_seed, world: see `toy_setup`."""
+    overrides: TrainConfig fields to change (a search trial). train_seed, world: see `toy_setup`. A merging preset
+    (Model Stock, soups) merges the model.pt files `merge_with`; without them it first trains the other runs it
+    merges, in out_dir/ingredients/ (`ingredient_overrides`). reuse: see `run_setup`. tags: labels echoed into
+    metrics.json and the registry row (e.g. the selection rule a comparison chose the settings by)."""
     setup = toy_setup(preset, seed, smoke, device, overrides, cache_dir, progress, train_seed, world)
-    return run_setup(setup, out_dir, device, progress, test, registry, hooks, resume)
+    setup.source["tags"] = dict(tags or {})
+    if merge_with is not None:
+        return run_setup(setup, out_dir, device, progress, test, registry, hooks, resume, reuse, tuple(merge_with))
+    merge_with = []
+    for i, extra in enumerate(ingredient_overrides(preset, setup.train)):
+        extra = dict(extra)
+        sub = Path(out_dir) / "ingredients" / str(i)
+        if not (sub / "metrics.json").exists():
+            part = toy_setup(preset, seed, smoke, device, {**(overrides or {}), **extra} if "seed" not in extra else
+                             overrides, cache_dir, progress, extra.pop("seed", train_seed), world)
+            part.post_hoc = None  # the plain training the merge starts from
+            run_setup(part, sub, device, progress, test=False, resume=(sub / "run").exists())
+        merge_with.append(sub / "model.pt")
+    return run_setup(setup, out_dir, device, progress, test, registry, hooks, resume, reuse, tuple(merge_with))
 
 
 def cached_run(preset: str, root: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",

@@ -130,7 +130,7 @@ def _pretrain(cfg: PretrainConfig, device, progress: bool) -> tuple[VLM, dict]:
         bar.set_postfix(loss=f"{loss.item():.3f}")
     freeze_text_tower(vlm)
     return vlm, {"config": asdict(cfg), "seconds": time.time() - t0, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-                 "threads": 1, "device": str(device), "torch": torch.__version__}
+                 "threads": 1, "device": str(device), "torch": str(torch.__version__)}
 
 
 def load_pretrained_toy(name: str = "toy-clip", device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
@@ -146,7 +146,7 @@ def load_pretrained_toy(name: str = "toy-clip", device: str | torch.device = "cp
                      read_weights(shipped))
         except Exception as e:
             bad = path if path.exists() else shipped
-            raise RuntimeError(f"toy model weights {bad} cannot be read ({e}); delete the file to pretrain again") from e
+            raise RuntimeError(f"toy model weights {bad} cannot be read ({e}); delete it to pretrain again") from e
         vlm = load_model(cfg.model, pretrained=None, device="cpu")
         vlm.model.load_state_dict(state)
         vlm.model.to(device)

@@ -17,7 +17,23 @@ Function space, on L2-normalised embeddings (student s, frozen pretrained teache
   relational (Gram) distillation (Park et al. 2019, RKD-style): mean_{a,b} (s_a.s_b - t_a.t_b)^2
   LwF logit distillation (Li & Hoiem 2016): T^2 KL(softmax(z_t / T) || softmax(z_s / T)), mean over the batch,
       z = logit_scale * emb @ class_prompt_emb^T (zero-shot logits of the generic classes)
-Post hoc: WiSE-FT (Wortsman et al. 2022): theta(alpha) = (1 - alpha) theta0 + alpha theta1.
+  LDIFS (Mukhoti et al. 2023), on intermediate features h_l (B, tokens, width) of blocks l = 1..L:
+      mean_l mean_{b, tokens} || h_l / |h_l| - h0_l / |h0_l| ||^2   (each token's feature unit-normalised)
+  Lipsum-FT (Nam et al. 2024), on target batches, with M text embeddings u_j of random token sequences from the
+      frozen text tower:  mean_{b, j} (s_b . u_j - t_b . u_j)^2
+Step rules, applied to each image-tower tensor T after the optimiser's step (theta~: its new value):
+  SPD (Tian et al. 2024, "Rethinking weight decay for robust fine-tuning", AdamSPD):
+      c_T = -g_T . (theta_T - theta0_T)  (the hyper-gradient of the loss w.r.t. a decay strength; theta before the step)
+      if c_T < 0:  r_T = clip((||theta~_T - theta0_T|| - ||theta_T - theta0_T||) / ||theta~_T - theta0_T||, 0, 1)
+                   theta~_T <- theta~_T - lambda r_T (theta~_T - theta0_T)
+  projection (TPGM, Tian et al. 2023; FTP 2023), a ball around the pretrained tensor, radius gamma_T:
+      theta_T <- theta0_T + min(1, gamma_T / ||theta_T - theta0_T||) (theta_T - theta0_T)
+  sparse update (SAFT, Nguyen et al. 2024): only the entries with the largest |gradient| at the start (a fixed
+      fraction of the tower, `top_fraction_mask`) ever change
+  weight averaging along training: an EMA  a_t = (1 - 1/tau) a_{t-1} + (1/tau) theta_t  (a_0 = theta0), or ZSCL's
+      uniform average of theta0 and the weights every k steps (Zheng et al. 2023); validated and kept instead of theta
+Post hoc: WiSE-FT (Wortsman et al. 2022): theta(alpha) = (1 - alpha) theta0 + alpha theta1; LiNeS; Model Stock;
+  model soups (Wortsman et al. 2022), uniform (the mean of fine-tuned runs) and greedy (`greedy_soup`).
 """
 from __future__ import annotations
 
@@ -191,6 +207,116 @@ def lwf_distillation(student_logits: Tensor, teacher_logits: Tensor, temperature
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
 
 
+def ldifs(student_blocks: list[Tensor], teacher_blocks: list[Tensor]) -> Tensor:
+    """LDIFS feature-space distance: mean over blocks of mean over batch and tokens of the squared distance between
+    the unit-normalised token features of student and teacher. Each block's features (B, tokens, width) or (B, width)."""
+    if len(student_blocks) != len(teacher_blocks) or not student_blocks:
+        raise ValueError(f"ldifs needs the same blocks of student and teacher, got {len(student_blocks)} and "
+                         f"{len(teacher_blocks)}")
+    d = [(F.normalize(s.float(), dim=-1) - F.normalize(t.float(), dim=-1)).square().sum(-1).mean()
+         for s, t in zip(student_blocks, teacher_blocks)]
+    return torch.stack(d).mean()
+
+
+def lipsum(student: Tensor, teacher: Tensor, texts: Tensor) -> Tensor:
+    """Lipsum-FT: mean over the batch and the texts of (s_b . u_j - t_b . u_j)^2. student, teacher (B, D); texts (M, D)
+    (L2-normalised embeddings of random token sequences by the frozen text tower)."""
+    return (student @ texts.T - teacher @ texts.T).square().mean()
+
+
+# ---------------------------------------------------------------------------- step rules
+@torch.no_grad()
+def spd_(params: list[Tensor], before: list[Tensor], grads: list[Tensor], theta0: list[Tensor],
+         strength: float) -> list[bool]:
+    """Selective projection decay after an optimiser step (module docstring): params hold theta~ and are changed in
+    place; before = theta at the start of the step, grads = the step's gradient. Returns, per tensor, whether it
+    was projected (c_T < 0)."""
+    hit = []
+    for p, b, g, t0 in zip(params, before, grads, theta0):
+        c = -(g * (b - t0)).sum()
+        if c < 0:
+            new_norm = (p - t0).norm()
+            ratio = ((new_norm - (b - t0).norm()) / new_norm).clamp(0.0, 1.0) if new_norm > 0 else new_norm * 0
+            p.sub_(strength * ratio * (p - t0))
+        hit.append(bool(c < 0))
+    return hit
+
+
+@torch.no_grad()
+def project_(params: list[Tensor], theta0: list[Tensor], radii: list[float]) -> None:
+    """Project each tensor into the ball of radius gamma_T around its pretrained value (in place)."""
+    for p, t0, r in zip(params, theta0, radii):
+        d = p - t0
+        n = float(d.norm())
+        if n > r:
+            p.copy_(t0 + d * (r / n))
+
+
+def top_fraction_mask(scores: list[Tensor], fraction: float) -> list[Tensor]:
+    """Boolean masks shaped like `scores` that select exactly round(fraction x all entries) (at least 1) entries with
+    the largest score over all tensors together (ties: the first in order). The sparse-update set of SAFT."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    flat = torch.cat([s.detach().flatten().float() for s in scores])
+    k = max(1, int(round(fraction * flat.numel())))
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.topk(flat, k, sorted=False).indices] = True
+    out, i = [], 0
+    for s in scores:
+        out.append(keep[i:i + s.numel()].view(s.shape).to(s.device))
+        i += s.numel()
+    return out
+
+
+class WeightAverage:
+    """An average of the tower's weights along training, starting at the pretrained weights: kind "ema"
+    (a_t = (1 - 1/tau) a_{t-1} + (1/tau) theta_t after every step) or "uniform" (ZSCL's weight ensemble: the mean of
+    theta0 and of the weights after every k-th step)."""
+
+    def __init__(self, kind: Literal["ema", "uniform"], theta0: list[Tensor], tau: float = 50.0, every: int = 10):
+        if kind not in ("ema", "uniform"):
+            raise ValueError(f"weight averaging must be 'ema' or 'uniform', got {kind!r}")
+        if kind == "ema" and tau < 1:
+            raise ValueError(f"the EMA's time constant tau must be >= 1 step, got {tau}")
+        self.kind, self.tau, self.every = kind, float(tau), int(every)
+        self.avg = [t.detach().clone() for t in theta0]
+        self.count = 1  # theta0 is in the average
+
+    @torch.no_grad()
+    def update(self, params: list[Tensor], step: int) -> None:
+        """After optimiser step `step` (1-based)."""
+        if self.kind == "ema":
+            for a, p in zip(self.avg, params):
+                a.lerp_(p.detach(), 1.0 / self.tau)
+        elif step % self.every == 0:
+            self.count += 1
+            for a, p in zip(self.avg, params):
+                a.add_((p.detach() - a) / self.count)
+
+    def state_dict(self) -> dict:
+        return {"avg": [a.clone() for a in self.avg], "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        for a, b in zip(self.avg, state["avg"]):
+            a.copy_(b)
+        self.count = int(state["count"])
+
+
+def adaptive_generic_share(target_losses: list[float], generic_losses: list[float], first: tuple[float, float],
+                           previous: float, ema: float = 0.0, low: float = 0.1, high: float = 0.9) -> float:
+    """The adaptive domain sampler's probability of a generic batch for the next window (after the official code's
+    dynamic sampler, which weighs each domain by its training loss): each domain's mean loss over the last window
+    relative to its first window's, r_d = mean(L_d) / L_d(first);  p = r_g / (r_t + r_g), smoothed
+    p <- ema p_prev + (1 - ema) p, clipped to [low, high]. A domain whose loss has fallen less gets more batches."""
+    if not target_losses or not generic_losses:
+        return previous
+    r_t = float(np.mean(target_losses)) / max(first[0], 1e-12)
+    r_g = float(np.mean(generic_losses)) / max(first[1], 1e-12)
+    p = r_g / (r_t + r_g) if r_t + r_g > 0 else 0.5
+    p = ema * previous + (1 - ema) * p
+    return float(min(high, max(low, p)))
+
+
 # ---------------------------------------------------------------------------- post hoc
 
 
@@ -262,3 +388,26 @@ def model_stock(theta0: dict[str, Tensor], thetas: list[dict[str, Tensor]]) -> t
         mean = torch.stack([t[k] for t in thetas]).mean(0)
         out[k] = a + ratio * (mean - a)
     return out, ratios
+
+
+def average_states(thetas: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The uniform soup: the entry-wise mean of N state dicts (non-float entries from the first)."""
+    if not thetas:
+        raise ValueError("average_states needs at least one state dict")
+    return {k: torch.stack([t[k] for t in thetas]).mean(0) if v.is_floating_point() else v.clone()
+            for k, v in thetas[0].items()}
+
+
+def greedy_soup(thetas: list[dict[str, Tensor]], score) -> tuple[dict[str, Tensor], list[int]]:
+    """Greedy soup (Wortsman et al. 2022): ingredients sorted by their own validation score, each added to the soup
+    when the average with it scores at least as well on validation. score(state dict) -> float. Returns the soup
+    and the indices of its ingredients (into `thetas`)."""
+    scores = [score(t) for t in thetas]
+    order = sorted(range(len(thetas)), key=lambda i: -scores[i])
+    chosen, best = [order[0]], scores[order[0]]
+    for i in order[1:]:
+        trial = score(average_states([thetas[j] for j in chosen + [i]]))
+        if trial >= best:
+            chosen.append(i)
+            best = trial
+    return average_states([thetas[j] for j in chosen]), chosen

@@ -12,6 +12,7 @@ plus the share of the naive gain kept and of the naive forgetting left.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def append_result(path: str | Path, metrics: dict, run_dir: str | Path | None = 
            "seconds": metrics["seconds"], "device": metrics.get("device"), "code": metrics.get("code"),
            "world": (metrics.get("world") or {}).get("kind", "far" if metrics.get("world") else None),
            "weights": metrics.get("weights"), "threads": metrics.get("threads"), "torch": metrics.get("torch"),
+           "tags": metrics.get("tags", {}), "post_hoc": metrics.get("post_hoc"),
            "run_dir": str(run_dir) if run_dir else None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,13 +79,24 @@ def deltas(row: dict) -> dict[str, float]:
     return {a: row["finetuned"][g][k] - row["pretrained"][g][k] for a, (g, k, _) in AXES.items()}
 
 
+def label(row: dict) -> str:
+    """A registry row's name in tables: its method, with the comparison's tags (the constraint rule's choice, a
+    second search seed) in brackets."""
+    tags = row.get("tags") or {}
+    extra = [("constraint rule" if tags.get("rule") == "constraint" else None),
+             (f"search seed {tags['search_seed']}" if "search_seed" in tags else None)]
+    extra = [e for e in extra if e]
+    return row["method"] + (f" [{', '.join(extra)}]" if extra else "")
+
+
 def summarise(rows: list[dict], baseline: str = "toy-naive") -> list[dict]:
-    """One dict per method: n seeds, mean/std of each delta, and kept-gain / left-forgetting vs the baseline."""
+    """One dict per method (`label`): n seeds, mean/std of each delta, and kept-gain / left-forgetting vs the
+    baseline."""
     rows = [r for r in rows if r.get("finetuned")]
-    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != baseline, m != "toy-paper", m))
+    methods = sorted({label(r) for r in rows}, key=lambda m: (m != baseline, m != "toy-paper", m))
     out = []
     for m in methods:
-        mine = [r for r in rows if r["method"] == m]
+        mine = [r for r in rows if label(r) == m]
         d = [deltas(r) for r in mine]
         s = {"method": m, "seeds": len(d)}
         for kind in ("target", "generic", "backbone"):  # optimiser steps of each kind (mean over seeds)
@@ -133,7 +146,7 @@ def acceptance(rows: list[dict], method: str = "toy-paper", baseline: str = "toy
     """The paper's claim on the kit's world, checked on the seeds both methods ran (test sets): `method` keeps
     >= 85% of `baseline`'s fine-grained mAP@20 gain, with <= 25% of its generic mAP@20 drop and of its image->text
     R@1 drop (means over seeds). Returns the ratios, the same ratios per seed, and "passed"."""
-    by = {(r["method"], r["seed"]): r for r in rows if r.get("finetuned") and r["method"] in (method, baseline)}
+    by = {(label(r), r["seed"]): r for r in rows if r.get("finetuned") and label(r) in (method, baseline)}
     common = sorted({s for m, s in by if m == method} & {s for m, s in by if m == baseline})
     if seeds is not None:
         common = [s for s in common if s in seeds]
@@ -149,3 +162,70 @@ def acceptance(rows: list[dict], method: str = "toy-paper", baseline: str = "toy
                          out["generic_drop_left"] <= ACCEPTANCE["generic_drop_left"] and
                          out["i2t_drop_left"] <= ACCEPTANCE["i2t_drop_left"])
     return out
+
+
+PAPER = {"naive": {"fine": 31.0, "generic": -6.0, "i2t": -12.7},          # Figure 1, points (docs/method.md)
+         "the paper's method": {"fine": 29.9, "generic": -0.1, "i2t": -0.9}}
+
+
+def paired(rows: list[dict], method: str, against: str, confidence: float = 0.95) -> dict:
+    """Per-seed paired differences `method` minus `against` of each delta (test sets, the seeds both ran), with
+    their mean, standard deviation and a t-interval: mean +- t_{(1+c)/2, n-1} sd / sqrt(n). Returns
+    {"seeds", axis: {"mean", "sd", "low", "high", "per_seed"}}; an interval that excludes 0 is a difference the
+    seeds support."""
+    from scipy import stats
+    by = {}
+    for r in rows:
+        if r.get("finetuned") and label(r) in (method, against):
+            by[(label(r), r["seed"])] = deltas(r)
+    seeds = sorted({s for m, s in by if m == method} & {s for m, s in by if m == against})
+    out = {"method": method, "against": against, "seeds": seeds}
+    for a in AXES:
+        d = np.array([by[(method, s)][a] - by[(against, s)][a] for s in seeds])
+        n = len(d)
+        mean = float(d.mean()) if n else float("nan")
+        sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+        half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)) if n > 1 else float("nan")
+        out[a] = {"mean": mean, "sd": sd, "low": mean - half, "high": mean + half, "per_seed": d.tolist()}
+    return out
+
+
+def verdict(interval: dict, better: str = "higher") -> str:
+    """In words what a paired interval supports: 'better', 'worse' or 'no difference shown' (it contains 0)."""
+    if not np.isfinite(interval["low"]):
+        return "too few seeds"
+    if interval["low"] > 0:
+        return "better" if better == "higher" else "worse"
+    if interval["high"] < 0:
+        return "worse" if better == "higher" else "better"
+    return "no difference shown"
+
+
+def paired_table(rows: list[dict], methods: list[str], against: str) -> str:
+    """Markdown: for each method, the paired difference against `against` on each axis, in points (x 100), as
+    mean [95% interval], and n seeds."""
+    head = (f"| method - {against} | seeds | fine mAP@20 gain | generic mAP@20 change | i2t R@1 change |\n"
+            "|---|---|---|---|---|")
+    lines = [head]
+    for m in methods:
+        if m == against:
+            continue
+        p = paired(rows, m, against)
+        if not p["seeds"]:
+            continue
+        cells = [f"{100 * p[a]['mean']:+.1f} [{100 * p[a]['low']:+.1f}, {100 * p[a]['high']:+.1f}]" for a in AXES]
+        lines.append(f"| {m} | {len(p['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def points_table(summary: list[dict], paper: bool = True) -> str:
+    """Markdown: each method's mean changes in points (x 100) on the three axes, beside the paper's Figure 1."""
+    lines = ["| method | seeds | fine-grained gain | generic change | image-text change |", "|---|---|---|---|---|"]
+    if paper:
+        for name, v in PAPER.items():
+            lines.append(f"| paper: {name} (SigLIP, SOP etc.) | | {v['fine']:+.1f} | {v['generic']:+.1f} | "
+                         f"{v['i2t']:+.1f} |")
+    for s in summary:
+        lines.append(f"| {s['method']} | {s['seeds']} | " + " | ".join(f"{100 * s[f'{a}_mean']:+.1f}" for a in AXES)
+                     + " |")
+    return "\n".join(lines)

@@ -14,6 +14,16 @@ A study explores before it exploits, and never stops silently at the edge of its
    lies in the outer 15% of the range, the range grows on that side (by half its width, log units where the
    range is log) up to the field's hard limit, and 4 new space-filling points plus 2 x d TPE trials explore
    it; at most 3 times. A choice still at an edge is reported in the result (`at_edge`), never silent.
+4. **Transitions get points** (one-field searches, given the seed noise of the score): between two neighbouring
+   tried values whose scores differ by more than twice the noise and that lie more than 1/16 of the range apart,
+   the midpoint is tried (up to 6 points, in two rounds): the region where the method changes from "no effect"
+   to "too strong" is mapped, not left between two far-apart trials.
+5. **Flat studies say so.** When every finished trial scores within twice the seed noise of the best, the study
+   is `flat`: no setting of its range changes the score beyond what another fine-tuning seed would, so its
+   "choice" is arbitrary and the report says that instead of crowning it.
+Two selection rules read the same trials: the mean of the validations (the study's objective) and a constraint
+rule (`constrained_choice`: the best generic validation among trials whose fine-grained validation reaches a stated
+fraction of naive's).
 
 Each trial runs the preset with the sampled values and returns the validation score of its kept checkpoint
 (the preset's selection key: the mean of fine-grained and generic validation mAP@20 for regularized methods,
@@ -83,6 +93,36 @@ def _hard_limits(field: str, steps: int, n_blocks: int | None) -> tuple:
     if field == "freeze_blocks":
         hi = n_blocks if n_blocks is not None else 1_000
     return lo, hi
+
+
+def transition_points(space: list[tuple], trials: list[tuple[dict, float]], noise: float, max_points: int = 3,
+                      min_gap: float = 1 / 16) -> list[dict]:
+    """Midpoints (in the range's own scale) between neighbouring tried values of a one-field search whose scores
+    differ by more than 2 x noise and that lie more than `min_gap` of the range apart; the largest gaps first."""
+    if len(space) != 1 or noise <= 0:
+        return []
+    f, lo, hi, log = space[0]
+    pts = sorted((_to_unit(p[f], lo, hi, log), v) for p, v in trials)
+    gaps = [(b[0] - a[0], (a[0] + b[0]) / 2) for a, b in zip(pts, pts[1:])
+            if abs(b[1] - a[1]) > 2 * noise and b[0] - a[0] > min_gap]
+    out = []
+    for _, mid in sorted(gaps, reverse=True)[:max_points]:
+        v = _from_unit(mid, lo, hi, log)
+        if all(v != p[f] for p, _ in trials):
+            out.append({f: v})
+    return out
+
+
+def is_flat(values: list[float], noise: float) -> bool:
+    """Every finished trial within 2 x noise of the best: the study cannot tell its settings apart."""
+    return bool(values) and noise > 0 and max(values) - min(values) <= 2 * noise
+
+
+def constrained_choice(rows: list[dict], fine_key: str, generic_key: str, threshold: float) -> dict | None:
+    """The constraint rule: among finished trials {"params", "val"} whose fine-grained validation is >= threshold,
+    the one with the best generic validation (ties: the earlier trial). None when no trial qualifies."""
+    ok = [r for r in rows if r["val"].get(fine_key, -1) >= threshold]
+    return max(ok, key=lambda r: r["val"][generic_key]) if ok else None
 
 
 def extend_space(space: list[tuple], trials: list[dict], best: dict, steps: int,
@@ -182,7 +222,7 @@ def _prepare(preset: str, storage: str | Path, smoke: bool, seed: int, base: dic
             study.enqueue_trial(params, user_attrs={"design": "startup"})
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-        if t.user_attrs.get("design") in ("startup", "extension"):
+        if t.user_attrs.get("design") in ("startup", "extension", "transition"):
             study.enqueue_trial(t.params, user_attrs={"design": t.user_attrs["design"]})
     return study, cfg
 
@@ -199,7 +239,7 @@ def _objective(preset: str, study_name_: str, out_root: Path, smoke: bool, seed:
                 params[f] = trial.suggest_int(f, lo, hi)
             else:
                 params[f] = trial.suggest_float(f, lo, hi, log=log)
-        startup = trial.user_attrs.get("design") in ("startup", "extension")
+        startup = trial.user_attrs.get("design") in ("startup", "extension", "transition")
         best = [-math.inf]
 
         def report(state) -> bool | None:  # multi-fidelity: report the running best, stop a trailing trial
@@ -269,12 +309,15 @@ def _run_workers(args: tuple, jobs: int, device: str) -> None:
 
 def search(preset: str, storage: str | Path, out_root: str | Path, trials: int | None = None, smoke: bool = False,
            seed: int = 0, device: str = "cpu", jobs: int = 1, base: dict | None = None, n_blocks: int | None = None,
-           extend: bool = True) -> dict:
-    """Explore, refine and (where the best value sits at an edge) extend; returns the chosen trial.
+           extend: bool = True, noise: float = 0.0, constraint: tuple | None = None) -> dict:
+    """Explore, refine, extend (where the best value sits at an edge) and map transitions; returns the choice.
 
     trials: finished (complete or pruned) trials before the edge check; default 8 x d start-up + 4 x d TPE.
     base: TrainConfig fields every trial shares (e.g. the schedule and learning rates chosen for naive).
-    Returns {"preset", "params", "value", "trials", "distinct", "val", "space", "extensions", "at_edge"}."""
+    noise: the seed noise of the objective (the spread of one configuration over fine-tuning seeds): with it,
+    transitions get points and a flat study is reported as such. constraint: (fine key, generic key, threshold)
+    for the constraint rule. Returns {"preset", "params", "value", "trials", "distinct", "val", "space",
+    "extensions", "at_edge", "flat", "spread", "constraint"}."""
     import optuna
     base = dict(base or {})
     study, cfg = _prepare(preset, storage, smoke, seed, base)
@@ -311,11 +354,27 @@ def search(preset: str, storage: str | Path, out_root: str | Path, trials: int |
                                                              optuna.trial.TrialState.PRUNED)))
         total = n_now + 4 * len(grown) + 2 * d
         _run_workers((preset, str(storage), str(out_root), smoke, seed, device, base, new, total), jobs, device)
-    return summary(study.study_name, storage, n_blocks=n_blocks, steps=cfg.steps)
+    for _ in range(2 if noise > 0 else 0):  # points where the score changes (one-field studies)
+        study = optuna.load_study(study_name=study.study_name, storage=_storage(storage))
+        space = [tuple(s) for s in study.user_attrs["space"]]
+        done = [(t.params, t.value) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        queued = {tuple(sorted(t.params.items())) for t in study.trials if t.state == optuna.trial.TrialState.WAITING}
+        points = [p for p in transition_points(space, done, noise) if tuple(sorted(p.items())) not in queued]
+        if not points:
+            break
+        for p in points:
+            study.enqueue_trial(p, user_attrs={"design": "transition"})
+        n_now = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                             optuna.trial.TrialState.PRUNED)))
+        _run_workers((preset, str(storage), str(out_root), smoke, seed, device, base, space, n_now + len(points)),
+                     jobs, device)
+    return summary(study.study_name, storage, n_blocks=n_blocks, steps=cfg.steps, noise=noise, constraint=constraint)
 
 
-def summary(name: str, storage: str | Path, n_blocks: int | None = None, steps: int | None = None) -> dict:
-    """The chosen trial of a study and what was explored."""
+def summary(name: str, storage: str | Path, n_blocks: int | None = None, steps: int | None = None,
+            noise: float = 0.0, constraint: tuple | None = None) -> dict:
+    """The chosen trial of a study (mean rule; and the constraint rule's, given `constraint`), what was explored,
+    and whether the study is flat within the seed noise."""
     import optuna
     study = optuna.load_study(study_name=name, storage=_storage(storage))
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -330,10 +389,26 @@ def summary(name: str, storage: str | Path, n_blocks: int | None = None, steps: 
     return {"study": name, "preset": name.rsplit("-seed", 1)[0].removesuffix("-smoke"), "params": best.params,
             "value": best.value, "trials": len(all_params), "complete": len(finished),
             "distinct": {f: len({round(p[f], 12) for p in all_params if f in p}) for f, *_ in space},
-            "val": {k: v for k, v in best.user_attrs.items() if k not in ("train", "updates", "design")},
+            "val": {k: v for k, v in best.user_attrs.items() if k not in ("train", "updates", "design", "identity")},
             "space": [list(s) for s in space], "extensions": study.user_attrs.get("extensions", []),
             "at_edge": [g.split(":")[0] for g in grown], "at_hard_limit": stuck,
-            "base": study.user_attrs.get("base", {})}
+            "base": study.user_attrs.get("base", {}), "noise": noise,
+            "flat": is_flat([t.value for t in finished], noise),
+            "spread": float(max(t.value for t in finished) - min(t.value for t in finished)),
+            "constraint": _constraint_summary(finished, constraint)}
+
+
+def _constraint_summary(finished, constraint: tuple | None) -> dict | None:
+    if constraint is None:
+        return None
+    fine, generic, threshold = constraint
+    rows = [{"trial": t.number, "params": t.params, "val": t.user_attrs} for t in finished]
+    best = constrained_choice(rows, fine, generic, threshold)
+    out = {"rule": f"max {generic} subject to {fine} >= {threshold:.4f}", "threshold": threshold}
+    if best is None:
+        return {**out, "params": None, "trial": None, "val": None}
+    return {**out, "params": best["params"], "trial": best["trial"],
+            "val": {k: v for k, v in best["val"].items() if k not in ("train", "updates", "design", "identity")}}
 
 
 def final_runs(preset: str, params: dict, seeds: list[int], out_root: str | Path, registry: str | Path,

@@ -31,6 +31,10 @@ class Layout:
             return None
         return int(name[len(self.block_prefix):].split(".", 1)[0])
 
+    def blocks(self, tower: nn.Module) -> list[nn.Module]:
+        """The tower's blocks as modules, in depth order (forward hooks on them give each block's features)."""
+        return list(tower.transformer.resblocks if self.kind == "open_clip-vit" else tower.trunk.blocks)
+
     def frozen_by(self, name: str, n_blocks: int) -> bool:
         """Whether freezing the stem and the first n_blocks blocks freezes this parameter."""
         block = self.block_of(name)

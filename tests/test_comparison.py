@@ -1,7 +1,9 @@
 """The whole-comparison command with the experiment replaced by a fake that writes what a real run writes
-(metrics.json, run/log.jsonl, a registry row): the stages run in order, the schedule comes from the flat
-calibration curves, every method gets naive's learning rates and target steps, toy-naive and toy-paper also run
-on the held-out seeds, and a second call reuses everything (nothing runs twice)."""
+(metrics.json, run/log.jsonl, a registry row): the stages run in order, the schedule and the seed noise come from
+the calibration curves, every method gets naive's learning rates and target steps, ablations take their base's
+choice, the held-out presets also run on the held-out seeds, the second search seed's choices run there too,
+post-hoc rows merge naive's runs without training, a run with other starting weights is refused, and a second
+call reuses everything (nothing runs twice)."""
 import json
 import math
 from pathlib import Path
@@ -11,14 +13,19 @@ import pytest
 from infusing_kit import comparison as C, search as S
 
 
+class Calls(list):
+    """The runs the fake was asked for; .fake is the fake itself (its .weights: the fingerprint it records)."""
+
+
 @pytest.fixture
 def fake(monkeypatch):
-    calls = []
+    calls = Calls()
 
     def run(preset, out_dir, smoke=False, seed=0, device="cpu", progress=False, overrides=None, test=True,
-            registry=None, hooks=()):
+            registry=None, hooks=(), resume=False, tags=None, reuse=None, merge_with=None):
         o = dict(overrides)
-        calls.append({"preset": preset, "seed": seed, "overrides": o, "test": test})
+        calls.append({"preset": preset, "seed": seed, "overrides": o, "test": test, "tags": tags or {},
+                      "reuse": reuse, "merge_with": merge_with, "out": str(out_dir)})
         lr = o.get("lr_backbone", 1e-3)
         speed = 1 / (1 + abs(math.log10(lr) + 3))  # fastest at 1e-3
         steps = o["steps"]
@@ -31,6 +38,7 @@ def fake(monkeypatch):
         (out / "run" / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in log))
         val = {k[4:]: v for k, v in log[-1].items() if k.startswith("val/")}
         m = {"preset": preset, "seed": seed, "smoke": smoke, "overrides": o, "train": {**o, "seed": seed},
+             "tags": tags or {}, "weights": fake.weights, "threads": 1, "torch": "x", "device_kind": "cpu",
              "val": val, "best_step": steps, "updates": {"target": steps, "generic": 0, "backbone": steps},
              "seconds": 1.0,
              "pretrained": {"in_domain": {"map@20": 0.0}, "generic_image": {"map@20": 0.8}, "image_text": {"i2t_r@1": 0.7}},
@@ -42,36 +50,74 @@ def fake(monkeypatch):
             append_result(registry, m, run_dir=out)
         return m
 
+    fake = run
+    fake.weights = "w0"
     monkeypatch.setattr(C, "run_experiment", run)
     monkeypatch.setattr(S, "run_experiment", run)
+    calls.fake = fake
     return calls
 
 
+
+PRESETS = ["toy-l2sp", "toy-paper", "toy-paper-no-l2sp", "toy-wise-ft", "toy-model-stock"]
+TRIALS = {"toy-naive": 16, "toy-l2sp": 8, "toy-paper": 16}
+
+
 def test_compare_runs_every_stage_in_order_and_resumes(tmp_path, fake):
-    chosen = C.compare(tmp_path / "c", presets=["toy-l2sp", "toy-wise-ft"], trials={"toy-naive": 16, "toy-l2sp": 8},
-                       log=lambda *_: None)
+    chosen = C.compare(tmp_path / "c", presets=PRESETS, trials=TRIALS, log=lambda *_: None)
     naive_trials = [c for c in fake if c["preset"] == "toy-naive" and not c["test"] and c["overrides"]["steps"] == C.CALIBRATION_STEPS]
     assert len(naive_trials) >= 16 + 3  # the search, then the calibration on seeds 0-2
     steps = chosen["schedule"]["steps"]
     assert chosen["schedule"]["all_flat"] and 0 < steps < C.CALIBRATION_STEPS and steps % 25 == 0
+    assert len(chosen["noise"]["kept"]) == 3 and chosen["noise"]["noise"] >= 0 and chosen["noise"]["naive_fine"] > 0
     base = chosen["toy-naive"]["params"]
     assert set(base) == {"lr_backbone", "lr_head", "steps"} and base["steps"] == steps
     # every method: naive's learning rates and target steps (toy-naive-long: twice the steps)
-    for p in ("toy-l2sp", "toy-wise-ft"):
+    for p in PRESETS:
         assert {k: chosen[p]["params"][k] for k in base} == base, p
     assert chosen["toy-naive-long"]["params"]["steps"] == 2 * steps
-    finals = [(c["preset"], c["seed"]) for c in fake if c["test"]]
-    assert sorted(s for p, s in finals if p == "toy-naive") == [0, 1, 2, 3, 4]
-    assert sorted(s for p, s in finals if p == "toy-l2sp") == [0, 1, 2]
-    assert sorted(s for p, s in finals if p == "toy-naive-long") == [0, 1, 2]
-    searches = [c for c in fake if not c["test"]]
-    assert all(c["seed"] in (0, 1, 2) for c in searches) and not any(c["seed"] in (3, 4) for c in searches)
+    assert chosen["toy-paper-no-l2sp"]["params"] == {**chosen["toy-paper"]["params"], "l2sp": 0.0}
+    assert chosen["toy-paper@search1"]["search"]["study"].endswith("seed1")
+    assert chosen["toy-l2sp"]["search"]["constraint"]["threshold"] == pytest.approx(
+        C.CONSTRAINT * chosen["noise"]["naive_fine"])
+    finals = [c for c in fake if c["test"]]
+    seeds = lambda p, **tag: sorted(c["seed"] for c in finals if c["preset"] == p and c["tags"] == tag)
+    assert seeds("toy-naive") == seeds("toy-l2sp") == seeds("toy-paper") == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert seeds("toy-naive-long") == seeds("toy-paper-no-l2sp") == [0, 1, 2, 3, 4]
+    assert seeds("toy-paper", search_seed=1) == [5, 6, 7]
+    for c in finals:
+        if c["tags"].get("rule") == "constraint":
+            assert c["overrides"] == chosen[c["preset"]]["constraint_params"] != chosen[c["preset"]]["params"]
+    # post hoc: naive's final run of the same seed, never trained again; Model Stock adds a second seed's run
+    for c in finals:
+        if c["preset"] in ("toy-wise-ft", "toy-model-stock"):
+            assert str(c["reuse"]).endswith(f"final/toy-naive-s{c['seed']}")
+    stock = [c for c in finals if c["preset"] == "toy-model-stock"]
+    assert len(stock) == 5 and all(str(c["merge_with"][0]).endswith(f"stock-s{c['seed'] + C.STOCK_SEED}/model.pt")
+                                   for c in stock)
+    searches = [c for c in fake if not c["test"] and "ingredients" not in c["out"]]
+    assert all(c["seed"] in (0, 1, 2) for c in searches) and not any(c["seed"] in C.HELDOUT_SEEDS for c in searches)
     rows = [json.loads(l) for l in (tmp_path / "c" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == len(finals)
     assert (tmp_path / "c" / "trials.jsonl").exists() and (tmp_path / "c" / "chosen.json").exists()
 
     n = len(fake)
-    again = C.compare(tmp_path / "c", presets=["toy-l2sp", "toy-wise-ft"], trials={"toy-naive": 16, "toy-l2sp": 8},
-                      log=lambda *_: None)
+    again = C.compare(tmp_path / "c", presets=PRESETS, trials=TRIALS, log=lambda *_: None)
     assert len(fake) == n, "a second call re-ran finished work"
     assert again["toy-l2sp"]["params"] == chosen["toy-l2sp"]["params"]
+
+
+def test_a_run_with_other_starting_weights_is_refused(tmp_path, fake):
+    C.compare(tmp_path / "c", presets=["toy-l2sp"], trials=TRIALS, log=lambda *_: None, stop_after=2)
+    fake.fake.weights = "another model"
+    with pytest.raises(ValueError, match="other starting weights"):
+        C.compare(tmp_path / "c", presets=["toy-l2sp"], trials=TRIALS, log=lambda *_: None)
+
+
+def test_seed_noise_and_the_naive_reference_by_hand():
+    logs = [[{"target_step": t, "val/mean_map@20": m, "val/fine_map@20": f} for t, m, f in run]
+            for run in ([(0, 0.1, 0.0), (25, 0.5, 0.6), (50, 0.6, 0.7), (75, 0.9, 0.95)],
+                        [(0, 0.1, 0.0), (25, 0.4, 0.5), (50, 0.7, 0.8), (75, 0.2, 0.2)])]
+    n = C.seed_noise(logs, steps=50)
+    assert n["kept"] == [0.6, 0.7] and n["noise"] == pytest.approx(0.0707107, rel=1e-5)
+    assert n["naive_fine"] == pytest.approx(0.75)

@@ -108,23 +108,22 @@ def test_model_stock_by_hand():
         model_stock(theta0, same[:1])
 
 
-def test_lines_and_merge_curves_choose_on_validation_and_hand_back():
+def test_lines_and_model_stock_candidates_are_labelled_and_validated():
+    from infusing_kit import posthoc
     world, vlm = tiny_world_and_model()
-    theta0 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
+    theta0 = posthoc.states_of(vlm)
     runs = []
     for s in (1, 2):
         g = torch.Generator().manual_seed(s)
         runs.append({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
                      for k, v in theta0.items()})
-    vlm.visual.load_state_dict(runs[0])
-    curve = experiment.lines_curve(vlm, theta0, world, alphas=(0.0, 0.5, 1.0), betas=(0.0, 0.5))
-    assert {(r["alpha"], r["beta"]) for r in curve} == {(0.0, 0.0), (0.0, 0.5), (0.5, 0.0), (0.5, 0.5), (1.0, 0.0)}
-    assert all(torch.equal(v, runs[0][k]) for k, v in vlm.visual.state_dict().items())
-    best = experiment.apply_lines(vlm, theta0, curve, key="generic_map@20")
+    curve, best = posthoc.choose("lines", vlm, theta0, runs[:1], experiment.validation_fn(world), "generic_map@20")
+    assert {(r["alpha"], r["beta"]) for r in curve} == {(a, b) for a in posthoc.GRID for b in posthoc.GRID
+                                                       if a + b <= 1 + 1e-9}
     assert best == max(curve, key=lambda r: r["generic_map@20"])
-    merges = experiment.merge_curve(vlm, theta0, runs, world, ts=(0.0, 1.0))
-    assert [r["merge"] for r in merges] == ["stock", "uniform", "uniform"]
-    at0 = merges[1]
+    merges, _ = posthoc.choose("model_stock", vlm, theta0, runs, experiment.validation_fn(world), "generic_map@20")
+    assert [r["merge"] for r in merges] == ["stock"] + ["uniform"] * len(posthoc.GRID)
+    at0 = merges[1]  # t = 0: the pretrained tower itself
     vlm.visual.load_state_dict(theta0)
     assert {k: v for k, v in at0.items() if k not in ("merge", "t")} == experiment.validation_fn(world)(vlm)
 

@@ -71,5 +71,30 @@ def test_every_preset_keeps_the_naive_schedule():
         for cfg, base in ((p.train, experiment.NAIVE), (p.smoke_train, experiment.SMOKE_NAIVE)):
             factor = 2 if name == "toy-naive-long" else 1  # as many backbone updates as a round-robin method
             assert cfg.steps == factor * base.steps and cfg.batch_size == base.batch_size, name
-        if not name.startswith("toy-naive") and not p.wise_ft:
+        if not name.startswith("toy-naive") and not p.post_hoc and "select" not in p.ablation:
             assert p.train.select == "mean_map@20", f"{name} must select on mean validation (method.md 5)"
+        if p.post_hoc:  # post hoc on naive's own training: the same config, kept by naive's rule
+            assert p.train == experiment.NAIVE, name
+
+
+def test_pretraining_gives_the_same_bits_with_one_and_two_threads(tmp_path):
+    """Two fresh processes, 1 and 2 torch threads, the same small pretraining config: one fingerprint."""
+    import subprocess
+    import sys
+    code = ("import sys, torch; torch.set_num_threads(int(sys.argv[1])); from dataclasses import replace; "
+            "from infusing_kit.pretrain import SMOKE_PRETRAIN, pretrain, fingerprint; "
+            "vlm, info = pretrain(replace(SMOKE_PRETRAIN, steps=6, batch_size=32), progress=False); "
+            "print(torch.get_num_threads(), fingerprint(vlm))")
+    outs = [subprocess.run([sys.executable, "-c", code, str(t)], capture_output=True, text=True, check=True,
+                           cwd=tmp_path).stdout.split() for t in (1, 2)]
+    assert outs[0][0] == "1" and outs[1][0] == "2", "the thread count of each process is restored after pretraining"
+    assert outs[0][1] == outs[1][1]
+
+
+def test_the_shipped_toy_vlm_is_the_default_pretraining():
+    """The weights the kit ships are found for the default config and load into a model whose fingerprint every
+    near-world run records."""
+    from infusing_kit.pretrain import PretrainConfig, fingerprint, load_pretrained_toy, shipped_path
+    assert shipped_path(PretrainConfig()).exists()
+    vlm = load_pretrained_toy(cache_dir="/nonexistent-cache-folder", progress=False)
+    assert fingerprint(vlm) == "96b818f7003cbb4e"

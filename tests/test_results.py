@@ -84,13 +84,15 @@ def test_wise_ft_curve_endpoints_are_the_two_models():
     theta1 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
     validate = experiment.validation_fn(world)
     at1 = validate(vlm)
-    curve = experiment.wise_ft_curve(vlm, theta0, world, alphas=[0.0, 0.5, 1.0])
-    assert all(torch.equal(v, theta1[k]) for k, v in vlm.visual.state_dict().items()), "vlm not handed back at theta1"
-    assert curve[2] == {"alpha": 1.0, **at1}
+    from infusing_kit import posthoc
+    curve, chosen = posthoc.choose("wise_ft", vlm, theta0, [theta1], validate, "generic_map@20")
+    assert [r["alpha"] for r in curve] == list(posthoc.ALPHAS)
+    assert curve[-1] == {"alpha": 1.0, **at1}
+    assert chosen == max(curve, key=lambda r: r["generic_map@20"])
+    here = validate(vlm)  # the tower is left at the chosen interpolation
     vlm.visual.load_state_dict(theta0)
     assert curve[0] == {"alpha": 0.0, **validate(vlm)}
-    vlm.visual.load_state_dict(theta1)
-    chosen = experiment.apply_wise_ft(vlm, theta0, curve, key="generic_map@20")
-    assert chosen == max(curve, key=lambda r: r["generic_map@20"])
+    assert here == {k: v for k, v in chosen.items() if k != "alpha"}
     want = wise_ft(theta0, theta1, chosen["alpha"])
-    assert all(torch.equal(v, want[k]) for k, v in vlm.visual.state_dict().items())
+    vlm.visual.load_state_dict(want)
+    assert validate(vlm) == here

@@ -146,3 +146,35 @@ def test_points_a_killed_session_queued_still_run(tmp_path, monkeypatch):
         study.enqueue_trial({"l2sp": x}, user_attrs={"design": "extension"})
     S.search("toy-l2sp", db, tmp_path / "runs", trials=8, base={"steps": 100}, extend=False)
     assert len(calls) == 10 and {c["overrides"]["l2sp"] for c in calls[-2:]} == {3e-2, 5e-2}
+
+
+def test_transitions_get_points_where_the_score_changes_beyond_the_noise():
+    space = [("l2sp", 1e-2, 1e4, True)]
+    tried = [({"l2sp": v}, s) for v, s in ((1e-2, 0.80), (1e-1, 0.80), (1.0, 0.81), (1e3, 0.50), (1e4, 0.40))]
+    points = S.transition_points(space, tried, noise=0.01)
+    # 1 -> 1e3 is the big gap with a jump; 1e3 -> 1e4 jumps by 0.10 > 0.02 too; the flat part gets nothing
+    assert [round(math.log10(p["l2sp"]), 6) for p in points] == [1.5, 3.5]
+    assert S.transition_points(space, tried, noise=0.2) == []      # every change within 2 x noise
+    assert S.transition_points(space + space, tried, noise=0.01) == []  # one-field studies only
+
+
+def test_flat_studies_and_the_constraint_rule():
+    assert S.is_flat([0.80, 0.81, 0.805], noise=0.01) and not S.is_flat([0.80, 0.83], noise=0.01)
+    assert not S.is_flat([0.8, 0.8], noise=0.0), "without a noise estimate nothing is called flat"
+    rows = [{"params": {"x": i}, "val": {"fine": f, "generic": g}}
+            for i, (f, g) in enumerate(((0.99, 0.5), (0.95, 0.7), (0.90, 0.9), (0.95, 0.7)))]
+    assert S.constrained_choice(rows, "fine", "generic", 0.94)["params"] == {"x": 1}  # 2 misses; 1 before 3
+    assert S.constrained_choice(rows, "fine", "generic", 0.999) is None
+
+
+def test_a_search_with_a_noise_estimate_maps_the_transition_and_reports_flatness(tmp_path, monkeypatch):
+    calls = _fake(monkeypatch, lambda x: 0.9 if x < 30 else 0.3)  # a step at 30: no effect below, too strong above
+    best = S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", trials=8, base={"steps": 100}, extend=False,
+                    noise=0.01, constraint=("fine_map@20", "generic_map@20", 0.4))
+    transitions = [c["overrides"]["l2sp"] for c in calls[8:]]
+    assert transitions, "the jump got no points"
+    assert not best["flat"] and best["spread"] == pytest.approx(0.6)
+    assert best["constraint"]["params"] is not None and best["constraint"]["threshold"] == 0.4
+    flat = S.search("toy-ewc", tmp_path / "f.db", tmp_path / "runs", trials=8, base={"steps": 100}, extend=False,
+                    noise=0.01)
+    assert flat["flat"] and flat["spread"] == 0.0
