@@ -7,9 +7,15 @@
   data, config), else a clear error says what differs. A folder whose run was killed before its first
   checkpoint simply starts again when resuming.
 - `tower_fingerprint`: a short hash of a tower's weights (what a checkpoint or teacher belongs to).
+- `FolderLock`: one process per run folder. An exclusive lock (flock) on FOLDER/.lock, held for the run's life and
+  released by the operating system when the process ends in any way (a kill -9 leaves no stale lock); a second
+  process is refused at once, told which process holds the folder.
+- Disk full: every write here is to a temporary name first; a write that fails removes its partial file and says
+  that the disk is full (or what else failed) and that nothing was replaced.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,20 +26,65 @@ import torch
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl")
 
 
-def atomic_save(obj, path: str | Path) -> Path:
+def _atomic(path: str | Path, write) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        full = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e) or "No space" in str(e)
+        why = "the disk is full" if full else f"the write failed ({e})"
+        raise OSError(errno.ENOSPC if full else getattr(e, "errno", None) or errno.EIO,
+                      f"cannot write {path}: {why}; the partial file was removed and nothing was replaced. Free "
+                      "space (or choose another folder) and run the same command again to continue") from None
     return path
+
+
+def atomic_save(obj, path: str | Path) -> Path:
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+class FolderLock:
+    """An exclusive lock on folder/.lock for as long as the object lives (or until `release`). Raises
+    `FolderBusyError` at once when another process holds it."""
+
+    def __init__(self, folder: str | Path, what: str = "--out"):
+        import fcntl
+        self.path = Path(folder) / ".lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a+")
+        try:
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._f.seek(0)
+            holder = self._f.read().strip() or "another process"
+            self._f.close()
+            raise FolderBusyError(f"{what} {folder} is in use by {holder}: two runs in one folder would overwrite each "
+                                  "other. Wait for it to finish, or choose another folder (nothing was changed)") from None
+        self._f.seek(0)
+        self._f.truncate()
+        self._f.write(f"process {os.getpid()}")
+        self._f.flush()
+
+    def release(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class FolderBusyError(RuntimeError):
+    pass
 
 
 def tower_fingerprint(tower: torch.nn.Module) -> str:
@@ -66,12 +117,20 @@ class RunFolder:
         self.resume, self.hint, self.writer = resume, resume_hint, writer  # writer=False: read, never write (ranks > 0)
         if self.path is None:
             return
+        self.lock = None
+        if writer:  # first the lock: a second process is told the folder is busy, not that a run was interrupted
+            check_writable(self.path, "the run folder")
+            self.lock = FolderLock(self.path, "the run folder")
         occupied = [f for f in RUN_FILES if (self.path / f).exists()]
         if occupied and not resume:
+            self.close()
             raise FileExistsError(f"{self.path} already holds a training run ({', '.join(occupied)}). Pass "
                                   f"{resume_hint} to continue it, or choose a new folder; nothing was overwritten.")
-        if writer:
-            check_writable(self.path, "the run folder")
+
+    def close(self) -> None:
+        """Release the folder (the lock)."""
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
 
     def restore(self, identity: dict) -> dict | None:
         """The checkpoint to continue from (None: start afresh). Refuses one that belongs to another run."""

@@ -30,7 +30,7 @@ import torch
 
 from . import distributed
 from . import world as W
-from .checkpoints import atomic_write_text, check_writable
+from .checkpoints import FolderLock, atomic_write_text, check_writable
 from .metrics import image_text_recall, retrieval_metrics
 from .models import VLM, embed_images, embed_texts, save_finetuned
 from .pretrain import FAR_PRETRAIN, PretrainConfig, fingerprint, load_pretrained_toy
@@ -231,8 +231,20 @@ def run_setup(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: 
     Post-hoc presets (setup.post_hoc): reuse = a finished run folder of the same training (same TrainConfig but the
     seed's, same starting weights) whose fine-tuned tower is taken instead of training again; merge_with = model.pt
     files of other fine-tuned runs of the same pretrained model, for merges (Model Stock, soups)."""
-    from . import posthoc
     out = Path(out_dir)
+    lock = None
+    if distributed.is_main():  # one process per folder, from the start (a second one is refused at once)
+        check_writable(out, "--out")
+        lock = FolderLock(out, "--out")
+    try:
+        return _run_setup(setup, out, device, progress, test, registry, hooks, resume, reuse, merge_with)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_setup(setup, out, device, progress, test, registry, hooks, resume, reuse, merge_with) -> dict:
+    from . import posthoc
     if (out / "metrics.json").exists():
         raise FileExistsError(f"{out / 'metrics.json'} exists: that run is finished; choose a new --out folder "
                               "(nothing was overwritten)")
@@ -240,8 +252,6 @@ def run_setup(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: 
         raise FileExistsError(f"{out} holds an interrupted run: add --resume (resume=True) to continue it, or choose "
                               "a new --out folder (nothing was overwritten)")
     main = distributed.is_main()  # under torchrun only rank 0 writes
-    if main:
-        check_writable(out, "--out")
     if registry is not None and main:
         check_writable(Path(registry).parent, "--registry")
         if Path(registry).exists() and not os.access(registry, os.W_OK):

@@ -280,6 +280,13 @@ def train(vlm: VLM, target, cfg: TrainConfig, out_dir: str | Path | None = None,
         raise TypeError(f"train() got unknown inputs {unknown}; known: {sorted(INPUTS)}")
     distributed.check_config(cfg)
     folder = RunFolder(out_dir, resume, resume_hint, writer=distributed.is_main())
+    try:
+        return _train(vlm, target, cfg, folder, generic, validate, hooks, progress, inputs)
+    finally:
+        folder.close()
+
+
+def _train(vlm, target, cfg, folder, generic, validate, hooks, progress, inputs):
     distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
     labels, n_classes = _remap(target.labels)
     head = CosineClassifier(vlm.embed_dim, n_classes, generator=torch.Generator().manual_seed(cfg.seed)).to(vlm.device)
