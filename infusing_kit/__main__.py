@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return _report(args)
     if args.command == "export-world":
-        from .config import export_world
+        from .export import export_world
         try:
             paths = export_world(args.out, seed=args.seed, smoke=args.smoke, image_format=args.format)
         except FileExistsError as e:

@@ -3,143 +3,197 @@
   python -m infusing_kit experiment --config FILE.toml --out DIR [--resume] [--registry FILE]
 
 The file (TOML, read with the standard library) has four parts; README "Your own model and data" has a
-complete example:
+complete example, and a minimal one:
 
   name = "siglip-sop-paper"      # the registry's method name (default: the file's name)
-  seed = 0
+  seed = 0                       # the fine-tuning's seed (and random initialisation's, without pretrained weights)
   [model]   name = "ViT-B-16-SigLIP"; pretrained = "webli" (an open_clip tag, or a checkpoint file relative to
-            the config's folder, a kit model.pt included); image_size = 224 (optional); cache_dir = "..." (optional)
-  [data]    root = "/data" (relative paths start here; default: the config's folder); size = 224 (decoded side)
+            the config's folder, a kit model.pt included; leave it out for random initialisation, seeded);
+            image_size = 224 (optional); cache_dir = "..." (optional)
+  [data]    root = "/data" (relative paths start here; default: the config's folder); size = 224 (decoded side);
+            allow_leakage = false (true runs even when splits share images or classes: see below)
   [data.target]   train / val / test = {format = ..., path = ..., ...}         class-disjoint splits
   [data.generic]  train / val / test = {...}; prompts = "classes.txt" or prompt = "a photo of a {}."
   [data.text]     test = {format = "karpathy_json" | "caption_csv", ...}
   [method]  preset = "toy-paper" (optional: its TrainConfig as the base; schedule = "full" | "smoke"),
             any TrainConfig field (steps, lr_backbone, l2sp, distill, sampler, ...),
             post_hoc = "wise_ft" | "lines" (a post-hoc step chosen on validation; wise_ft = true is the same)
+A study file (study.py) has the same [model] and [data] and a [study] table instead of [method].
 
-Formats of a data part: "image_folder" (root/<class>/<image>), "split_file" (UnED JSON: [{path, class_id}]),
-"csv" (path,label), "generic_folder" (an image folder split 80/20 per class, seeded: part = "train" | "val";
-seed; val_fraction), "caption_csv" (image,caption), "karpathy_json" (Flickr30k / COCO; split = "test").
-Optional keys of a part: root (the folder its paths are relative to), skip_unreadable, max_per_class.
+Formats of a data part: one row of `FORMATS` each, with the keys it takes besides format/path/root.
 
-Every key is checked before any work: an unknown key, a missing file or folder, or an unknown format is an
-error naming it (the official code's full-method script silently ignored the regularizer weights it was given;
-here an unknown or misspelt key cannot pass). Every key is echoed into metrics.json ("config").
+Every key is checked before any work: an unknown key, a value of the wrong type or range, a missing file or
+folder, or an unknown format is an error naming the file, the table, the key, the value and what is expected
+(the official code's full-method script silently ignored the regularizer weights it was given; here an unknown,
+misspelt or mistyped key cannot pass). Every key is echoed into metrics.json ("config").
 """
 from __future__ import annotations
 
-import csv
-import json
 import tomllib
-from dataclasses import asdict, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-
-import numpy as np
+from typing import Callable
 
 from . import data as D
 from .experiment import PRESETS, Domains, Setup, check_overrides, run_setup
 from .train import TrainConfig
 
-TOP = {"name", "seed", "model", "data", "method"}
-MODEL = {"name", "pretrained", "image_size", "cache_dir"}
-DATA = {"root", "size", "target", "generic", "text"}
-FORMATS = {  # format: (reader, keys it takes besides format/path/root)
-    "image_folder": ({"max_per_class", "skip_unreadable"}),
-    "split_file": ({"skip_unreadable"}),
-    "csv": ({"skip_unreadable"}),
-    "generic_folder": ({"part", "seed", "val_fraction", "max_per_class", "skip_unreadable"}),
-    "caption_csv": set(),
-    "karpathy_json": ({"split"}),
+# ---------------------------------------------------------------------------- what a file may hold, typed
+# key: (type, check or None, what is expected). Types: bool, int, float (an int is accepted), str.
+_POS_INT = (int, lambda v: v >= 1, "an integer >= 1")
+_NONNEG_INT = (int, lambda v: v >= 0, "an integer >= 0")
+_STR = (str, lambda v: bool(v), "a non-empty string")
+_BOOL = (bool, None, "true or false")
+TOP = {"name": _STR, "seed": _NONNEG_INT, "model": None, "data": None, "method": None, "study": None}
+MODEL = {"name": _STR, "pretrained": _STR, "image_size": _POS_INT, "cache_dir": _STR}
+DATA = {"root": _STR, "size": _POS_INT, "allow_leakage": _BOOL, "target": None, "generic": None, "text": None}
+PART = {"format": _STR, "path": _STR, "root": _STR}
+GENERIC = {"prompts": _STR, "prompt": (str, lambda v: "{}" in v, "a string with {} where the class name goes, "
+                                                                    "e.g. 'a photo of a {}.'")}
+METHOD = {"preset": _STR, "schedule": (str, lambda v: v in ("full", "smoke"), "'full' or 'smoke'"),
+          "wise_ft": _BOOL, "post_hoc": _STR}
+
+
+@dataclass(frozen=True)
+class Format:
+    """A dataset format of a config's data part: the keys it takes besides format/path/root (with their types) and
+    its reader: read(part, size) -> data.FileSplit."""
+    keys: dict
+    read: Callable
+
+
+def _skip(part):
+    return part.get("skip_unreadable", False)
+
+
+def _generic_folder(part, size):
+    train, val = D.generic_folder(part["path"], size, part.get("seed", 0), part.get("val_fraction", 0.2),
+                                  part.get("max_per_class"), _skip(part))
+    return train if part.get("part", "train") == "train" else val
+
+
+FORMATS = {
+    "image_folder": Format({"max_per_class": _POS_INT, "skip_unreadable": _BOOL},
+                           lambda p, size: D.image_folder(p["path"], size, p.get("max_per_class"), _skip(p))),
+    "split_file": Format({"skip_unreadable": _BOOL},
+                         lambda p, size: D.split_file(p["path"], size, p.get("root"), _skip(p))),
+    "csv": Format({"skip_unreadable": _BOOL}, lambda p, size: D.csv_split(p["path"], size, p.get("root"), _skip(p))),
+    "generic_folder": Format({"part": (str, lambda v: v in ("train", "val"), "'train' or 'val'"),
+                              "seed": _NONNEG_INT, "max_per_class": _POS_INT, "skip_unreadable": _BOOL,
+                              "val_fraction": (float, lambda v: 0 < v < 1, "a number in (0, 1)")}, _generic_folder),
+    "caption_csv": Format({}, lambda p, size: D.caption_csv(p["path"], size, p.get("root"))),
+    "karpathy_json": Format({"split": _STR}, lambda p, size: D.karpathy_json(p["path"], size,
+                                                                             p.get("root") or Path(p["path"]).parent,
+                                                                             p.get("split", "test"))),
 }
 PARTS = {"target": ("train", "val", "test"), "generic": ("train", "val", "test"), "text": ("test",)}
 
 
-def load_config(path: str | Path) -> dict:
-    """Parse and check a config file; returns it with every path resolved. Nothing is loaded yet."""
+def read_toml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        cfg = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path} is not valid TOML: {e}") from None
-    _keys(cfg, TOP, str(path), required={"model", "data", "method"})
-    _keys(cfg["model"], MODEL, f"{path} [model]", required={"name"})
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
+def load_config(path: str | Path, kind: str = "method") -> dict:
+    """Parse and check a config file (kind "method": an experiment; "study": a study file, checked further by
+    study.load_study); returns it with every path resolved. Nothing is loaded yet."""
+    path = Path(path)
+    cfg = read_toml(path)
+    top = {k: v for k, v in TOP.items() if k not in (("study",) if kind == "method" else ("method",))}
+    check_table(cfg, top, str(path), required={"model", "data", kind})
+    check_table(cfg["model"], MODEL, f"{path} [model]", required={"name"})
     pre = cfg["model"].get("pretrained")
-    if isinstance(pre, str) and ("/" in pre or pre.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+    if pre is not None and ("/" in pre or pre.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz"))):
         cfg["model"]["pretrained"] = str(_exists((path.parent / pre).resolve(), f"{path} [model] pretrained"))
     d = cfg["data"]
-    _keys(d, DATA, f"{path} [data]", required={"target", "generic", "text"})
+    check_table(d, DATA, f"{path} [data]", required={"target", "generic", "text"})
     root = Path(d.get("root", path.parent))
     if not root.is_absolute():
         root = (path.parent / root).resolve()
     for group, parts in PARTS.items():
-        extra = {"prompts", "prompt"} if group == "generic" else set()
-        _keys(d[group], set(parts) | extra, f"{path} [data.{group}]", required=set(parts))
+        check_table(d[group], {**{p: None for p in parts}, **(GENERIC if group == "generic" else {})},
+                    f"{path} [data.{group}]", required=set(parts))
         for part in parts:
             d[group][part] = _part(d[group][part], root, f"{path} [data.{group}.{part}]")
     if "prompts" in d["generic"]:
         d["generic"]["prompts"] = str(_exists(root / d["generic"]["prompts"], f"{path} [data.generic] prompts"))
-    m = cfg["method"]
-    known = {f.name for f in fields(TrainConfig)} | {"preset", "schedule", "wise_ft", "post_hoc"}
-    _keys(m, known, f"{path} [method]")
-    if "seed" in m:
-        raise ValueError(f"{path} [method]: set the seed at the top level (seed = N), not in [method]")
-    if "preset" in m and m["preset"] not in PRESETS:
-        raise ValueError(f"{path} [method] preset {m['preset']!r} is unknown; choose one of {sorted(PRESETS)}")
-    if m.get("schedule", "full") not in ("full", "smoke"):
-        raise ValueError(f"{path} [method] schedule must be 'full' or 'smoke', got {m['schedule']!r}")
-    train_config(cfg)  # every TrainConfig value checked now (ranges, allowed values)
+    if kind == "method":
+        check_method(cfg["method"], f"{path} [method]")
+        train_config(cfg, str(path))  # every TrainConfig value checked now (types, ranges, allowed values)
     cfg["name"] = cfg.get("name", path.stem)
     cfg["_path"] = str(path.resolve())
     return cfg
 
 
-def train_config(cfg: dict) -> TrainConfig:
-    m = dict(cfg["method"])
+def check_method(m: dict, where: str) -> None:
+    """A method table: the METHOD keys and TrainConfig fields (their values are checked by TrainConfig)."""
+    check_table(m, {**METHOD, **{f.name: None for f in fields(TrainConfig)}}, where)
+    if "seed" in m:
+        raise ValueError(f"{where}: set the seed at the top level (seed = N), not in the method")
+    if "preset" in m and m["preset"] not in PRESETS:
+        raise ValueError(f"{where} preset {m['preset']!r} is unknown; choose one of {sorted(PRESETS)}")
+    if "post_hoc" in m:
+        from .posthoc import METHODS
+        if m["post_hoc"] not in METHODS:
+            raise ValueError(f"{where} post_hoc {m['post_hoc']!r} is unknown; choose one of {sorted(METHODS)}")
+
+
+def train_config(cfg: dict, where: str = "the config", method: dict | None = None) -> TrainConfig:
+    m = dict(cfg["method"] if method is None else method)
     preset = PRESETS.get(m.pop("preset", None) or "toy-naive")
     base = preset.smoke_train if m.pop("schedule", "full") == "smoke" else preset.train
-    m.pop("wise_ft", None)
-    m.pop("post_hoc", None)
-    return replace(base, seed=int(cfg.get("seed", 0)), **check_overrides(m))
+    for k in ("wise_ft", "post_hoc"):
+        m.pop(k, None)
+    try:
+        return replace(base, seed=int(cfg.get("seed", 0)), **check_overrides(m))
+    except ValueError as e:
+        raise ValueError(f"{where} [method]: {e}") from None
 
 
-def setup_from_config(cfg: dict | str | Path, device: str = "cpu", progress: bool = True) -> Setup:
-    """The experiment a config describes (data opened and checked, model loaded lazily)."""
+def post_hoc_of(m: dict) -> str | None:
+    preset = PRESETS[m.get("preset", "toy-naive")]
+    if m.get("wise_ft") is False:
+        return None
+    return m.get("post_hoc", "wise_ft" if m.get("wise_ft") is True else preset.post_hoc)
+
+
+def setup_from_config(cfg: dict | str | Path, device: str = "cpu", progress: bool = True,
+                      method: dict | None = None, name: str | None = None) -> Setup:
+    """The experiment a config describes (data opened and checked, model loaded lazily). method/name: the method
+    table and registry name to use instead of the file's [method] (a study's methods)."""
     from .models import load_model
     if not isinstance(cfg, dict):
         cfg = load_config(cfg)
-    mc = cfg["model"]
-    d = cfg["data"]
-    size = int(d.get("size") or mc.get("image_size") or _model_size(mc["name"]))
-    read = lambda group, part: _read(d[group][part], size)
-    prompts = None
-    if "prompts" in d["generic"]:
-        prompts = [l.rstrip("\n") for l in open(d["generic"]["prompts"])]
+    where = cfg.get("_path", "the config")
+    mc, d = cfg["model"], cfg["data"]
+    m = cfg["method"] if method is None else method
+    size = d.get("size") or mc.get("image_size") or _model_size(mc["name"])
+    read = lambda group, part: FORMATS[d[group][part]["format"]].read(d[group][part], size)
     generic_train = read("generic", "train")
-    if prompts is None and "prompt" in d["generic"]:
-        if not generic_train.class_names:
-            raise ValueError("[data.generic] prompt needs class names (an image folder); give prompts = FILE instead")
-        prompts = [d["generic"]["prompt"].format(n.replace("_", " ")) for n in generic_train.class_names]
     domains = Domains(read("target", "train"), read("target", "val"), read("target", "test"), generic_train,
-                      read("generic", "val"), read("generic", "test"), read("text", "test"), prompts)
-    if not domains.text_test.captions:
-        raise ValueError("[data.text] test has no captions: use format = 'karpathy_json' or 'caption_csv'")
+                      read("generic", "val"), read("generic", "test"), read("text", "test"),
+                      _prompts(d["generic"], generic_train, where))
+    from .leakage import check_domains
+    check_domains(domains, where, allowed=d.get("allow_leakage", False))
+    seed = int(cfg.get("seed", 0))
     model = lambda: load_model(mc["name"], mc.get("pretrained"), device=device, image_size=mc.get("image_size"),
-                               cache_dir=mc.get("cache_dir"))
-    m = cfg["method"]
+                               cache_dir=mc.get("cache_dir"), seed=seed)
     preset = m.get("preset", "toy-naive")
-    post = m.get("post_hoc", "wise_ft" if m.get("wise_ft") is True else PRESETS[preset].post_hoc)
-    if m.get("wise_ft") is False:
-        post = None
-    overrides = {k: v for k, v in m.items() if k not in ("preset", "schedule", "wise_ft", "post_hoc")}
+    overrides = {k: v for k, v in m.items() if k not in METHOD}
     source = {"config": {k: v for k, v in cfg.items() if k != "_path"}, "config_file": cfg.get("_path"),
               "data_sizes": {f: len(getattr(domains, f)) for f in ("target_train", "target_val", "target_test",
                                                                      "generic_train", "generic_val", "generic_test",
                                                                      "text_test")}}
-    return Setup(cfg["name"], f"{cfg['name']} (config file; method from preset {preset!r} and its overrides)", model,
-                 domains, train_config(cfg), post, int(cfg.get("seed", 0)), m.get("schedule") == "smoke", source,
-                 overrides)
+    label = name or cfg["name"]
+    return Setup(label, f"{label} (config file; method from preset {preset!r} and its overrides)", model, domains,
+                 train_config(cfg, where, m), post_hoc_of(m), seed, m.get("schedule") == "smoke", source, overrides)
 
 
 def run_config(path: str | Path, out_dir: str | Path, device: str = "cpu", progress: bool = True,
@@ -149,16 +203,52 @@ def run_config(path: str | Path, out_dir: str | Path, device: str = "cpu", progr
     return run_setup(setup, out_dir, device=device, progress=progress, test=test, registry=registry, resume=resume)
 
 
+def _prompts(generic: dict, generic_train, where: str) -> list[str] | None:
+    """One text per generic class: a prompts file (one line per class, in label order) or a template."""
+    if "prompts" in generic:
+        try:
+            prompts = [l.rstrip("\n") for l in open(generic["prompts"], encoding="utf-8")]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where} [data.generic] prompts {generic['prompts']} is not UTF-8 text ({e.reason}); "
+                             "save it as UTF-8") from None
+        n = int(generic_train.labels.max()) + 1
+        if len(prompts) < n or any(not p.strip() for p in prompts[:n]):
+            raise ValueError(f"{where} [data.generic] prompts {generic['prompts']} has {len(prompts)} lines (empty "
+                             f"ones count as missing) for {n} generic classes: one non-empty prompt per class, in "
+                             "label order")
+        return prompts
+    if "prompt" in generic:
+        if not generic_train.class_names:
+            raise ValueError(f"{where} [data.generic] prompt needs class names (an image folder); give prompts = FILE")
+        return [generic["prompt"].format(n.replace("_", " ")) for n in generic_train.class_names]
+    return None
+
+
 # ---------------------------------------------------------------------------- checks
-def _keys(section, allowed: set, where: str, required: set = frozenset()) -> None:
+def check_table(section, allowed: dict, where: str, required: set = frozenset()) -> None:
+    """Unknown keys, missing keys and values of the wrong type or range are errors naming file, table and key."""
     if not isinstance(section, dict):
         raise ValueError(f"{where} must be a table (key = value pairs), got {section!r}")
-    unknown = sorted(set(section) - allowed)
+    unknown = sorted(set(section) - set(allowed))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
     missing = sorted(set(required) - set(section))
     if missing:
         raise ValueError(f"{where}: missing {missing}")
+    for key, spec in allowed.items():
+        if key in section and spec is not None:
+            check_value(section[key], spec, f"{where} {key}")
+
+
+def check_value(value, spec: tuple, where: str) -> None:
+    kind, ok, expected = spec
+    good_type = (isinstance(value, (int, float)) and not isinstance(value, bool)) if kind is float else \
+        (isinstance(value, int) and not isinstance(value, bool)) if kind is int else isinstance(value, kind)
+    if not good_type or (ok is not None and not ok(value)):
+        got = f"{value!r} ({'a TOML string' if isinstance(value, str) else type(value).__name__})"
+        raise ValueError(f"{where} = {got} must be {expected}"
+                         + ("; write true or false without quotes" if kind is bool and isinstance(value, str) else "")
+                         + ("; write the number without quotes" if kind in (int, float) and isinstance(value, str) else ""))
 
 
 def _exists(p: Path, where: str) -> Path:
@@ -168,13 +258,12 @@ def _exists(p: Path, where: str) -> Path:
 
 
 def _part(part, root: Path, where: str) -> dict:
-    _keys(part, {"format", "path", "root"} | set().union(*FORMATS.values()), where, required={"format", "path"})
+    every = {**PART, **{k: v for f in FORMATS.values() for k, v in f.keys.items()}}
+    check_table(part, every, where, required={"format", "path"})
     fmt = part["format"]
     if fmt not in FORMATS:
         raise ValueError(f"{where}: unknown format {fmt!r}; choose one of {sorted(FORMATS)}")
-    _keys(part, {"format", "path", "root"} | FORMATS[fmt], where)
-    if fmt == "generic_folder" and part.get("part", "train") not in ("train", "val"):
-        raise ValueError(f"{where}: part must be 'train' or 'val', got {part['part']!r}")
+    check_table(part, {**PART, **FORMATS[fmt].keys}, where)
     out = dict(part)
     out["path"] = str(_exists(root / part["path"], where))
     if "root" in part:
@@ -182,117 +271,8 @@ def _part(part, root: Path, where: str) -> dict:
     return out
 
 
-def _read(part: dict, size: int):
-    fmt, path, root = part["format"], part["path"], part.get("root")
-    skip = bool(part.get("skip_unreadable", False))
-    if fmt == "image_folder":
-        return D.image_folder(path, size, part.get("max_per_class"), skip)
-    if fmt == "split_file":
-        return D.split_file(path, size, root, skip)
-    if fmt == "csv":
-        return D.csv_split(path, size, root, skip)
-    if fmt == "generic_folder":
-        train, val = D.generic_folder(path, size, int(part.get("seed", 0)), float(part.get("val_fraction", 0.2)),
-                                      part.get("max_per_class"), skip)
-        return train if part.get("part", "train") == "train" else val
-    if fmt == "caption_csv":
-        return D.caption_csv(path, size, root)
-    return D.karpathy_json(path, size, root or Path(path).parent, part.get("split", "test"))
-
-
 def _model_size(name: str) -> int:
     import open_clip
     cfg = open_clip.get_model_config(name) or {}
     size = cfg.get("vision_cfg", {}).get("image_size", 224)
     return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-
-# ---------------------------------------------------------------------------- the built-in world, as files
-def export_world(out: str | Path, seed: int = 0, smoke: bool = False, image_format: str = "png",
-                 progress: bool = True) -> list[Path]:
-    """Write the built-in world of `seed` as files in the formats above, the toy VLM pretrained on it as a
-    checkpoint, and one config per preset (out/configs/<preset>.toml). Running such a config reproduces
-    `experiment --preset P --seed N [--smoke]`. Returns the config paths."""
-    from PIL import Image
-
-    from . import world as W
-    from .experiment import pretrain_config, world_config
-    from .models import progress_bar, save_finetuned
-    from .pretrain import load_pretrained_toy
-    if image_format not in ("png", "jpg"):
-        raise ValueError(f"image_format must be 'png' (lossless, reproduces the built-in runs) or 'jpg', got {image_format!r}")
-    out = Path(out)
-    if (out / "configs").exists():
-        raise FileExistsError(f"{out} already holds an exported world; choose a new --out folder (nothing was overwritten)")
-    w = W.make_world(world_config(seed, smoke))
-    splits = {"fine_train": w.fine_train, "fine_val": w.fine_val, "fine_test": w.fine_test,
-              "generic_train": w.generic_train, "generic_val": w.generic_val, "generic_test": w.generic_test,
-              "text_test": w.text_test}
-    names = {}
-    for name, split in progress_bar(splits.items(), progress, desc="export images", total=len(splits)):
-        (out / "images" / name).mkdir(parents=True, exist_ok=True)
-        names[name] = []
-        for i, img in enumerate(split.images):
-            rel = f"images/{name}/{i:05d}.{image_format}"
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(out / rel, quality=95) if image_format == "jpg" else \
-                Image.fromarray(img.permute(1, 2, 0).numpy()).save(out / rel)
-            names[name].append(rel)
-    for folder in ("target", "generic", "text", "model", "configs"):
-        (out / folder).mkdir(exist_ok=True)
-    for part in ("train", "val", "test"):  # the official split-file format (ordered: same batches as built in)
-        s = splits[f"fine_{part}"]
-        (out / "target" / f"{part}.json").write_text(json.dumps(
-            [{"path": p, "class_id": int(c)} for p, c in zip(names[f"fine_{part}"], s.labels)]))
-    with open(out / "generic" / "train.csv", "w") as f:
-        f.write("path,label\n" + "".join(f"{p},{int(c)}\n" for p, c in zip(names["generic_train"], w.generic_train.labels)))
-    for part in ("val", "test"):
-        s = splits[f"generic_{part}"]
-        (out / "generic" / f"{part}.json").write_text(json.dumps(
-            [{"path": p, "class_id": int(c)} for p, c in zip(names[f"generic_{part}"], s.labels)]))
-    attrs = W.combo_to_attributes(np.arange(W.N_COMBOS))
-    (out / "generic" / "prompts.txt").write_text("".join(W.caption(a) + "\n" for a in attrs))
-    with open(out / "text" / "test.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "caption"])
-        for c, i in zip(w.text_test.captions, w.text_test.caption_image):
-            writer.writerow([names["text_test"][int(i)], c])
-    pcfg = pretrain_config(seed, smoke)
-    vlm = load_pretrained_toy(pcfg.model, cfg=pcfg, progress=progress)
-    model_file = f"model/{pcfg.model}-seed{seed}.pt"  # the configs point at it as ../model/...
-    save_finetuned(vlm, out / model_file, extra={"pretrain": asdict(pcfg)})
-    paths = []
-    for preset in PRESETS:
-        text = f'''# {preset}: {PRESETS[preset].description}
-# The built-in world (seed {seed}{", smoke size" if smoke else ""}) exported by `python -m infusing_kit export-world`.
-name = "{preset}"
-seed = {seed}
-
-[model]
-name = "{pcfg.model}"
-pretrained = "../{model_file}"
-
-[data]
-root = ".."
-size = {w.config.image_size}
-
-[data.target]
-train = {{format = "split_file", path = "target/train.json", root = "."}}
-val = {{format = "split_file", path = "target/val.json", root = "."}}
-test = {{format = "split_file", path = "target/test.json", root = "."}}
-
-[data.generic]
-train = {{format = "csv", path = "generic/train.csv", root = "."}}
-val = {{format = "split_file", path = "generic/val.json", root = "."}}
-test = {{format = "split_file", path = "generic/test.json", root = "."}}
-prompts = "generic/prompts.txt"
-
-[data.text]
-test = {{format = "caption_csv", path = "text/test.csv", root = "."}}
-
-[method]
-preset = "{preset}"
-schedule = "{"smoke" if smoke else "full"}"
-'''
-        paths.append(out / "configs" / f"{preset}.toml")
-        paths[-1].write_text(text)
-    return paths

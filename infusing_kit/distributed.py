@@ -89,6 +89,25 @@ def average_gradients(params: list[torch.Tensor]) -> None:
 
 
 @torch.no_grad()
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Every rank takes rank 0's weights (parameters and buffers): all ranks start from one model, whatever each
+    loaded or initialised."""
+    if not active():
+        return
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            dist.broadcast(t, src=0)
+
+
+def broadcast_object(obj):
+    """Rank 0's Python object on every rank (e.g. a search trial's parameters)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """The mean of a tensor over ranks (for logging the global batch's losses)."""
     if not active():

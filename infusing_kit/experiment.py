@@ -259,6 +259,7 @@ def _run_setup(setup, out, device, progress, test, registry, hooks, resume, reus
     t0 = time.time()
     cfg, d = setup.train, setup.domains
     vlm = setup.model()
+    distributed.broadcast_module(vlm.model)  # under torchrun: every rank starts from rank 0's weights
     identity = run_identity(vlm, device)
     before = evaluate(vlm, d) if test else None
     theta0 = posthoc.states_of(vlm)

@@ -60,12 +60,14 @@ class VLM:
 
 
 def load_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
-               image_size: int | None = None, cache_dir: str | Path | None = None) -> VLM:
+               image_size: int | None = None, cache_dir: str | Path | None = None, seed: int | None = None) -> VLM:
     """Create an open_clip model by name (e.g. "ViT-B-32", "ViT-B-16-SigLIP", "toy-clip").
 
     pretrained: an open_clip tag ("laion2b_s34b_b79k", "webli", ...) or a checkpoint file, None for random
     weights, or a `model.pt` written by the kit (its fine-tuned image tower, on the model it was trained from).
     image_size: overrides the model's input size (e.g. 112 for fast CPU runs of a ViT-B).
+    seed: random initialisation (pretrained=None) from this seed, both towers, without touching the global random
+    state: the same config gives the same starting model in every process.
     The text tower is frozen on return (see `freeze_text_tower`).
     """
     if name not in open_clip.list_models():
@@ -85,7 +87,12 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
     try:
         # pretrained=None asks for random weights: open_clip's "no pretrained weights loaded" warning is noise here
         logging.disable(logging.WARNING if pretrained is None else logging.NOTSET)
-        model = open_clip.create_model(name, pretrained=pretrained, device=device, cache_dir=cache_dir, **kwargs)
+        if seed is not None and pretrained is None:  # seeded, and the caller's random state left as it was
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = open_clip.create_model(name, pretrained=None, device=device, cache_dir=cache_dir, **kwargs)
+        else:
+            model = open_clip.create_model(name, pretrained=pretrained, device=device, cache_dir=cache_dir, **kwargs)
     except RuntimeError as e:
         if pretrained and not Path(str(pretrained)).is_file() and ("download" in str(e).lower() or "connect" in str(e).lower()):
             offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
@@ -114,7 +121,7 @@ def save_finetuned(vlm: VLM, path: str | Path, head: torch.nn.Module | None = No
     text tower too (so no cache is needed to load it)."""
     from .checkpoints import atomic_save
     text = None
-    if vlm.name in TOY_MODELS:
+    if vlm.name in TOY_MODELS or vlm.pretrained is None:  # a random text tower cannot be made again: keep it
         text = {k: v for k, v in vlm.model.state_dict().items() if not k.startswith("visual.")}
     return atomic_save({"format": FINETUNED_FORMAT, "model": vlm.name, "base": vlm.pretrained,
                         "image_size": vlm.image_size, "visual": vlm.visual.state_dict(), "text": text,

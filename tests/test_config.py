@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from infusing_kit.config import export_world, load_config, run_config, setup_from_config
+from infusing_kit.config import load_config, run_config, setup_from_config
+from infusing_kit.export import export_world
 from infusing_kit.experiment import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]

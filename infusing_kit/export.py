@@ -1,0 +1,104 @@
+"""The built-in world as files: `python -m infusing_kit export-world --out DIR` writes its images, split files,
+caption CSV and the toy VLM as a checkpoint, one experiment config per preset and one study file (the built-in
+comparison as a study). Running them reproduces the built-in runs (tests/test_config.py, tests/test_study.py).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .presets import PRESETS
+
+
+def export_world(out: str | Path, seed: int = 0, smoke: bool = False, image_format: str = "png",
+                 progress: bool = True) -> list[Path]:
+    """Write the built-in world of `seed` as files in the formats above, the toy VLM pretrained on it as a
+    checkpoint, and one config per preset (out/configs/<preset>.toml). Running such a config reproduces
+    `experiment --preset P --seed N [--smoke]`. Returns the config paths."""
+    from PIL import Image
+
+    from . import world as W
+    from .experiment import pretrain_config, world_config
+    from .models import progress_bar, save_finetuned
+    from .pretrain import load_pretrained_toy
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format must be 'png' (lossless, reproduces the built-in runs) or 'jpg', got {image_format!r}")
+    out = Path(out)
+    if (out / "configs").exists():
+        raise FileExistsError(f"{out} already holds an exported world; choose a new --out folder (nothing was overwritten)")
+    w = W.make_world(world_config(seed, smoke))
+    splits = {"fine_train": w.fine_train, "fine_val": w.fine_val, "fine_test": w.fine_test,
+              "generic_train": w.generic_train, "generic_val": w.generic_val, "generic_test": w.generic_test,
+              "text_test": w.text_test}
+    names = {}
+    for name, split in progress_bar(splits.items(), progress, desc="export images", total=len(splits)):
+        (out / "images" / name).mkdir(parents=True, exist_ok=True)
+        names[name] = []
+        for i, img in enumerate(split.images):
+            rel = f"images/{name}/{i:05d}.{image_format}"
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(out / rel, quality=95) if image_format == "jpg" else \
+                Image.fromarray(img.permute(1, 2, 0).numpy()).save(out / rel)
+            names[name].append(rel)
+    for folder in ("target", "generic", "text", "model", "configs"):
+        (out / folder).mkdir(exist_ok=True)
+    for part in ("train", "val", "test"):  # the official split-file format (ordered: same batches as built in)
+        s = splits[f"fine_{part}"]
+        (out / "target" / f"{part}.json").write_text(json.dumps(
+            [{"path": p, "class_id": int(c)} for p, c in zip(names[f"fine_{part}"], s.labels)]))
+    with open(out / "generic" / "train.csv", "w") as f:
+        f.write("path,label\n" + "".join(f"{p},{int(c)}\n" for p, c in zip(names["generic_train"], w.generic_train.labels)))
+    for part in ("val", "test"):
+        s = splits[f"generic_{part}"]
+        (out / "generic" / f"{part}.json").write_text(json.dumps(
+            [{"path": p, "class_id": int(c)} for p, c in zip(names[f"generic_{part}"], s.labels)]))
+    attrs = W.combo_to_attributes(np.arange(W.N_COMBOS))
+    (out / "generic" / "prompts.txt").write_text("".join(W.caption(a) + "\n" for a in attrs))
+    with open(out / "text" / "test.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        for c, i in zip(w.text_test.captions, w.text_test.caption_image):
+            writer.writerow([names["text_test"][int(i)], c])
+    pcfg = pretrain_config(seed, smoke)
+    vlm = load_pretrained_toy(pcfg.model, cfg=pcfg, progress=progress)
+    model_file = f"model/{pcfg.model}-seed{seed}.pt"  # the configs point at it as ../model/...
+    save_finetuned(vlm, out / model_file, extra={"pretrain": asdict(pcfg)})
+    paths = []
+    for preset in PRESETS:
+        text = f'''# {preset}: {PRESETS[preset].description}
+# The built-in world (seed {seed}{", smoke size" if smoke else ""}) exported by `python -m infusing_kit export-world`.
+name = "{preset}"
+seed = {seed}
+
+[model]
+name = "{pcfg.model}"
+pretrained = "../{model_file}"
+
+[data]
+root = ".."
+size = {w.config.image_size}
+
+[data.target]
+train = {{format = "split_file", path = "target/train.json", root = "."}}
+val = {{format = "split_file", path = "target/val.json", root = "."}}
+test = {{format = "split_file", path = "target/test.json", root = "."}}
+
+[data.generic]
+train = {{format = "csv", path = "generic/train.csv", root = "."}}
+val = {{format = "split_file", path = "generic/val.json", root = "."}}
+test = {{format = "split_file", path = "generic/test.json", root = "."}}
+prompts = "generic/prompts.txt"
+
+[data.text]
+test = {{format = "caption_csv", path = "text/test.csv", root = "."}}
+
+[method]
+preset = "{preset}"
+schedule = "{"smoke" if smoke else "full"}"
+'''
+        paths.append(out / "configs" / f"{preset}.toml")
+        paths[-1].write_text(text)
+    return paths
