@@ -34,21 +34,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import atomic_write_text
-from .experiment import K, PRESETS, check_identity, run_experiment
+from .checkpoints import FolderBusyError, atomic_write_text
+from .experiment import K, check_identity, run_experiment
+from .study import Protocol, Runner, Study
 
-CALIBRATION_STEPS = 600   # target steps of the naive learning-rate search (generous: cut down in stage 2)
+_P = Protocol()
+CALIBRATION_STEPS = _P.calibration_steps  # target steps of the naive learning-rate search (cut down in stage 2)
 FLAT_TOL = 0.03           # fine-grained validation may gain less than this over the last FLAT_FRAC of a schedule
 FLAT_FRAC = 0.2
 MARGIN = 1.25             # schedule = flat length x MARGIN (held-out seeds may learn a little more slowly)
-SEARCH_SEEDS = (0, 1, 2)  # seed 0 searches; all three calibrate the schedule and the noise (validation only)
-FINAL_SEEDS = (0, 1, 2, 3, 4)
-HELDOUT_SEEDS = (5, 6, 7)  # never seen by any choice
-HELDOUT = ("toy-naive", "toy-paper", "toy-distill", "toy-l2sp", "toy-ewc")
-SECOND_SEARCH = ("toy-paper", "toy-distill")
-CONSTRAINT = 0.95          # constraint rule: fine-grained validation >= 0.95 x naive's
-SOUP_INGREDIENTS = 3       # naive runs at the search's next-best learning rates, besides naive's own
-STOCK_SEED = 1000          # Model Stock's second fine-tuning seed: seed + 1000
+SEARCH_SEEDS, FINAL_SEEDS, HELDOUT_SEEDS = _P.search_seeds, _P.final_seeds, _P.heldout_seeds  # the built-in study's
+HELDOUT, SECOND_SEARCH, CONSTRAINT = _P.heldout, _P.second_search, _P.constraint
+SOUP_INGREDIENTS, STOCK_SEED = _P.soup_ingredients, _P.stock_seed
 
 
 def flat_length(curve: list[tuple[int, float]], tol: float = FLAT_TOL, frac: float = FLAT_FRAC) -> int | None:
@@ -110,13 +107,23 @@ def _init_worker(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _one(kw: dict) -> dict:
-    """One run, or the finished one in its folder. An interrupted run resumes where its last checkpoint left it."""
+def _one(kw: dict, poll: float = 10.0) -> dict:
+    """One run, or the finished one in its folder. An interrupted run resumes where its last checkpoint left it. A
+    folder another process holds (another machine of the same comparison, on a shared folder) is awaited."""
+    import time
+    kw = dict(kw)
+    runner, method = kw.pop("runner"), kw.pop("preset")
     out = Path(kw["out_dir"])
-    if (out / "metrics.json").exists():  # finished before: reuse
-        m = json.loads((out / "metrics.json").read_text())
-    else:
-        m = run_experiment(**kw, resume=(out / "run").exists())  # appends its registry row
+    while not (out / "metrics.json").exists():
+        try:
+            if runner.kind == "builtin":  # (module-level run_experiment: tests replace it)
+                run_experiment(method, smoke=runner.smoke, **kw, resume=(out / "run").exists())
+            else:
+                kw.pop("smoke", None)
+                runner.run(method, **kw, resume=(out / "run").exists())
+        except FolderBusyError:
+            time.sleep(poll)
+    m = json.loads((out / "metrics.json").read_text())
     m["_dir"] = str(out)
     return m
 
@@ -133,21 +140,27 @@ def run_many(tasks: list[dict], jobs: int, device: str) -> list[dict]:
         return list(pool.map(_one, tasks))
 
 
-def default_presets() -> list[str]:
-    """Every preset but toy-naive and toy-naive-long (which the comparison always runs)."""
-    return [p for p in PRESETS if p not in ("toy-naive", "toy-naive-long")]
-
-
 class Comparison:
-    """The state of one comparison folder: its choices (chosen.json), identity and the runs' tasks."""
+    """The state of one comparison folder: its study, choices (chosen.json), identity and the runs' tasks."""
 
-    def __init__(self, out: str | Path, jobs: int, device: str, smoke: bool, log=print):
+    def __init__(self, out: str | Path, study: Study, jobs: int, device: str, storage=None, log=print):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.jobs, self.device, self.smoke, self.log = jobs, device, smoke, log
-        self.storage, self.registry, self.runs = self.out / "search.db", self.out / "results.jsonl", self.out / "runs"
+        self.study, self.runner, self.protocol = study, study.runner, study.protocol
+        self.jobs, self.device, self.smoke, self.log = jobs, device, study.runner.smoke, log
+        self.storage = storage or self.out / "search.db"
+        self.registry, self.runs = self.out / "results.jsonl", self.out / "runs"
         self.path = self.out / "chosen.json"
         self.chosen = json.loads(self.path.read_text()) if self.path.exists() else {}
+        now = json.loads(json.dumps(study.describe()))
+        old = self.chosen.get("study")
+        same = lambda a, b: a["runner"] == b["runner"] and {k: v for k, v in a["protocol"].items() if k != "trials"} \
+            == {k: v for k, v in b["protocol"].items() if k != "trials"}
+        if old is not None and not same(old, now):
+            raise ValueError(f"{self.out} holds a comparison of another study or protocol ({old}); resume it with the "
+                             "same study and settings, or choose another --out")
+        self.chosen["study"] = {**study.describe(), "methods": sorted(set(self.chosen.get("study", {}).get(
+            "methods", [])) | set(study.methods))}
 
     def save(self) -> None:
         atomic_write_text(json.dumps(self.chosen, indent=1), self.path)
@@ -159,45 +172,58 @@ class Comparison:
         self.save()
         return done
 
-    def task(self, preset: str, seed: int, params: dict, folder: str, test: bool = True, **extra) -> dict:
-        return dict(preset=preset, out_dir=self.runs / folder, smoke=self.smoke, seed=seed, device=self.device,
+    def task(self, method: str, seed: int, params: dict, folder: str, test: bool = True, **extra) -> dict:
+        return dict(runner=self.runner, preset=method, out_dir=self.runs / folder, seed=seed, device=self.device,
                     progress=False, overrides=params, test=test, registry=self.registry if test else None, **extra)
 
 
 def compare(out: str | Path, presets: list[str] | None = None, jobs: int = 1, device: str = "cpu",
-            smoke: bool = False, trials: dict | None = None, final_seeds=FINAL_SEEDS, heldout_seeds=HELDOUT_SEEDS,
-            search_seeds=SEARCH_SEEDS, log=print, stop_after: int | None = None) -> dict:
-    """Run (or resume) the whole comparison into `out`; returns the choices (chosen.json).
+            smoke: bool = False, trials: dict | None = None, final_seeds=None, heldout_seeds=None, search_seeds=None,
+            log=print, stop_after: int | None = None, study: Study | None = None, storage=None) -> dict:
+    """Run (or resume) a whole comparison into `out`; returns the choices (chosen.json).
 
-    presets: the presets to compare besides toy-naive (default: all). trials: {preset: finished trials} to
-    override the search's default count. stop_after: stop after that stage (the same call later resumes)."""
+    study: a study (`study.load_study(FILE)`), or the built-in one (`Study.builtin(smoke, presets)`; its protocol's
+    seeds and trial budgets may be changed here with trials, final_seeds, heldout_seeds, search_seeds).
+    storage: the Optuna storage (default OUT/search.db; a database URL lets several machines join the comparison:
+    each runs the same command, the searches share their trials and the runs their folders under OUT).
+    stop_after: stop after that stage (the same call later resumes)."""
+    from dataclasses import replace
+    if study is None:
+        p = Study.builtin(smoke).protocol
+        changes = {k: tuple(v) for k, v in (("final_seeds", final_seeds), ("heldout_seeds", heldout_seeds),
+                                            ("search_seeds", search_seeds)) if v is not None}
+        if trials:
+            changes["trials"] = tuple(sorted(trials.items()))
+        study = Study.builtin(smoke, presets, protocol=replace(p, **changes))
+    c = Comparison(out, study, jobs, device, storage, log)
+    return _stages(c, stop_after)
+
+
+def _stages(c: Comparison, stop_after: int | None) -> dict:
     from .search import search
-    c = Comparison(out, jobs, device, smoke, log)
-    presets = list(presets) if presets is not None else default_presets()
-    unknown = sorted(set(presets) - set(PRESETS))
-    if unknown:
-        raise ValueError(f"unknown presets {unknown}; choose from {sorted(PRESETS)}")
-    trials = trials or {}
-    naive = PRESETS["toy-naive"]
-    naive_cfg = naive.smoke_train if smoke else naive.train
-    budget = CALIBRATION_STEPS if not smoke else naive.smoke_train.steps
-    n_blocks = _n_blocks()
+    study, pr, log = c.study, c.protocol, c.log
+    base_name = pr.baseline
+    naive_cfg = c.runner.train_config(base_name)
+    budget = pr.calibration_steps
+    n_blocks = _n_blocks(c.runner)
+    search_seeds = list(pr.search_seeds)
+    kw = dict(device=c.device, jobs=c.jobs, n_blocks=n_blocks, runner=c.runner)
 
     # 1. naive learning rates, on a generous schedule
-    if "toy-naive" not in c.chosen:
-        log(f"[1/5] toy-naive: learning rates on fine-grained validation, {budget} target steps per trial")
-        s = search("toy-naive", c.storage, c.runs / "search", trials=trials.get("toy-naive"), smoke=smoke,
-                   seed=search_seeds[0], device=device, jobs=jobs, base={"steps": budget}, n_blocks=n_blocks)
-        c.chosen["toy-naive"] = {"search": s, "params": dict(s["params"])}
+    if base_name not in c.chosen:
+        log(f"[1/5] {base_name}: learning rates on fine-grained validation, {budget} target steps per trial")
+        s = search(base_name, c.storage, c.runs / "search", trials=pr.trials_of(base_name), seed=search_seeds[0],
+                   base={"steps": budget}, **kw)
+        c.chosen[base_name] = {"search": s, "params": dict(s["params"])}
         c.save()
-    lrs = {k: c.chosen["toy-naive"]["search"]["params"][k] for k in ("lr_backbone", "lr_head")}
+    lrs = {k: v for k, v in c.chosen[base_name]["search"]["params"].items() if k in ("lr_backbone", "lr_head")}
     if stop_after == 1:
         return c.chosen
 
     # 2. the schedule length at which fine-grained validation is flat for every search seed; the seed noise
     if "schedule" not in c.chosen or "noise" not in c.chosen:
-        log(f"[2/5] schedule: toy-naive at the chosen learning rates {lrs}, seeds {list(search_seeds)}, validation only")
-        cal = c.run([c.task("toy-naive", s, {**lrs, "steps": budget}, f"calibration/s{s}", test=False)
+        log(f"[2/5] schedule: {base_name} at the chosen learning rates {lrs}, seeds {search_seeds}, validation only")
+        cal = c.run([c.task(base_name, s, {**lrs, "steps": budget}, f"calibration/s{s}", test=False)
                      for s in search_seeds], "calibration run")
         if "schedule" not in c.chosen:
             sched = choose_schedule([_curve(m) for m in cal], naive_cfg.eval_every, budget)
@@ -210,9 +236,9 @@ def compare(out: str | Path, presets: list[str] | None = None, jobs: int = 1, de
         c.save()
     steps = c.chosen["schedule"]["steps"]
     base = {**lrs, "steps": steps}
-    c.chosen["toy-naive"]["params"] = base
+    c.chosen[base_name]["params"] = base
     c.save()
-    noise, threshold = c.chosen["noise"]["noise"], CONSTRAINT * c.chosen["noise"]["naive_fine"]
+    noise, threshold = c.chosen["noise"]["noise"], pr.constraint * c.chosen["noise"]["naive_fine"]
     log(f"  schedule: {steps} target steps (flat at {c.chosen['schedule']['flat']} x {MARGIN}); seed noise of the "
         f"mean of validations {noise:.4f}; constraint: fine-grained validation >= {threshold:.4f}")
     if stop_after == 2:
@@ -220,91 +246,105 @@ def compare(out: str | Path, presets: list[str] | None = None, jobs: int = 1, de
 
     # 3. searches with the same target steps and naive's learning rates as the base; ablations take their base's choice
     constraint = (f"fine_map@{K}", f"generic_map@{K}", threshold)
-    studies = [(p, search_seeds[0], p) for p in presets if PRESETS[p].search] + \
-              [(p, 1, f"{p}@search1") for p in SECOND_SEARCH if p in presets]
-    for p, seed, key in studies:
+    names = [m for m in study.methods if m != base_name]
+    studies = [(m, search_seeds[0], m) for m in names if study.methods[m].search] + \
+              [(m, 1, f"{m}@search1") for m in pr.second_search if m in names]
+    for m, seed, key in studies:
         if key in c.chosen:
             continue
-        log(f"[3/5] {key}: searching {[f for f, *_ in PRESETS[p].search]} on validation (seed {seed})")
-        s = search(p, c.storage, c.runs / "search", trials=trials.get(p), smoke=smoke, seed=seed, device=device,
-                   jobs=jobs, base=base, n_blocks=n_blocks, noise=noise, constraint=constraint)
+        log(f"[3/5] {key}: searching {[f for f, *_ in study.methods[m].search]} on validation (seed {seed})")
+        s = search(m, c.storage, c.runs / "search", trials=pr.trials_of(m), seed=seed, base=base, noise=noise,
+                   constraint=constraint, **kw)
         cons = s["constraint"]["params"] if s["constraint"] and s["constraint"]["params"] else None
         c.chosen[key] = {"search": s, "params": {**base, **s["params"]},
                          "constraint_params": {**base, **cons} if cons is not None else None}
         c.save()
-    for p in presets:
-        pre = PRESETS[p]
-        if p in c.chosen or pre.search:
+    for m in names:
+        pre = study.methods[m]
+        if m in c.chosen or pre.search:
             continue
-        params = {**c.chosen[pre.ablation_of]["params"], **pre.ablation} if pre.ablation_of else dict(base)
-        c.chosen[p] = {"search": None, "params": params, "constraint_params": None}
+        steps_of = 2 * steps if m == "toy-naive-long" else steps
+        params = {**c.chosen[pre.ablation_of]["params"], **pre.ablation} if pre.ablation_of else {**base,
+                                                                                                 "steps": steps_of}
+        c.chosen[m] = {"search": None, "params": params, "constraint_params": None}
         c.save()
-    c.chosen["toy-naive-long"] = {"search": None, "params": {**base, "steps": 2 * steps}, "constraint_params": None}
-    c.save()
     if stop_after == 3:
         return c.chosen
 
     # 4. final runs: test metrics on the final seeds, held-out seeds, post hoc on naive's runs
-    _finals(c, presets, list(final_seeds), list(heldout_seeds))
+    _finals(c, [m for m in study.methods if m != base_name], list(pr.final_seeds), list(pr.heldout_seeds))
 
     # 5. trials and the table
     from .results import load_results, markdown_table, summarise
     from .search import trial_rows
-    atomic_write_text("".join(json.dumps(r) + "\n" for r in trial_rows(c.storage)), c.out / "trials.jsonl")
-    rows = [r for r in load_results(c.registry, smoke=smoke) if r["seed"] in final_seeds and not r.get("tags")]
-    log("[5/5] " + markdown_table(summarise(rows)))
+    if not str(c.storage).count("://") or str(c.storage).startswith("sqlite"):
+        atomic_write_text("".join(json.dumps(r) + "\n" for r in trial_rows(c.storage)), c.out / "trials.jsonl")
+    from .results import label
+    rows = [r for r in load_results(c.registry, smoke=c.smoke) if r["seed"] in pr.final_seeds and label(r) == r["method"]]
+    log("[5/5] " + markdown_table(summarise(rows, baseline=base_name)))
     return c.chosen
 
 
-def _finals(c: Comparison, presets: list[str], final_seeds: list[int], heldout_seeds: list[int]) -> None:
-    ch = c.chosen
-    trained = [p for p in ["toy-naive", "toy-naive-long", *presets] if not PRESETS[p].post_hoc]
+def _finals(c: Comparison, methods: list[str], final_seeds: list[int], heldout_seeds: list[int]) -> None:
+    ch, pr, M = c.chosen, c.protocol, c.study.methods
+    base_name = pr.baseline
+    trained = [m for m in [base_name, *methods] if not M[m].post_hoc]
     tasks = []
-    for p in trained:
-        for s in final_seeds + (heldout_seeds if p in HELDOUT else []):
-            tasks.append(c.task(p, s, ch[p]["params"], f"final/{p}-s{s}"))
-        cons = ch[p].get("constraint_params")
-        if cons is not None and cons != ch[p]["params"]:
+    for m in trained:
+        role = {"tags": {"role": "baseline"}} if m == base_name else {}
+        for s in final_seeds + (heldout_seeds if m in pr.heldout else []):
+            tasks.append(c.task(m, s, ch[m]["params"], f"final/{m}-s{s}", **role))
+        cons = ch[m].get("constraint_params")
+        if cons is not None and cons != ch[m]["params"]:
             for s in final_seeds:
-                tasks.append(c.task(p, s, cons, f"final/{p}-constraint-s{s}", tags={"rule": "constraint"}))
-        if f"{p}@search1" in ch:
+                tasks.append(c.task(m, s, cons, f"final/{m}-constraint-s{s}", tags={"rule": "constraint"}))
+        if f"{m}@search1" in ch:
             for s in heldout_seeds:
-                tasks.append(c.task(p, s, ch[f"{p}@search1"]["params"], f"final/{p}-search1-s{s}",
+                tasks.append(c.task(m, s, ch[f"{m}@search1"]["params"], f"final/{m}-search1-s{s}",
                                     tags={"search_seed": 1}))
-    posthoc = [p for p in presets if PRESETS[p].post_hoc]
-    naive = ch["toy-naive"]["params"]
-    soup_lrs = _next_best_lrs(c.storage, ch, SOUP_INGREDIENTS)
-    ch["soup_ingredients"] = soup_lrs
-    if any(PRESETS[p].ingredients == "seeds" for p in posthoc):  # Model Stock's second fine-tuning seed
-        tasks += [c.task("toy-naive", s + STOCK_SEED, naive, f"ingredients/stock-s{s + STOCK_SEED}", test=False)
+    posthoc = [m for m in methods if M[m].post_hoc]
+    naive = ch[base_name]["params"]
+    if any(M[m].ingredients == "lrs" for m in posthoc) and "soup_ingredients" not in ch:
+        ch["soup_ingredients"] = _next_best_lrs(c.storage, ch[base_name]["search"]["study"], pr.soup_ingredients)
+    soup_lrs = ch.get("soup_ingredients", [])
+    if any(M[m].ingredients == "seeds" for m in posthoc):  # Model Stock's second fine-tuning seed
+        tasks += [c.task(base_name, s + pr.stock_seed, naive, f"ingredients/stock-s{s + pr.stock_seed}", test=False)
                   for s in final_seeds]
-    if any(PRESETS[p].ingredients == "lrs" for p in posthoc):
-        tasks += [c.task("toy-naive", s, {**naive, **lr}, f"ingredients/soup{i}-s{s}", test=False)
+    if any(M[m].ingredients == "lrs" for m in posthoc):
+        tasks += [c.task(base_name, s, {**naive, **lr}, f"ingredients/soup{i}-s{s}", test=False)
                   for s in final_seeds for i, lr in enumerate(soup_lrs)]
     c.log(f"[4/5] final runs: {len(tasks)} trained runs, then {len(posthoc) * len(final_seeds)} post-hoc rows")
     c.run(tasks, "final run")
     post = []
-    for p in posthoc:
+    for m in posthoc:
         for s in final_seeds:
-            merge = {"seeds": [c.runs / "ingredients" / f"stock-s{s + STOCK_SEED}" / "model.pt"],
+            merge = {"seeds": [c.runs / "ingredients" / f"stock-s{s + pr.stock_seed}" / "model.pt"],
                      "lrs": [c.runs / "ingredients" / f"soup{i}-s{s}" / "model.pt" for i in range(len(soup_lrs))],
-                     None: []}[PRESETS[p].ingredients]
-            post.append(c.task(p, s, ch[p]["params"], f"final/{p}-s{s}", reuse=c.runs / "final" / f"toy-naive-s{s}",
+                     None: []}[M[m].ingredients]
+            post.append(c.task(m, s, ch[m]["params"], f"final/{m}-s{s}", reuse=c.runs / "final" / f"{base_name}-s{s}",
                                merge_with=tuple(merge)))
     c.run(post, "post-hoc row")
 
 
-def _next_best_lrs(storage: Path, chosen: dict, n: int) -> list[dict]:
-    """The learning-rate pairs of naive's search trials ranked 2..n+1 by fine-grained validation (soup ingredients)."""
+def _next_best_lrs(storage, study_name: str, n: int) -> list[dict]:
+    """The learning-rate pairs of the baseline's search trials ranked 2..n+1 by their score (soup ingredients)."""
     import optuna
     from .search import _storage
-    study = optuna.load_study(study_name=chosen["toy-naive"]["search"]["study"], storage=_storage(storage))
+    study = optuna.load_study(study_name=study_name, storage=_storage(storage))
     done = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: -t.value)
-    return [{k: t.params[k] for k in ("lr_backbone", "lr_head")} for t in done[1:n + 1]]
+    return [{k: t.params[k] for k in ("lr_backbone", "lr_head") if k in t.params} for t in done[1:n + 1]]
 
 
-def _n_blocks() -> int:
-    from .models import CONFIG_DIR
+def _n_blocks(runner: Runner) -> int | None:
+    """The image tower's blocks (freeze_blocks' limit): from the model's open_clip config."""
+    import open_clip
     from .experiment import pretrain_config
-    cfg = json.loads((CONFIG_DIR / f"{pretrain_config(0).model}.json").read_text())
-    return int(cfg["vision_cfg"]["layers"])
+    name = pretrain_config(0).model if runner.kind == "builtin" else runner_model(runner)
+    cfg = open_clip.get_model_config(name) or {}
+    layers = cfg.get("vision_cfg", {}).get("layers")
+    return int(layers) if isinstance(layers, int) else None
+
+
+def runner_model(runner: Runner) -> str:
+    from .study import load_study
+    return load_study(runner.path).config["model"]["name"]

@@ -66,20 +66,65 @@ def export_world(out: str | Path, seed: int = 0, smoke: bool = False, image_form
     vlm = load_pretrained_toy(pcfg.model, cfg=pcfg, progress=progress)
     model_file = f"model/{pcfg.model}-seed{seed}.pt"  # the configs point at it as ../model/...
     save_finetuned(vlm, out / model_file, extra={"pretrain": asdict(pcfg)})
+    data = _DATA.format(model=pcfg.model, model_file=model_file, size=w.config.image_size)
     paths = []
     for preset in PRESETS:
         text = f'''# {preset}: {PRESETS[preset].description}
 # The built-in world (seed {seed}{", smoke size" if smoke else ""}) exported by `python -m infusing_kit export-world`.
 name = "{preset}"
 seed = {seed}
+{data}
+[method]
+preset = "{preset}"
+schedule = "{"smoke" if smoke else "full"}"
+'''
+        paths.append(out / "configs" / f"{preset}.toml")
+        paths[-1].write_text(text)
+    paths.append(out / "configs" / "study.toml")
+    paths[-1].write_text(study_text(data, smoke))
+    return paths
 
+
+def study_text(data: str, smoke: bool, methods: list[str] | None = None, protocol=None) -> str:
+    """The built-in comparison as a study file on the exported world: the same methods (by their preset names),
+    the same protocol. `compare --config` on it reproduces `compare` on the built-in world."""
+    from .study import Study
+    p = protocol or Study.builtin(smoke).protocol
+    methods = methods or list(PRESETS)
+    listed = lambda xs: "[" + ", ".join(f'"{x}"' for x in xs if x in methods) + "]"
+    seeds = lambda xs: "[" + ", ".join(str(x) for x in xs) + "]"
+    budget = p.calibration_steps
+    lines = ["# The built-in comparison as a study (exported by `python -m infusing_kit export-world`).",
+             "# python -m infusing_kit compare --config THIS_FILE --out DIR reproduces `compare` on the built-in world.",
+             'name = "builtin"', "seed = 0", data, "[study]", f'baseline = "{p.baseline}"',
+             f"methods = {listed(methods)}", f"search_seeds = {seeds(p.search_seeds)}",
+             f"final_seeds = {seeds(p.final_seeds)}", f"heldout_seeds = {seeds(p.heldout_seeds)}",
+             f"heldout = {listed(p.heldout)}", f"second_search = {listed(p.second_search)}",
+             f"calibration_steps = {budget}", f"constraint = {p.constraint}",
+             f"soup_ingredients = {p.soup_ingredients}", f"stock_seed = {p.stock_seed}"]
+    if p.trials:
+        lines.append("trials = {" + ", ".join(f'"{m}" = {n}' for m, n in p.trials if m in methods) + "}")
+    for m in methods:
+        pre = PRESETS[m]
+        lines += ["", f"[study.method.{m}]", f'preset = "{m}"', f'schedule = "{"smoke" if smoke else "full"}"']
+        if pre.ablation_of:
+            lines.append(f'ablation_of = "{pre.ablation_of}"')
+            lines += [f"{k} = {_toml(v)}" for k, v in pre.ablation.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(v) -> str:
+    return f'"{v}"' if isinstance(v, str) else ("true" if v is True else "false" if v is False else repr(v))
+
+
+_DATA = '''
 [model]
-name = "{pcfg.model}"
+name = "{model}"
 pretrained = "../{model_file}"
 
 [data]
 root = ".."
-size = {w.config.image_size}
+size = {size}
 
 [data.target]
 train = {{format = "split_file", path = "target/train.json", root = "."}}
@@ -94,11 +139,4 @@ prompts = "generic/prompts.txt"
 
 [data.text]
 test = {{format = "caption_csv", path = "text/test.csv", root = "."}}
-
-[method]
-preset = "{preset}"
-schedule = "{"smoke" if smoke else "full"}"
 '''
-        paths.append(out / "configs" / f"{preset}.toml")
-        paths[-1].write_text(text)
-    return paths

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .metrics import K
+
 AXES = {  # name: (group in metrics.json, key, label)
-    "fine": ("in_domain", "map@20", "fine-grained mAP@20"),
-    "generic": ("generic_image", "map@20", "generic image mAP@20"),
+    "fine": ("in_domain", f"map@{K}", "fine-grained mAP@20"),
+    "generic": ("generic_image", f"map@{K}", "generic image mAP@20"),
     "i2t": ("image_text", "i2t_r@1", "image->text R@1"),
 }
 # one colour per method, everywhere (Okabe-Ito and Tol's colour-blind-safe palettes)
@@ -87,6 +89,16 @@ def label(row: dict) -> str:
              (f"search seed {tags['search_seed']}" if "search_seed" in tags else None)]
     extra = [e for e in extra if e]
     return row["method"] + (f" [{', '.join(extra)}]" if extra else "")
+
+
+def baseline_of(rows: list[dict]) -> str:
+    """The baseline of a registry, by its role: rows a comparison tagged {"role": "baseline"}, else toy-naive."""
+    tagged = {r["method"] for r in rows if (r.get("tags") or {}).get("role") == "baseline"}
+    if len(tagged) == 1:
+        return tagged.pop()
+    if any(r["method"] == "toy-naive" for r in rows):
+        return "toy-naive"
+    raise ValueError("the registry names no baseline (no row tagged role=baseline, no toy-naive): pass --baseline")
 
 
 def summarise(rows: list[dict], baseline: str = "toy-naive") -> list[dict]:

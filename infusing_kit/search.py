@@ -28,9 +28,12 @@ fraction of naive's).
 Each trial runs the preset with the sampled values and returns the validation score of its kept checkpoint
 (the preset's selection key: the mean of fine-grained and generic validation mAP@20 for regularized methods,
 fine-grained validation for naive fine-tuning). Test sets are never evaluated in a trial. Trials store their
-whole TrainConfig. The study lives in an SQLite file: an interrupted search resumes where it stopped
-(finished trials are kept; a start-up point that was running when the process died is queued again).
-With jobs > 1, that many worker processes share the study (Optuna's own distributed mode over the storage).
+whole TrainConfig. The study lives in its storage (`_storage`): an SQLite file on one machine, or a database URL
+(postgresql://...) that workers on many machines share. An interrupted search resumes where it stopped (finished
+trials are kept; on SQLite a start-up point that was running when the process died is queued again; on a shared
+database a dead worker's trial is failed and queued again once its heartbeat is GRACE seconds old, and a joining
+machine never touches its peers' live trials). With jobs > 1, that many worker processes share the study on this
+machine; under torchrun one data-parallel worker trains each trial on all its processes.
 `final_runs` then runs the chosen configuration once per seed with test evaluation.
 """
 from __future__ import annotations
@@ -41,7 +44,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from .experiment import PRESETS, run_experiment
+from .experiment import run_experiment
+from .study import Runner
 
 EDGE = 0.15            # outer share of a range that counts as its edge
 MAX_EXTENSIONS = 3
@@ -51,8 +55,20 @@ HARD_LIMITS = {        # a range never grows past these
 DEFAULT_LIMITS = (1e-8, 1e8)   # loss weights
 
 
-def study_name(preset: str, smoke: bool, seed: int) -> str:
-    return f"{preset}{'-smoke' if smoke else ''}-seed{seed}"
+def study_name(method: str, smoke: bool, seed: int, runner: Runner | None = None) -> str:
+    """The study's name in its storage (unique per study file, method and seed); what it is lives in its user
+    attributes ("method", "seed", "runner")."""
+    if runner is not None and runner.kind == "config":
+        return f"{Path(runner.path).stem}:{method}-seed{seed}"
+    return f"{method}{'-smoke' if smoke else ''}-seed{seed}"
+
+
+def seed_key(method: str, seed: int, runner: Runner | None = None) -> str:
+    """What a study's sampler seed is drawn from: the method, the seed and whether it runs the smoke schedule (not the
+    storage name), so a study file of the built-in world draws exactly the points the built-in comparison draws."""
+    smoke = runner is not None and (runner.smoke or (runner.kind == "config" and
+                                                     runner.method_table(method).get("schedule") == "smoke"))
+    return f"{method}{'-smoke' if smoke else ''}-seed{seed}"
 
 
 def study_seed(name: str) -> int:
@@ -159,9 +175,39 @@ def extend_space(space: list[tuple], trials: list[dict], best: dict, steps: int,
 
 
 # ---------------------------------------------------------------------------- the study
-def _storage(path: str | Path):
+HEARTBEAT = int(os.environ.get("INFUSING_KIT_HEARTBEAT", 20))  # seconds between a running trial's heartbeats in a
+GRACE = int(os.environ.get("INFUSING_KIT_GRACE", 120))          # shared database; a trial without one for GRACE
+                                                                # seconds is failed and queued again (its worker died)
+
+
+def is_url(storage) -> bool:
+    return "://" in str(storage)
+
+
+def _storage(storage: str | Path):
+    """An Optuna storage: a SQLite file (one machine: the default) or a database URL (postgresql://...: many
+    machines). A shared database gets heartbeats, and a trial whose worker died is failed and queued again
+    (RetryHeartbeatStaleTrialCallback) once its heartbeat is GRACE seconds old."""
     import optuna
-    path = Path(path)
+    if is_url(storage):
+        if str(storage).startswith("sqlite"):
+            return optuna.storages.RDBStorage(str(storage), engine_kwargs={"connect_args": {"timeout": 120}})
+        import time
+        import warnings
+
+        from sqlalchemy.exc import IntegrityError, ProgrammingError
+        for attempt in range(6):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        str(storage), heartbeat_interval=HEARTBEAT, grace_period=GRACE,
+                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+            except (IntegrityError, ProgrammingError):  # another machine is creating the schema at this moment
+                if attempt == 5:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+    path = Path(storage)
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 120}})
 
@@ -188,49 +234,68 @@ def _sampler(seed: int, n_startup: int):
     return TrialSeededTPE(seed=seed, n_startup_trials=n_startup, multivariate=True, constant_liar=True)
 
 
-def _open_study(name: str, storage, n_startup: int, prune_warmup: int):
+def _open_study(name: str, storage, n_startup: int, prune_warmup: int, key: str | None = None):
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-    study.sampler = _sampler(study_seed(name), n_startup)  # its own seed per study
+    study.sampler = _sampler(study_seed(key or name), n_startup)  # its own seed per study
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=n_startup, n_warmup_steps=prune_warmup)
     return study
 
 
-def _prepare(preset: str, storage: str | Path, smoke: bool, seed: int, base: dict) -> tuple:
-    """Open (or create) the study, check it belongs to this schedule, queue its start-up design once, and
-    re-queue start-up points that a killed process left running."""
+def _space_of(runner: Runner, method: str, cfg) -> list[tuple]:
+    return [(f, lo, min(hi, cfg.steps - 1) if f == "lp_ft_steps" else hi, log)
+            for f, lo, hi, log in runner.method(method).search]
+
+
+def _prepare(method: str, storage, runner: Runner, seed: int, base: dict) -> tuple:
+    """Open (or create) the study, check it is this method's on this runner and schedule, queue its start-up
+    design once, and (a SQLite file: one machine) re-queue start-up points that a killed process left running. On
+    a shared database running trials belong to other machines; dead ones are retried through their heartbeats."""
     import optuna
-    p = PRESETS[preset]
-    if not p.search:
-        raise ValueError(f"preset {preset!r} has no search space (it has no strength to choose)")
-    name = study_name(preset, smoke, seed)
-    cfg = replace(p.smoke_train if smoke else p.train, **base)
-    store = _storage(storage)
-    space = [(f, lo, min(hi, cfg.steps - 1) if f == "lp_ft_steps" else hi, log) for f, lo, hi, log in p.search]
+    m = runner.method(method)
+    if not m.search:
+        raise ValueError(f"method {method!r} has no search space (it has no strength to choose)")
+    name, key = study_name(method, runner.smoke, seed, runner), seed_key(method, seed, runner)
+    cfg = replace(runner.train_config(method), **base)
+    space = _space_of(runner, method, cfg)
     n_startup = 8 * len(space)
-    study = _open_study(name, store, n_startup, prune_warmup=max(1, int(0.4 * cfg.steps)))
+    study = _open_study(name, _storage(storage), n_startup, prune_warmup=max(1, int(0.4 * cfg.steps)), key=key)
     attrs = study.user_attrs
     if "base" in attrs and attrs["base"] != base:
         raise ValueError(f"study {name} in {storage} was run with base settings {attrs['base']}, not {base}; use "
-                         "another --storage file (a study's trials must share one schedule)")
+                         "another --storage (a study's trials must share one schedule)")
+    import json
+    if "runner" in attrs and attrs["runner"] != json.loads(json.dumps(runner.describe())):
+        raise ValueError(f"study {name} in {storage} belongs to {attrs['runner']}, not {runner.describe()}; use "
+                         "another --storage")
     if "space" not in attrs:
-        study.set_user_attr("base", base)
-        study.set_user_attr("space", [list(s) for s in space])
-        study.set_user_attr("extensions", [])
-        for params in startup_points(space, n_startup, study_seed(name)):
+        for key, value in (("method", method), ("seed", seed), ("runner", runner.describe()), ("base", base),
+                           ("space", [list(s) for s in space]), ("extensions", [])):
+            study.set_user_attr(key, value)
+        for params in startup_points(space, n_startup, study_seed(key)):
             study.enqueue_trial(params, user_attrs={"design": "startup"})
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-        if t.user_attrs.get("design") in ("startup", "extension", "transition"):
-            study.enqueue_trial(t.params, user_attrs={"design": t.user_attrs["design"]})
+    if not is_url(storage) or str(storage).startswith("sqlite"):
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            if t.user_attrs.get("design") in ("startup", "extension", "transition"):
+                study.enqueue_trial(t.params, user_attrs={"design": t.user_attrs["design"]})
     return study, cfg
 
 
-def _objective(preset: str, study_name_: str, out_root: Path, smoke: bool, seed: int, device: str, base: dict,
+def _run(runner: Runner, method: str, out, seed: int, device: str, overrides: dict, hooks: tuple) -> dict:
+    if runner.kind == "builtin":  # (module-level run_experiment: tests replace it)
+        return run_experiment(method, out, smoke=runner.smoke, seed=seed, device=device, progress=False,
+                              overrides=overrides, test=False, hooks=hooks, keep_weights=False)
+    return runner.run(method, out, seed=seed, overrides=overrides, test=False, hooks=hooks, device=device,
+                      keep_weights=False)
+
+
+def _objective(runner: Runner, method: str, study_name_: str, out_root: Path, seed: int, device: str, base: dict,
                space: list[tuple]):
     import optuna
-    select = PRESETS[preset].train.select
+    from . import distributed
+    select = runner.method(method).train.select
 
     def objective(trial: optuna.Trial) -> float:
         params = {}
@@ -241,20 +306,24 @@ def _objective(preset: str, study_name_: str, out_root: Path, smoke: bool, seed:
                 params[f] = trial.suggest_float(f, lo, hi, log=log)
         startup = trial.user_attrs.get("design") in ("startup", "extension", "transition")
         best = [-math.inf]
+        out = Path(out_root) / study_name_.replace(":", "-") / f"trial{trial.number:03d}"
+        import socket
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine and process ran it
+        distributed.broadcast_object(("trial", params, str(out)))  # data-parallel trial: every rank trains these
+        _record_params(out, params)
 
         def report(state) -> bool | None:  # multi-fidelity: report the running best, stop a trailing trial
             if state.val is None:
                 return None
             best[0] = max(best[0], state.val[select])
             trial.report(best[0], state.target_step)
-            if not startup and trial.should_prune():
+            stop = not startup and trial.should_prune()
+            if distributed.broadcast_object(stop):  # the other ranks stop with rank 0
                 trial.set_user_attr("pruned_at", state.target_step)
                 return False
             return None
 
-        out = Path(out_root) / study_name_ / f"trial{trial.number:03d}"
-        m = run_experiment(preset, out, smoke=smoke, seed=seed, device=device, progress=False,
-                           overrides={**base, **params}, test=False, hooks=(report,))
+        m = _run(runner, method, out, seed, device, {**base, **params}, (report,))
         from .experiment import check_identity
         study = trial.study
         ident = check_identity(study.user_attrs.get("identity"), m, f"trial {trial.number} of study {study_name_}")
@@ -272,21 +341,51 @@ def _objective(preset: str, study_name_: str, out_root: Path, smoke: bool, seed:
     return objective
 
 
-def _worker(preset, storage, out_root, smoke, seed, device, base, space, total, threads):
-    """One process of a (possibly parallel) search: run trials until the study holds `total` finished ones."""
+def _follow(runner: Runner, method: str, seed: int, device: str, base: dict) -> None:
+    """Ranks > 0 of a data-parallel search: train each trial rank 0 announces (its parameters), stop with it."""
+    from . import distributed
+    while True:
+        msg = distributed.broadcast_object(None)
+        if msg[0] in ("done", "finished"):
+            return msg
+        _, params, out = msg
+        _record_params(out, params)
+
+        def follow(state):
+            return False if state.val is not None and distributed.broadcast_object(None) else None
+        _run(runner, method, out, seed, device, {**base, **params}, (follow,))
+
+
+def _record_params(out, params: dict) -> None:
+    """Under torchrun, each rank writes the parameters it trains a trial with (TRIAL/params-rankR.json)."""
+    from . import distributed
+    if distributed.active():
+        import json
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"params-rank{distributed.rank()}.json").write_text(json.dumps(params))
+
+
+def _worker(runner, method, storage, out_root, seed, device, base, space, total, threads):
+    """One process of a (possibly parallel) search: run trials until the study holds `total` finished ones. Under
+    torchrun rank 0 asks the study for trials and the other ranks train each with it (`_follow`)."""
     import optuna
     import torch
+    from . import distributed
     if threads:
         torch.set_num_threads(threads)
-    name = study_name(preset, smoke, seed)
-    n_startup = 8 * len(PRESETS[preset].search)
-    cfg = replace(PRESETS[preset].smoke_train if smoke else PRESETS[preset].train, **base)
-    study = _open_study(name, _storage(storage), n_startup, prune_warmup=max(1, int(0.4 * cfg.steps)))
+    if not distributed.is_main():
+        return _follow(runner, method, seed, device, base)
+    name = study_name(method, runner.smoke, seed, runner)
+    cfg = replace(runner.train_config(method), **base)
+    study = _open_study(name, _storage(storage), 8 * len(space), prune_warmup=max(1, int(0.4 * cfg.steps)),
+                        key=seed_key(method, seed, runner))
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    if len(study.get_trials(deepcopy=False, states=done)) >= total:
-        return
-    study.optimize(_objective(preset, name, Path(out_root), smoke, seed, device, base, space),
-                   callbacks=[optuna.study.MaxTrialsCallback(total, states=done)], catch=(FloatingPointError,))
+    try:
+        if len(study.get_trials(deepcopy=False, states=done)) < total:
+            study.optimize(_objective(runner, method, name, Path(out_root), seed, device, base, space),
+                           callbacks=[optuna.study.MaxTrialsCallback(total, states=done)], catch=(FloatingPointError,))
+    finally:
+        distributed.broadcast_object(("done",))
 
 
 def _run_workers(args: tuple, jobs: int, device: str) -> None:
@@ -307,21 +406,71 @@ def _run_workers(args: tuple, jobs: int, device: str) -> None:
                            "to resume the study")
 
 
-def search(preset: str, storage: str | Path, out_root: str | Path, trials: int | None = None, smoke: bool = False,
+def wait_for_trials(study_name_: str, storage, args: tuple, jobs: int, device: str, poll: float = 10.0) -> None:
+    """Until no trial of the study is running or waiting: trials other machines run are awaited (a dead one is
+    failed by its heartbeat and queued again, and then run here)."""
+    import time
+
+    import optuna
+    while True:
+        study = optuna.load_study(study_name=study_name_, storage=_storage(storage))
+        if is_url(storage) and not str(storage).startswith("sqlite"):
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        waiting = states.count(optuna.trial.TrialState.WAITING)
+        if waiting:
+            done = sum(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states)
+            _run_workers(args[:-1] + (done + waiting,), jobs, device)
+            continue
+        if optuna.trial.TrialState.RUNNING not in states:
+            return
+        time.sleep(poll)
+
+
+def search(method: str, storage: str | Path, out_root: str | Path, trials: int | None = None, smoke: bool = False,
            seed: int = 0, device: str = "cpu", jobs: int = 1, base: dict | None = None, n_blocks: int | None = None,
-           extend: bool = True, noise: float = 0.0, constraint: tuple | None = None) -> dict:
+           extend: bool = True, noise: float = 0.0, constraint: tuple | None = None,
+           runner: Runner | None = None) -> dict:
     """Explore, refine, extend (where the best value sits at an edge) and map transitions; returns the choice.
 
-    trials: finished (complete or pruned) trials before the edge check; default 8 x d start-up + 4 x d TPE.
-    base: TrainConfig fields every trial shares (e.g. the schedule and learning rates chosen for naive).
-    noise: the seed noise of the objective (the spread of one configuration over fine-tuning seeds): with it,
-    transitions get points and a flat study is reported as such. constraint: (fine key, generic key, threshold)
-    for the constraint rule. Returns {"preset", "params", "value", "trials", "distinct", "val", "space",
-    "extensions", "at_edge", "flat", "spread", "constraint"}."""
+    method: a preset on the built-in world (runner None: Runner("builtin", smoke)), or a method of the study file
+    of `runner`. storage: a SQLite file, or a database URL that several machines share (they join the same
+    study; each returns once every trial has finished). trials: finished (complete or pruned) trials before the
+    edge check; default 8 x d start-up + 4 x d TPE. base: TrainConfig fields every trial shares (e.g. the schedule
+    and learning rates chosen for naive). noise: the seed noise of the objective (the spread of one configuration
+    over fine-tuning seeds): with it, transitions get points and a flat study is reported as such. constraint:
+    (fine key, generic key, threshold) for the constraint rule. Returns {"method", "params", "value", "trials",
+    "distinct", "val", "space", "extensions", "at_edge", "flat", "spread", "constraint"}."""
     import optuna
+    from . import distributed
+    runner = runner or Runner("builtin", smoke)
     base = dict(base or {})
-    study, cfg = _prepare(preset, storage, smoke, seed, base)
-    d = len(PRESETS[preset].search)
+    if distributed.active():
+        if jobs > 1:
+            raise ValueError("under torchrun each trial is data-parallel: use --jobs 1")
+        if not distributed.is_main():  # follow rank 0's trials, phase after phase, until it has the summary
+            while (msg := _follow(runner, method, seed, device, base))[0] != "finished":
+                pass
+            return msg[1]
+        try:
+            result = _search(method, storage, out_root, trials, seed, device, jobs, base, n_blocks, extend, noise,
+                             constraint, runner)
+        except BaseException:
+            distributed.broadcast_object(("finished", None))
+            raise
+        distributed.broadcast_object(("finished", result))
+        return result
+    return _search(method, storage, out_root, trials, seed, device, jobs, base, n_blocks, extend, noise, constraint,
+                   runner)
+
+
+def _search(method, storage, out_root, trials, seed, device, jobs, base, n_blocks, extend, noise, constraint, runner):
+    import optuna
+    study, cfg = _prepare(method, storage, runner, seed, base)
+    d = len(runner.method(method).search)
     total = trials if trials is not None else 12 * d
     if total < 8 * d:
         raise ValueError(f"trials={total} is below the {8 * d} space-filling start-up points of a {d}-field search")
@@ -331,7 +480,9 @@ def search(preset: str, storage: str | Path, out_root: str | Path, trials: int |
     finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                             optuna.trial.TrialState.PRUNED)))
     total = max(total, finished + queued)
-    _run_workers((preset, str(storage), str(out_root), smoke, seed, device, base, space, total), jobs, device)
+    args = lambda sp, n: (runner, method, str(storage), str(out_root), seed, device, base, sp, n)
+    _run_workers(args(space, total), jobs, device)
+    wait_for_trials(study.study_name, storage, args(space, total), jobs, device)
     while extend:
         study = optuna.load_study(study_name=study.study_name, storage=_storage(storage))
         finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -348,12 +499,13 @@ def search(preset: str, storage: str | Path, out_root: str | Path, trials: int |
             if (lo, hi) == tuple(old[1:3]):
                 continue
             strip = (lo, old[1], log) if lo < old[1] else (old[2], hi, log)
-            for u in startup_points([(f, *strip)], 4, study_seed(study.study_name) + len(study.trials)):
+            for u in startup_points([(f, *strip)], 4, study_seed(seed_key(method, seed, runner)) + len(study.trials)):
                 study.enqueue_trial({**study.best_trial.params, **u}, user_attrs={"design": "extension"})
         n_now = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                              optuna.trial.TrialState.PRUNED)))
         total = n_now + 4 * len(grown) + 2 * d
-        _run_workers((preset, str(storage), str(out_root), smoke, seed, device, base, new, total), jobs, device)
+        _run_workers(args(new, total), jobs, device)
+        wait_for_trials(study.study_name, storage, args(new, total), jobs, device)
     for _ in range(2 if noise > 0 else 0):  # points where the score changes (one-field studies)
         study = optuna.load_study(study_name=study.study_name, storage=_storage(storage))
         space = [tuple(s) for s in study.user_attrs["space"]]
@@ -366,8 +518,8 @@ def search(preset: str, storage: str | Path, out_root: str | Path, trials: int |
             study.enqueue_trial(p, user_attrs={"design": "transition"})
         n_now = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                              optuna.trial.TrialState.PRUNED)))
-        _run_workers((preset, str(storage), str(out_root), smoke, seed, device, base, space, n_now + len(points)),
-                     jobs, device)
+        _run_workers(args(space, n_now + len(points)), jobs, device)
+        wait_for_trials(study.study_name, storage, args(space, n_now + len(points)), jobs, device)
     return summary(study.study_name, storage, n_blocks=n_blocks, steps=cfg.steps, noise=noise, constraint=constraint)
 
 
@@ -386,10 +538,11 @@ def summary(name: str, storage: str | Path, n_blocks: int | None = None, steps: 
     _, grown, stuck = extend_space(space, [t.params for t in finished], best.params, steps, n_blocks)
     all_params = [t.params for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
                                                                 optuna.trial.TrialState.PRUNED)]
-    return {"study": name, "preset": name.rsplit("-seed", 1)[0].removesuffix("-smoke"), "params": best.params,
+    method = study.user_attrs.get("method", name.rsplit("-seed", 1)[0].removesuffix("-smoke"))
+    return {"study": name, "method": method, "preset": method, "params": best.params,
             "value": best.value, "trials": len(all_params), "complete": len(finished),
             "distinct": {f: len({round(p[f], 12) for p in all_params if f in p}) for f, *_ in space},
-            "val": {k: v for k, v in best.user_attrs.items() if k not in ("train", "updates", "design", "identity")},
+            "val": {k: v for k, v in best.user_attrs.items() if k not in ("train", "updates", "design", "identity", "worker")},
             "space": [list(s) for s in space], "extensions": study.user_attrs.get("extensions", []),
             "at_edge": [g.split(":")[0] for g in grown], "at_hard_limit": stuck,
             "base": study.user_attrs.get("base", {}), "noise": noise,
@@ -408,39 +561,41 @@ def _constraint_summary(finished, constraint: tuple | None) -> dict | None:
     if best is None:
         return {**out, "params": None, "trial": None, "val": None}
     return {**out, "params": best["params"], "trial": best["trial"],
-            "val": {k: v for k, v in best["val"].items() if k not in ("train", "updates", "design", "identity")}}
+            "val": {k: v for k, v in best["val"].items() if k not in ("train", "updates", "design", "identity", "worker")}}
 
 
-def final_runs(preset: str, params: dict, seeds: list[int], out_root: str | Path, registry: str | Path,
-               smoke: bool = False, device: str = "cpu", progress: bool = False) -> list[dict]:
+def final_runs(method: str, params: dict, seeds: list[int], out_root: str | Path, registry: str | Path,
+               smoke: bool = False, device: str = "cpu", progress: bool = False, runner: Runner | None = None) -> list[dict]:
     """The chosen configuration, once per seed, with test evaluation; one registry row each."""
-    rows = []
-    for s in seeds:
-        out = Path(out_root) / f"{preset}{'-smoke' if smoke else ''}-s{s}"
-        rows.append(run_experiment(preset, out, smoke=smoke, seed=s, device=device, progress=progress,
-                                   overrides=params, registry=registry))
-    return rows
+    runner = runner or Runner("builtin", smoke)
+    return [runner.run(method, Path(out_root) / f"{method}{'-smoke' if runner.smoke else ''}-s{s}", seed=s,
+                       overrides=params, registry=registry, device=device, progress=progress) for s in seeds]
 
 
 def trial_rows(storage: str | Path) -> list[dict]:
-    """Every finished or pruned trial of every study in an SQLite file, one row each: {"study", "method", "seed",
-    "smoke", "trial", "state", "design", "params", "val", "train", "updates"} (validation only: trials never
-    see test data)."""
+    """Every finished or pruned trial of every study in a storage (an SQLite file or a database URL), one row each:
+    {"study", "method", "seed", "smoke", "trial", "state", "design", "params", "val", "train", "updates"}
+    (validation only: trials never see test data). What a study is comes from its user attributes."""
     import optuna
-    if not Path(storage).exists():
+    if not is_url(storage) and not Path(storage).exists():
         raise FileNotFoundError(f"no Optuna storage at {storage}")
-    url = f"sqlite:///{Path(storage)}"
+    store = _storage(storage)
     rows = []
-    for s in optuna.get_all_study_summaries(url):
-        study = optuna.load_study(study_name=s.study_name, storage=url)
+    for s in optuna.get_all_study_summaries(store):
+        study = optuna.load_study(study_name=s.study_name, storage=store)
         name, _, seed = s.study_name.rpartition("-seed")
+        attrs0 = study.user_attrs
+        method = attrs0.get("method", name.removesuffix("-smoke").split(":")[-1])
+        smoke = (attrs0.get("runner") or {}).get("smoke", name.endswith("-smoke"))
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                           optuna.trial.TrialState.PRUNED)):
             attrs = dict(t.user_attrs)
-            rows.append({"study": s.study_name, "method": name.removesuffix("-smoke"), "seed": int(seed),
-                         "smoke": name.endswith("-smoke"), "trial": t.number, "state": t.state.name.lower(),
+            attrs.pop("identity", None)
+            worker = attrs.pop("worker", None)
+            rows.append({"study": s.study_name, "method": method, "seed": int(attrs0.get("seed", seed)),
+                         "smoke": smoke, "trial": t.number, "state": t.state.name.lower(),
                          "design": attrs.pop("design", "tpe"), "params": t.params,
                          "train": attrs.pop("train", None), "updates": attrs.pop("updates", None),
                          "pruned_at": attrs.pop("pruned_at", None), "best_step": attrs.pop("best_step", None),
-                         "val": attrs})
+                         "worker": worker, "val": attrs})
     return rows

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+HANG = 5400  # seconds: subprocess hang guards sit at CI's own limit; a slow, loaded machine fails no test
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "build" / "test-artifacts"   # screenshots the browser tests keep
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -38,7 +40,7 @@ def smoke_reference(tmp_path_factory):
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-m", "infusing_kit", "experiment", "--preset", "toy-naive", "--smoke",
                           "--out", str(out), "--registry", str(out.parent / "results.jsonl")],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=HANG)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -55,3 +57,18 @@ def tiny_world_and_model():
                                        fine_per_class=4))
     torch.manual_seed(0)
     return world, load_model("toy-clip-tiny", pretrained=None)
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory):
+    """The built-in world exported at smoke size (export-world --smoke) and its study file with toy-l2sp trials of a
+    few seconds (20 target steps): configs/quick-study.toml."""
+    from infusing_kit.export import export_world
+    out = tmp_path_factory.mktemp("exported") / "w"
+    export_world(out, smoke=True, progress=False)
+    text = (out / "configs" / "study.toml").read_text()
+    old = '[study.method.toy-l2sp]\npreset = "toy-l2sp"\nschedule = "smoke"'
+    assert old in text
+    path = out / "configs" / "quick-study.toml"
+    path.write_text(text.replace(old, old + "\nsteps = 20\neval_every = 10"))
+    return path

@@ -22,7 +22,7 @@ def fake(monkeypatch):
     calls = Calls()
 
     def run(preset, out_dir, smoke=False, seed=0, device="cpu", progress=False, overrides=None, test=True,
-            registry=None, hooks=(), resume=False, tags=None, reuse=None, merge_with=None):
+            registry=None, hooks=(), resume=False, tags=None, reuse=None, merge_with=None, keep_weights=True):
         o = dict(overrides)
         calls.append({"preset": preset, "seed": seed, "overrides": o, "test": test, "tags": tags or {},
                       "reuse": reuse, "merge_with": merge_with, "out": str(out_dir)})
@@ -82,7 +82,7 @@ def test_compare_runs_every_stage_in_order_and_resumes(tmp_path, fake):
         C.CONSTRAINT * chosen["noise"]["naive_fine"])
     finals = [c for c in fake if c["test"]]
     seeds = lambda p, **tag: sorted(c["seed"] for c in finals if c["preset"] == p and c["tags"] == tag)
-    assert seeds("toy-naive") == seeds("toy-l2sp") == seeds("toy-paper") == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert seeds("toy-naive", role="baseline") == seeds("toy-l2sp") == seeds("toy-paper") == [0, 1, 2, 3, 4, 5, 6, 7]
     assert seeds("toy-naive-long") == seeds("toy-paper-no-l2sp") == [0, 1, 2, 3, 4]
     assert seeds("toy-paper", search_seed=1) == [5, 6, 7]
     for c in finals:

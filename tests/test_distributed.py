@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,11 +49,11 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path):
     (tmp_path / "ddp.py").write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     one = subprocess.run([sys.executable, str(tmp_path / "ddp.py"), str(tmp_path / "one")], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=HANG)
     assert one.returncode == 0, one.stderr[-2000:]
     torchrun = Path(sys.executable).with_name("torchrun")
     two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(tmp_path / "ddp.py"),
-                          str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=HANG)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (torch.load(tmp_path / d / "final.pt", weights_only=True) for d in ("one", "two"))
     assert a["best"] == b["best"]
@@ -66,3 +67,56 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path):
     torch.testing.assert_close(b["head"]["weight"], a["head"]["weight"], atol=1e-6, rtol=0)
     logs = [(tmp_path / d / "log.jsonl").read_text().splitlines() for d in ("one", "two")]
     assert len(logs[0]) == len(logs[1]), "rank 0 alone writes the log, one line per record"
+
+
+@pytest.mark.slow
+def test_a_data_parallel_search_trains_each_trial_with_rank_0s_parameters_on_every_rank(tmp_path, smoke_study):
+    """Under torchrun rank 0 asks the study for each trial and broadcasts its parameters; every rank writes what it
+    trained (TRIAL/params-rankR.json)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29534", "-m", "infusing_kit",
+                          "search", "--config", str(smoke_study), "--method", "toy-l2sp", "--trials", "8",
+                          "--storage", str(tmp_path / "s.db"), "--out", str(tmp_path / "runs")],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=HANG)
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = sorted((tmp_path / "runs" / "quick-study-toy-l2sp-seed0").glob("trial*"))
+    assert len(trials) >= 8
+    import json
+    for t in trials:
+        a, b = (json.loads((t / f"params-rank{r}.json").read_text()) for r in (0, 1))
+        assert a == b and set(a) == {"l2sp"}, t
+    values = [json.loads((t / "params-rank0.json").read_text())["l2sp"] for t in trials]
+    assert len(set(values)) == len(values), "every trial trains its own point"
+
+
+@pytest.mark.slow
+def test_metrics_json_is_a_fresh_evaluation_of_model_pt_with_one_and_two_processes(tmp_path, smoke_study):
+    """What a run reports is what its model.pt scores: the run's test metrics equal a fresh evaluation of the saved
+    weights, run in one process and under torchrun with two (rank 0 evaluates and writes)."""
+    import json
+    from infusing_kit.config import setup_from_config
+    from infusing_kit.experiment import evaluate
+    from infusing_kit.models import load_model
+    text = (smoke_study.parent / "toy-naive.toml").read_text()
+    assert 'schedule = "smoke"' in text
+    path = smoke_study.parent / "ddp-naive.toml"
+    path.write_text(text.replace('schedule = "smoke"', 'schedule = "smoke"\nsteps = 6\neval_every = 3', 1))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = ["-m", "infusing_kit", "experiment", "--config", str(path), "--out"]
+    for name, launcher in (("one", [sys.executable]), ("two", [torchrun, "--nproc_per_node", "2", "--master_port",
+                                                               "29535"])):
+        res = subprocess.run(launcher + cmd + [str(tmp_path / name)], env=env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=HANG)
+        assert res.returncode == 0, res.stderr[-3000:]
+    setup = setup_from_config(path, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the runs evaluated (OMP_NUM_THREADS=1)
+    try:
+        for name in ("one", "two"):
+            m = json.loads((tmp_path / name / "metrics.json").read_text())
+            vlm = load_model("toy-clip", str(tmp_path / name / "model.pt"))
+            assert evaluate(vlm, setup.domains) == m["finetuned"], name
+    finally:
+        torch.set_num_threads(threads)

@@ -15,7 +15,7 @@ from infusing_kit.comparison import choose_schedule, flat_length
 def _fake(monkeypatch, score):
     calls = []
 
-    def run(preset, out, smoke, seed, device, progress, overrides, test=True, hooks=()):
+    def run(preset, out, smoke, seed, device, progress, overrides, test=True, hooks=(), keep_weights=True):
         calls.append({"preset": preset, "overrides": overrides, "test": test})
         x = overrides.get("l2sp", 1.0)
         val = score(x)
