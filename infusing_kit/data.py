@@ -128,28 +128,49 @@ def read_image(path: str | Path, size: int) -> torch.Tensor:
         img = _read_with_pil(path)
     if img.ndim == 4:  # an animated GIF: its first frame
         img = img[0]
+    img = to_uint8(img)
     img = TF.resize(img, size, antialias=True)
     return TF.center_crop(img, [size, size])
+
+
+def to_uint8(img: torch.Tensor) -> torch.Tensor:
+    """Deep images (16-bit PNG, 32-bit TIFF) at their real range: the full range of their type onto 0..255."""
+    if img.dtype == torch.uint8:
+        return img
+    if img.dtype.is_floating_point:
+        return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    top = float(torch.iinfo(img.dtype).max) if img.dtype != torch.int32 else 65535.0
+    return (img.double() * (255.0 / top)).round().clamp(0, 255).to(torch.uint8)
 
 
 def _read_with_pil(path) -> torch.Tensor:
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bits, then RGB
+                a = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
+                im = Image.fromarray(a.round().clip(0, 255).astype(np.uint8)).convert("RGB")
+            im = im.convert("RGB")
             return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
 def check_files(paths: list[str]) -> list[str]:
-    """Files that cannot be opened as images (a header check: fast, reads no pixels). Every bad file at once."""
+    """Files that cannot be decoded as images, every bad one at once. Each file is decoded whole (a header check
+    passed a truncated JPEG that then crashed a DataLoader worker); JPEGs decode at 1/8 scale (PIL's draft mode
+    reads the whole stream, so truncation still shows, at a fraction of the cost)."""
     from PIL import Image
     bad = []
     for p in paths:
         try:
             with Image.open(p) as im:
                 im.verify()
+            with Image.open(p) as im:
+                if im.format == "JPEG":
+                    im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
         except Exception as e:  # PIL raises many kinds; each is the same verdict: unreadable
             bad.append(f"{p} ({type(e).__name__}: {e})")
     return bad
@@ -215,9 +236,15 @@ def split_file(path: str | Path, size: int, root: str | Path | None = None, skip
     try:
         items = json.loads(path.read_text())
         paths = [str(Path(root or path.parent) / it["path"]) for it in items]
-        labels = [int(it["class_id"]) for it in items]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a split file (a JSON list of {{'path', 'class_id'}}): {e}") from None
+    bad = [i for i, it in enumerate(items) if not isinstance(it.get("class_id"), int) or isinstance(it["class_id"], bool)
+           or not isinstance(it["path"], str)]
+    if bad:
+        it = items[bad[0]]
+        raise ValueError(f"{path}: entry {bad[0]} ({it}) needs a string path and an integer class_id (a JSON number, "
+                         f"not {type(it.get('class_id')).__name__}); {len(bad)} entries are like that")
+    labels = [it["class_id"] for it in items]
     _require_files(paths, path)
     return _finish(paths, labels, size, str(path), skip_unreadable, check)
 
@@ -228,6 +255,9 @@ def csv_split(path: str | Path, size: int, root: str | Path | None = None, skip_
     path = Path(path)
     rows = _csv_rows(path, ("path", "label"))
     raw = [r["label"] for r in rows]
+    if any(l is None or r.get("path") is None for l, r in zip(raw, rows)):
+        row = next(i for i, (l, r) in enumerate(zip(raw, rows)) if l is None or r.get("path") is None)
+        raise ValueError(f"{path}: row {row + 2} has fewer columns than the header (path,label)")
     if all(l.lstrip("-").isdigit() for l in raw):
         labels, names = [int(l) for l in raw], []
     else:
@@ -284,6 +314,10 @@ def karpathy_json(path: str | Path, size: int, root: str | Path, split: str = "t
 
 
 def _caption_split(pairs: list[tuple[str, str]], root: Path, size: int, source: Path) -> FileSplit:
+    empty = [i for i, (_, c) in enumerate(pairs) if not str(c).strip()]
+    if empty:
+        raise ValueError(f"{source}: {len(empty)} empty caption(s) (e.g. entries {empty[:5]}, counted from 0): an empty "
+                         "caption would be scored as a caption; remove those rows")
     images = list(dict.fromkeys(p for p, _ in pairs))
     index = {p: i for i, p in enumerate(images)}
     paths = [str(root / p) for p in images]
@@ -295,13 +329,20 @@ def _caption_split(pairs: list[tuple[str, str]], root: Path, size: int, source: 
 def _csv_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"CSV file {path} does not exist")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = set(columns) - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path} needs a header row with the columns {','.join(columns)}; "
-                             f"missing {sorted(missing)} (found {reader.fieldnames})")
-        return list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return _dict_rows(csv.DictReader(f), path, columns)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 (e.g. "
+                         "iconv -f latin1 -t utf-8)") from None
+
+
+def _dict_rows(reader, path: Path, columns: tuple[str, ...]) -> list[dict]:
+    missing = set(columns) - set(reader.fieldnames or [])
+    if missing:
+        raise ValueError(f"{path} needs a header row with the columns {','.join(columns)}; "
+                         f"missing {sorted(missing)} (found {reader.fieldnames})")
+    return list(reader)
 
 
 def _require_files(paths: list[str], source: Path) -> None:

@@ -88,7 +88,7 @@ def block_outputs(vlm, images, batch_size: int = 256) -> list[np.ndarray]:
 
     def hook(i):
         def keep(module, inputs, output):
-            current[i] = output[0] if isinstance(output, tuple) else output
+            current[i] = output
         return keep
 
     handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
@@ -99,10 +99,7 @@ def block_outputs(vlm, images, batch_size: int = 256) -> list[np.ndarray]:
             x = tensor[s:s + batch_size]
             emb = image_embedding(vlm, preprocess(vlm, x))
             for i in range(lay.n_blocks):
-                h = current[i].float()
-                if h.shape[0] != len(x):  # sequence-first layout (L, N, D)
-                    h = h.transpose(0, 1)
-                outs[i].append(h.mean(1).cpu().numpy())
+                outs[i].append(lay.tokens(current[i], len(x)).float().mean(1).cpu().numpy())
             outs[-1].append(emb.cpu().numpy())
     finally:
         for h in handles:

@@ -31,14 +31,13 @@ import torch
 from . import distributed
 from . import world as W
 from .checkpoints import FolderLock, atomic_write_text, check_writable
-from .metrics import image_text_recall, retrieval_metrics
+from .metrics import K, image_text_recall, retrieval_metrics
 from .models import VLM, embed_images, embed_texts, save_finetuned
 from .pretrain import FAR_PRETRAIN, PretrainConfig, fingerprint, load_pretrained_toy
 from .inputs import prepare_inputs
 from .presets import NAIVE, PRESETS, SMOKE_NAIVE, SMOKE_WORLD, Preset
 from .train import TrainConfig, train
 
-K = 20
 
 
 WORLDS = ("near", "far")
@@ -138,6 +137,9 @@ def evaluate(vlm: VLM, data, progress: bool = False) -> dict[str, dict[str, floa
             "image_text": image_text_recall(pairs, captions, d.text_test.caption_image)}
 
 
+VALIDATION_KEYS = (f"fine_map@{K}", f"generic_map@{K}", f"mean_map@{K}", "generic_agreement")
+
+
 def validation_fn(data, reference: np.ndarray | None = None):
     """validate(vlm) -> fine-grained and generic validation mAP@20 and their mean (docs/method.md, "Protocol").
 
@@ -223,27 +225,33 @@ def code_version() -> str | None:
 # ---------------------------------------------------------------------------- running
 def run_setup(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: bool = True, test: bool = True,
               registry: str | Path | None = None, hooks: tuple = (), resume: bool = False,
-              reuse: str | Path | None = None, merge_with: tuple = ()) -> dict:
+              reuse: str | Path | None = None, merge_with: tuple = (), keep_weights: bool = True,
+              keep_checkpoints: bool = False) -> dict:
     """Fine-tune and evaluate one experiment; write out_dir/metrics.json (never over an existing one).
 
     test=False skips the test sets entirely (a search looks at validation only). registry: a results file to
     append one row to. hooks: passed to train(). resume=True continues an interrupted run in out_dir.
     Post-hoc presets (setup.post_hoc): reuse = a finished run folder of the same training (same TrainConfig but the
     seed's, same starting weights) whose fine-tuned tower is taken instead of training again; merge_with = model.pt
-    files of other fine-tuned runs of the same pretrained model, for merges (Model Stock, soups)."""
+    files of other fine-tuned runs of the same pretrained model, for merges (Model Stock, soups).
+    Files: out/model.pt (the kept tower and head; keep_weights=False writes none: a search trial's weights serve
+    nothing), out/metrics.json, out/run/log.jsonl; the resume files run/last.pt and run/best.pt are removed once
+    metrics.json is written (keep_checkpoints=True keeps them)."""
     out = Path(out_dir)
     lock = None
     if distributed.is_main():  # one process per folder, from the start (a second one is refused at once)
         check_writable(out, "--out")
         lock = FolderLock(out, "--out")
     try:
-        return _run_setup(setup, out, device, progress, test, registry, hooks, resume, reuse, merge_with)
+        return _run_setup(setup, out, device, progress, test, registry, hooks, resume, reuse, merge_with, keep_weights,
+                          keep_checkpoints)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_setup(setup, out, device, progress, test, registry, hooks, resume, reuse, merge_with) -> dict:
+def _run_setup(setup, out, device, progress, test, registry, hooks, resume, reuse, merge_with, keep_weights,
+               keep_checkpoints) -> dict:
     from . import posthoc
     if (out / "metrics.json").exists():
         raise FileExistsError(f"{out / 'metrics.json'} exists: that run is finished; choose a new --out folder "
@@ -253,11 +261,19 @@ def _run_setup(setup, out, device, progress, test, registry, hooks, resume, reus
                               "a new --out folder (nothing was overwritten)")
     main = distributed.is_main()  # under torchrun only rank 0 writes
     if registry is not None and main:
+        if Path(registry).is_dir():
+            raise IsADirectoryError(f"--registry {registry} is a folder; give the path of a JSON-lines file (e.g. "
+                                    f"{Path(registry) / 'results.jsonl'})")
         check_writable(Path(registry).parent, "--registry")
         if Path(registry).exists() and not os.access(registry, os.W_OK):
             raise PermissionError(f"--registry {registry} is not writable; choose a file you can write to")
     t0 = time.time()
     cfg, d = setup.train, setup.domains
+    known = set(VALIDATION_KEYS)
+    if cfg.select not in known:
+        raise ValueError(f"select = {cfg.select!r} is not a validation score; choose one of {sorted(known)}")
+    from .train import _check_data
+    _check_data(cfg, d.target_train, d.generic_train)  # before any model is loaded or evaluated
     vlm = setup.model()
     distributed.broadcast_module(vlm.model)  # under torchrun: every rank starts from rank 0's weights
     identity = run_identity(vlm, device)
@@ -278,7 +294,7 @@ def _run_setup(setup, out, device, progress, test, registry, hooks, resume, reus
         curve, chosen = posthoc.choose(setup.post_hoc, vlm, theta0, thetas, validation_fn(d), f"mean_map@{K}")
         val = {k: v for k, v in chosen.items() if k in val or k.endswith(f"map@{K}")}
     after = evaluate(vlm, d) if test else None
-    if main:
+    if main and keep_weights:
         save_finetuned(vlm, out / "model.pt", head)  # the kept (or merged) image tower: load_model(name, this file)
     where = torch.device(device)
     metrics = {"preset": setup.name, "description": setup.description, "seed": setup.seed, "smoke": setup.smoke,
@@ -293,6 +309,9 @@ def _run_setup(setup, out, device, progress, test, registry, hooks, resume, reus
                "pretrained": before, "finetuned": after}
     if main:
         atomic_write_text(json.dumps(metrics, indent=2), out / "metrics.json")
+        if not keep_checkpoints:  # finished: model.pt holds the kept tower and head; the resume files go
+            for f in ("last.pt", "best.pt"):
+                (out / "run" / f).unlink(missing_ok=True)
     if registry is not None and main:
         from .results import append_result
         append_result(registry, metrics, run_dir=out)
@@ -333,7 +352,8 @@ def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: 
                    progress: bool = True, cache_dir: str | Path | None = None, overrides: dict | None = None,
                    test: bool = True, registry: str | Path | None = None, hooks: tuple = (),
                    resume: bool = False, train_seed: int | None = None, world: str = "near",
-                   reuse: str | Path | None = None, merge_with: tuple | None = None, tags: dict | None = None) -> dict:
+                   reuse: str | Path | None = None, merge_with: tuple | None = None, tags: dict | None = None,
+                   keep_weights: bool = True) -> dict:
     """Run a preset on a built-in world end to end and write out_dir/metrics.json (see `run_setup`).
     overrides: TrainConfig fields to change (a search trial). train_seed, world: see `toy_setup`. A merging preset
     (Model Stock, soups) merges the model.pt files `merge_with`; without them it first trains the other runs it
@@ -342,7 +362,8 @@ def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: 
     setup = toy_setup(preset, seed, smoke, device, overrides, cache_dir, progress, train_seed, world)
     setup.source["tags"] = dict(tags or {})
     if merge_with is not None:
-        return run_setup(setup, out_dir, device, progress, test, registry, hooks, resume, reuse, tuple(merge_with))
+        return run_setup(setup, out_dir, device, progress, test, registry, hooks, resume, reuse, tuple(merge_with),
+                         keep_weights)
     merge_with = []
     for i, extra in enumerate(ingredient_overrides(preset, setup.train)):
         extra = dict(extra)
@@ -353,7 +374,8 @@ def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: 
             part.post_hoc = None  # the plain training the merge starts from
             run_setup(part, sub, device, progress, test=False, resume=(sub / "run").exists())
         merge_with.append(sub / "model.pt")
-    return run_setup(setup, out_dir, device, progress, test, registry, hooks, resume, reuse, tuple(merge_with))
+    return run_setup(setup, out_dir, device, progress, test, registry, hooks, resume, reuse, tuple(merge_with),
+                     keep_weights)
 
 
 def cached_run(preset: str, root: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",

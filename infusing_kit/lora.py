@@ -38,7 +38,10 @@ def add_lora(tower: nn.Module, rank: int, seed: int = 0) -> list[str]:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if has_lora(tower):
         raise ValueError("this tower already has LoRA factors; merge_lora(tower) first")
-    suffixes = layout(tower).lora_targets
+    lay = layout(tower)
+    if lay.no_lora:
+        raise ValueError(f"LoRA on a {lay.kind} tower: {lay.no_lora}")
+    suffixes = lay.lora_targets
     targets = [n for n, p in tower.named_parameters() if n.endswith(suffixes) and p.ndim == 2]
     if not targets:
         raise ValueError(f"no LoRA targets ({', '.join(suffixes)}) in {type(tower).__name__}")

@@ -51,6 +51,11 @@ class TeacherEmbeddings:
         if len(self.embeddings) != len(data):
             raise ValueError(f"teacher embeddings have {len(self.embeddings)} rows for {len(data)} {what} images; "
                              "extract them again with extract_teacher(model, images)")
+        bad = (~torch.isfinite(self.embeddings).all(1)).nonzero().flatten()
+        if len(bad):
+            raise ValueError(f"teacher embeddings of {len(bad)} {what} image(s) are not finite (rows {bad[:5].tolist()}): "
+                             "the file is damaged or the pretrained model produced NaN on those images; extract them "
+                             "again (delete the teacher file) and check those images")
         fp = fingerprint(vlm, data)
         if fp != self.fingerprint:
             raise ValueError(f"teacher embeddings were extracted from another model or other {what} images "

@@ -35,6 +35,7 @@ from .data import AdaptiveState, Sampler, batches, domain_at, step_generator
 from .inputs import INPUTS
 from .lora import add_lora, merge_lora
 from .losses import CosineClassifier, MarginLoss, classification_loss
+from .metrics import FINE
 from .models import VLM, Augment, image_embedding, param_groups, preprocess, progress_bar, train_mode
 from .regularizers import Quadratic, WeightAverage, adaptive_generic_share, quadratic_penalty_
 from .terms import TERMS, TERMS_BY_NAME, StepRule, TermBatch, active, needed_inputs
@@ -91,7 +92,7 @@ class TrainConfig:
     lora_rank: int = 0                # > 0: train only rank-r LoRA factors of attention/MLP weights (lora.py)
     # --- validation and checkpoints
     eval_every: int = 50              # target steps between validations (0: never)
-    select: str = "fine_map@20"       # key of validate()'s dict that the kept checkpoint maximises
+    select: str = FINE       # key of validate()'s dict that the kept checkpoint maximises
     keep_pretrained: bool = False     # may the pretrained model (step 0) be kept when no checkpoint beats it? Off:
                                       # the protocol returns a fine-tuned model (the paper); either way a kept
                                       # checkpoint scoring below the pretrained model is reported (TrainResult.warnings)
@@ -241,15 +242,15 @@ def _embed(tower: torch.nn.Module, pixels: torch.Tensor, blocks: bool) -> tuple[
     if not blocks:
         return torch.nn.functional.normalize(tower(pixels).float(), dim=-1), None
     found: list = []
-    modules = layout(tower).blocks(tower)
-    handles = [m.register_forward_hook(lambda mod, i, o: found.append(o[0] if isinstance(o, tuple) else o))
-               for m in modules]
+    lay = layout(tower)
+    handles = [m.register_forward_hook(lambda mod, i, o: found.append(lay.tokens(o, len(pixels))))
+               for m in lay.blocks(tower)]
     try:
         emb = torch.nn.functional.normalize(tower(pixels).float(), dim=-1)
     finally:
         for h in handles:
             h.remove()
-    return emb, [f if f.shape[0] == len(pixels) else f.transpose(0, 1) for f in found]  # batch first
+    return emb, found  # each (B, tokens, width)
 
 
 def _teacher(vlm: VLM, images: torch.Tensor, idx: torch.Tensor, domain: int, anchors: Anchors, blocks: bool):

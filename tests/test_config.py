@@ -12,6 +12,7 @@ import pytest
 from infusing_kit.config import load_config, run_config, setup_from_config
 from infusing_kit.export import export_world
 from infusing_kit.experiment import run_experiment
+from conftest import HANG
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
@@ -24,7 +25,7 @@ def exported(tmp_path_factory):
     return out
 
 
-def _cli(*args, timeout=900):
+def _cli(*args, timeout=HANG):
     return subprocess.run([sys.executable, "-m", "infusing_kit", *args], capture_output=True, text=True, env=ENV,
                           cwd=ROOT, timeout=timeout)
 
@@ -75,5 +76,5 @@ def test_the_cli_names_the_problem_and_exits_2(exported, tmp_path):
     path = exported / "configs" / "typo.toml"
     path.write_text((exported / "configs" / "toy-naive.toml").read_text().replace('schedule = "smoke"',
                                                                                   'schedule = "smoke"\ndistil = 3.0'))
-    res = _cli("experiment", "--config", str(path), "--out", str(tmp_path / "x"), timeout=120)
+    res = _cli("experiment", "--config", str(path), "--out", str(tmp_path / "x"))
     assert res.returncode == 2 and "distil" in res.stderr and not (tmp_path / "x").exists()

@@ -16,6 +16,7 @@ from infusing_kit import experiment, world
 from infusing_kit.metrics import image_text_recall
 from infusing_kit.models import embed_images, embed_texts
 from infusing_kit.pretrain import SMOKE_PRETRAIN, cache_path, load_pretrained_toy
+from conftest import HANG
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,13 +57,13 @@ def test_cli_smoke_experiment_writes_complete_metrics(smoke_reference):
     assert m["finetuned"]["image_text"]["i2t_r@1"] < m["pretrained"]["image_text"]["i2t_r@1"]
     assert len((out.parent / "results.jsonl").read_text().splitlines()) == 1
     cmd = [sys.executable, "-m", "infusing_kit", "experiment", "--preset", "toy-naive", "--smoke", "--out", str(out)]
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=HANG)
     assert again.returncode != 0 and "exists" in again.stderr, "an existing metrics.json must not be overwritten"
 
 
 def test_unknown_preset_is_a_clear_cli_error():
     res = subprocess.run([sys.executable, "-m", "infusing_kit", "experiment", "--preset", "nope", "--out", "x"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+                         capture_output=True, text=True, cwd=ROOT, timeout=HANG)
     assert res.returncode == 2 and "toy-naive" in res.stderr
 
 

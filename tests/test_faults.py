@@ -22,6 +22,7 @@ from infusing_kit.data import Split
 from infusing_kit.models import load_model, save_finetuned
 from infusing_kit.train import TrainConfig, train
 from test_train import _target, _validate, _vlm
+from conftest import HANG
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")}
@@ -30,7 +31,7 @@ CFG = TrainConfig(steps=12, batch_size=16, lr_backbone=1e-3, lr_head=1e-2, eval_
                   select="score", l2sp=10.0)
 
 
-def _python(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _python(code: str, timeout: int = HANG) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=ENV,
                           cwd=ROOT, timeout=timeout)
 
@@ -75,10 +76,10 @@ def test_cli_run_killed_before_or_after_its_first_checkpoint_resumes_to_the_same
                 break
             time.sleep(0.05)
         assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-        again = subprocess.run(cmd + [str(out)], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        again = subprocess.run(cmd + [str(out)], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=HANG)
         assert again.returncode == 2 and "--resume" in again.stderr, again.stderr[-1000:]
         done = subprocess.run(cmd + [str(out), "--resume"], env=ENV, cwd=ROOT, capture_output=True, text=True,
-                              timeout=900)
+                              timeout=HANG)
         assert done.returncode == 0, done.stderr[-2000:]
         m = json.loads((out / "metrics.json").read_text())
         assert m["finetuned"] == ref["finetuned"] and m["best_step"] == ref["best_step"], when
@@ -143,7 +144,7 @@ def test_a_search_killed_mid_trial_resumes_to_the_same_study(tmp_path):
     """
     (tmp_path / "drill.py").write_text(textwrap.dedent(script))
     run = lambda db, mode: subprocess.run([sys.executable, str(tmp_path / "drill.py"), str(tmp_path / db), mode],
-                                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+                                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=HANG)
     assert run("killed.db", "kill").returncode == -signal.SIGKILL
     assert run("killed.db", "resume").returncode == 0
     assert run("whole.db", "resume").returncode == 0
@@ -177,7 +178,7 @@ def test_unwritable_out_and_registry_are_refused_before_any_work(tmp_path):
     for args in (["--out", str(tmp_path / "file" / "run")],
                  ["--out", str(tmp_path / "ok"), "--registry", str(tmp_path / "file" / "r.jsonl")]):
         res = subprocess.run([sys.executable, "-m", "infusing_kit", "experiment", "--preset", "toy-naive", "--smoke",
-                              *args], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+                              *args], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=HANG)
         assert res.returncode == 2 and "not writable" in res.stderr, res.stderr[-1000:]
     assert time.time() - t0 < 120, "refused only after the setup work"
 
