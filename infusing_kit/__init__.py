@@ -3,7 +3,25 @@
 Reproduces "Infusing fine-grained visual knowledge to Vision-Language Models"
 (Ypsilantis, Chen, Araujo, Chum; ICCV 2025 Workshops, arXiv 2508.12137) with open_clip in PyTorch.
 
-Modules: world (built-in offline data), models (open_clip loading, preprocessing, embeddings),
-pretrain (the toy VLM), losses, train (the training loop), metrics (retrieval), experiment (presets).
+The modules, from the data to the comparison (each one's docstring says what it holds):
+
+  data       world        labelled image sets (memory, folders, CSV, split files); the built-in offline world
+  models     towers       open_clip loading and embeddings; one surface over ViT, ConvNeXt and ResNet towers
+  pretrain   teacher      the toy VLM (shipped weights); pre-extracted teacher embeddings
+  losses     terms        the classifier head; the regularizers as one table (TERMS) ...
+  inputs     regularizers ... what they compare against (INPUTS), and their formulas
+  lora                    LoRA factors on the image tower
+  train                   the one training loop
+  metrics    drift        retrieval metrics (brute-force tested); where the tower changed, block by block
+  posthoc                 weight-space merges after training (WiSE-FT, LiNeS, Model Stock, soups), one table
+  presets    experiment   the methods the kit compares (PRESETS); one experiment: model -> fine-tune -> evaluate
+  config     leakage      real runs from a TOML file; leakage checks before any work
+  search     study        Optuna searches on validation (SQLite or a shared database); the protocol on a study file
+  comparison results      the whole comparison, resumable; registries, paired intervals, tables
+  figures    explorer     figures shared by notebooks and reports; the widget explorer
+  export     distributed  the built-in world as files; data parallel runs under torchrun
+  checkpoints             files written so that nothing a user made is lost
+  notebook_runner         the chapters headless (papermill) and the course site
+  __main__                the command line (`python -m infusing_kit --help`)
 """
 __version__ = "0.1.0"

@@ -28,6 +28,7 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .metrics import FINE, GENERIC, MEAN
 from .results import AXES, COLOURS, deltas, summarise
 
 K_GALLERY = 5
@@ -227,13 +228,13 @@ class AblationExplorer:
             return {}
         field = self._field(trials)
         trials = sorted(trials, key=lambda t: t["params"][field])
-        select = "fine_map@20" if method.startswith("toy-naive") else "mean_map@20"
+        select = FINE if method.startswith("toy-naive") else MEAN
         chosen = max(trials, key=lambda t: t["val"].get(select, -1))
         value = chosen["params"][field] if value is None else value
         near = min(trials, key=lambda t: abs(np.log(t["params"][field] + 1e-12) - np.log(value + 1e-12)))
         return {"field": field, "x": [t["params"][field] for t in trials],
-                "fine": [t["val"].get("fine_map@20") for t in trials],
-                "generic": [t["val"].get("generic_map@20") for t in trials],
+                "fine": [t["val"].get(FINE) for t in trials],
+                "generic": [t["val"].get(GENERIC) for t in trials],
                 "highlight": near, "chosen": chosen}
 
     def draw_sweep(self) -> dict:
@@ -245,7 +246,7 @@ class AblationExplorer:
         ax.plot(s["x"], s["fine"], "o", ms=4, label="fine-grained val", color="#0072B2")
         ax.plot(s["x"], s["generic"], "s", ms=4, label="generic val", color="#D55E00")
         h, c, f = s["highlight"], s["chosen"], s["field"]
-        ax.scatter([h["params"][f]] * 2, [h["val"]["fine_map@20"], h["val"]["generic_map@20"]], s=160,
+        ax.scatter([h["params"][f]] * 2, [h["val"][FINE], h["val"][GENERIC]], s=160,
                    facecolors="none", edgecolors="black", lw=1.5, label=f"trial at slider ({h['params'][f]:.3g})")
         ax.axvline(c["params"][f], color="#009E73", ls="--", label=f"chosen ({c['params'][f]:.3g})")
         ax.set_xscale("log" if min(s["x"]) > 0 else "linear")

@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .metrics import FINE, GENERIC
 from .results import AXES, COLOURS
 
 
@@ -84,7 +85,7 @@ def sweep(trials: list[dict], field: str, ax=None, log: bool = True):
         _, ax = plt.subplots(figsize=(5.2, 3.4))
     x = [t["params"][field] for t in trials]
     method = trials[0]["method"] if trials else ""
-    for key, marker, label in (("fine_map@20", "o", "fine-grained val"), ("generic_map@20", "s", "generic val")):
+    for key, marker, label in ((FINE, "o", "fine-grained val"), (GENERIC, "s", "generic val")):
         ax.plot(x, [t["val"][key] for t in trials], marker=marker, ls="-" if key.startswith("fine") else "--",
                 color=_colour(method), label=label)
     if log:
@@ -102,11 +103,11 @@ def sweep(trials: list[dict], field: str, ax=None, log: bool = True):
 
 def curves(history: list[dict], label: str = "", axes=None):
     """Validation fine-grained and generic mAP@20 against target steps."""
-    rows = [h for h in history if "val/fine_map@20" in h]
+    rows = [h for h in history if f"val/{FINE}" in h]
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     steps = [h["target_step"] for h in rows]
-    for ax, key, title in zip(axes, ("val/fine_map@20", "val/generic_map@20"),
+    for ax, key, title in zip(axes, (f"val/{FINE}", f"val/{GENERIC}"),
                               ("fine-grained validation mAP@20", "generic validation mAP@20")):
         ax.plot(steps, [h[key] for h in rows], marker="o", label=label or None)
         ax.set_xlabel("target steps")

@@ -1,4 +1,4 @@
-"""Retrieval metrics, exactly as in the paper's evaluation (method.md section 6).
+"""Retrieval metrics, exactly as in the paper's evaluation (docs/method.md, section 5 "Metrics").
 
 Two layers, as in pytorch-metric-learning:
 1. `knn_search`: the only search call. Exact inner-product kNN over L2-normalised float32
@@ -18,6 +18,7 @@ own item gets no preference, so a model that maps every image to one point score
 
 Image-text: `image_text_recall` (several captions per image) and `zero_shot_accuracy`.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 
 Backend = Literal["auto", "faiss", "torch"]
+K = 20  # the k of every mAP@k, mMP@k the kit reports and selects on (the paper's mAP@20)
+FINE, GENERIC, MEAN = f"fine_map@{K}", f"generic_map@{K}", f"mean_map@{K}"  # validation keys (experiment.validation_fn)
 
 
 def _as_float32(x) -> np.ndarray | torch.Tensor:
@@ -197,7 +200,8 @@ def image_text_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10)) -> dict
 
     text_to_image[j] = the image that caption j describes. i2t: an image is a hit at K if any of its
     captions is among its K most similar captions; t2i: a caption is a hit if its image is among its
-    K most similar images. Ties count in the query's favour (rank = # strictly more similar)."""
+    K most similar images. Ties are ordered by index (`_ranks`: a stable sort), as for image-image retrieval: a
+    caption tied with a better-indexed other caption ranks after it."""
     img = torch.as_tensor(np.asarray(_np(_normalise(image_emb))))
     txt = torch.as_tensor(np.asarray(_np(_normalise(text_emb))))
     t2i = torch.as_tensor(_as_labels(text_to_image)).long()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from .metrics import FINE, MEAN
 from .terms import uses_text
 from .train import TrainConfig
 
@@ -45,8 +46,8 @@ class Preset:
 # The naive schedule: learning rates chosen on fine-grained validation by `compare` (stage 1) and the length at which
 # naive's validation curves flatten (stage 2). The SMOKE schedule keeps its own, hand-set rates: it only checks
 # that the pipeline runs and the direction of each phenomenon shows.
-NAIVE = TrainConfig(steps=300, batch_size=64, lr_backbone=1.22e-3, lr_head=2.34e-3, eval_every=25,
-                    select="fine_map@20", ckpt_every=100, augment="none")
+NAIVE = TrainConfig(steps=200, batch_size=64, lr_backbone=5.07e-4, lr_head=0.499, eval_every=25,
+                    select=FINE, ckpt_every=100, augment="none")
 SMOKE_NAIVE = replace(NAIVE, steps=150, batch_size=64, lr_backbone=5e-4, lr_head=1e-2, eval_every=25, ckpt_every=50)
 LR_SPACE = (("lr_backbone", 1e-5, 1e-2, True),)
 
@@ -56,7 +57,7 @@ def _method(description: str, family: str, search: tuple = (), smoke: dict | Non
     and generic validation mAP@20 (docs/method.md, "Protocol"). `smoke`: changes for the SMOKE schedule only.
     Keywords of Preset (post_hoc, ablation_of, ablation, ingredients) pass through."""
     own = {k: changes.pop(k) for k in ("post_hoc", "ablation_of", "ablation", "ingredients") if k in changes}
-    changes = {"select": "mean_map@20", **changes}
+    changes = {"select": MEAN, **changes}
     return Preset(description, replace(NAIVE, **changes), replace(SMOKE_NAIVE, **{**changes, **(smoke or {})}),
                   search, family=family, **own)
 
@@ -72,15 +73,15 @@ PRESETS: dict[str, Preset] = {
     # --- the paper's combination and its ablations
     "toy-paper": _method("the paper's combination: L2-SP (per-tensor mean) + embedding distillation on generic "
                          "batches, round robin, NormFace classifier on target batches", "function space",
-                         l2sp=0.177, distill=70.1, sampler="round_robin", smoke=dict(l2sp=20.5, distill=18.2),
+                         l2sp=174.0, distill=22.6, sampler="round_robin", smoke=dict(l2sp=20.5, distill=18.2),
                          search=(("l2sp", 0.1, 1e4, True), ("distill", 0.1, 1e3, True))),
     "toy-paper-no-l2sp": _method("ablation: the combination's chosen distillation without its L2-SP (l2sp = 0)",
-                                 "function space", distill=70.1, sampler="round_robin", smoke=dict(distill=18.2),
+                                 "function space", distill=22.6, sampler="round_robin", smoke=dict(distill=18.2),
                                  ablation_of="toy-paper", ablation={"l2sp": 0.0}),
     "toy-paper-select-fine": _method("ablation: the combination with its checkpoint kept on fine-grained validation "
-                                     "only (the official code's in-domain switch)", "function space", l2sp=0.177,
-                                     distill=70.1, sampler="round_robin", smoke=dict(l2sp=20.5, distill=18.2),
-                                     ablation_of="toy-paper", ablation={"select": "fine_map@20"}),
+                                     "only (the official code's in-domain switch)", "function space", l2sp=174.0,
+                                     distill=22.6, sampler="round_robin", smoke=dict(l2sp=20.5, distill=18.2),
+                                     ablation_of="toy-paper", ablation={"select": FINE}),
     # --- weight space
     "toy-l2sp": _method("L2-SP to the pretrained weights, per-tensor mean (the paper's form)", "weight space",
                         l2sp=0.120, smoke=dict(l2sp=258.0), search=(("l2sp", 0.1, 1e5, True),)),
@@ -107,7 +108,7 @@ PRESETS: dict[str, Preset] = {
                               search=(("average_every", 1, 150, False),)),
     # --- function space (generic batches)
     "toy-distill": _method("embedding distillation (MSE) to the pretrained model on generic batches, round robin",
-                           "function space", distill=157.0, sampler="round_robin", smoke=dict(distill=19.1),
+                           "function space", distill=38.6, sampler="round_robin", smoke=dict(distill=19.1),
                            search=(("distill", 0.1, 1e3, True),)),
     "toy-distill-lr": _method("ablation: embedding distillation with its backbone learning rate searched too",
                               "function space", distill=157.0, sampler="round_robin", smoke=dict(distill=19.1),
@@ -147,19 +148,26 @@ PRESETS: dict[str, Preset] = {
                         search=(("lr_backbone", 1e-4, 1e-1, True),)),
     # --- post hoc (on naive's runs: no training of their own in a comparison)
     "toy-wise-ft": _method("WiSE-FT: naive fine-tuning, then weights interpolated towards the pretrained ones "
-                           "(alpha chosen on validation)", "post hoc", post_hoc="wise_ft", select="fine_map@20"),
+                           "(alpha chosen on validation)", "post hoc", post_hoc="wise_ft", select=FINE),
     "toy-lines": _method("LiNeS: naive's fine-tuning residual scaled by depth (alpha, beta chosen on validation)",
-                         "post hoc", post_hoc="lines", select="fine_map@20"),
+                         "post hoc", post_hoc="lines", select=FINE),
     "toy-model-stock": _method("Model Stock: two fine-tuning seeds of naive merged towards the pretrained weights, "
                                "per tensor, or their plain average (chosen on validation)", "post hoc",
-                               post_hoc="model_stock", ingredients="seeds", select="fine_map@20"),
+                               post_hoc="model_stock", ingredients="seeds", select=FINE),
     "toy-soup-uniform": _method("uniform soup: the mean of naive runs with the search's best learning rates "
                                 "(Wortsman et al. 2022)", "post hoc", post_hoc="soup_uniform", ingredients="lrs",
-                                select="fine_map@20"),
+                                select=FINE),
     "toy-soup-greedy": _method("greedy soup: naive runs with the search's best learning rates added while "
                                "validation improves", "post hoc", post_hoc="soup_greedy", ingredients="lrs",
-                               select="fine_map@20"),
+                               select=FINE),
 }
+# The presets whose strengths the near world's comparison has not chosen yet (it runs for hours, resumable, and its
+# finished stages are committed as results/toy-chosen-cpu-v3-partial.json). Their values are the far world's choices
+# (results/toy-chosen-cpu-v2.json) on the near world's schedule: a starting point for a search, not a validated
+# choice. Tests check that every other searched preset holds the committed choice.
+CHOSEN_FILE = "toy-chosen-cpu-v3-partial.json"
+PENDING = frozenset(name for name, p in PRESETS.items()
+                    if p.search and name not in ("toy-naive", "toy-paper", "toy-distill"))
 NOT_IN_THE_TABLE = {  # methods a reviewer expects that have no row, and why
     "FLYP": "contrastive fine-tuning against class-name prompts needs class names; the built-in fine-grained classes "
             "have none (their captions name the shape and colour family shared by 8 classes). `lipsum` and `lwf` are "

@@ -230,3 +230,37 @@ def test_post_hoc_choice_is_the_validation_maximum_and_the_tower_is_left_there(m
     assert chosen["generic_map@20"] == max(r["generic_map@20"] for r in curve)
     again = validation_fn(world)(vlm)
     assert again["generic_map@20"] == pytest.approx(chosen["generic_map@20"])
+
+
+# ---------------------------------------------------------------------------- a new term, in the documented places
+def test_a_new_term_added_in_the_documented_places_trains_and_moves_the_weights(monkeypatch):
+    # README "Extending the kit": a pure function, a TrainConfig field, one TERMS row; train() does not change
+    import dataclasses
+
+    from infusing_kit import terms, train as T
+
+    def mean_gap(student, teacher):
+        """1/B sum_b ||s_b - t_b||_1: a toy loss, pulling the student's generic embeddings to the teacher's."""
+        return (student - teacher).abs().sum(1).mean()
+
+    MyConfig = dataclasses.make_dataclass("MyConfig", [("gap", float, 0.0)], bases=(TrainConfig,), frozen=True)
+    row = terms.Term("gap", "generic", needs=("teacher",), loss=lambda b: mean_gap(b.student, b.teacher))
+    monkeypatch.setattr(terms, "TERMS", terms.TERMS + (row,))
+    monkeypatch.setattr(terms, "TERMS_BY_NAME", {**terms.TERMS_BY_NAME, "gap": row})
+    monkeypatch.setattr(T, "TERMS", terms.TERMS)
+    monkeypatch.setattr(T, "TERMS_BY_NAME", terms.TERMS_BY_NAME)
+    target, generic = _data(), _data(n_classes=5, seed=9)
+    base = dict(dataclasses.asdict(CFG), sampler="round_robin")
+    with pytest.raises(ValueError, match="no loss term applies"):
+        MyConfig(**base)  # gap = 0 switches the term off, so round robin has nothing to do on generic batches
+    finals = {}
+    for gap in (1.0, 100.0):
+        vlm = _vlm()
+        cfg = MyConfig(**base, gap=gap)
+        assert cfg.generic_terms() == ["gap"] and terms.needed_inputs(cfg) == {"teacher"}
+        _, res = train(vlm, target, cfg, generic=generic, validate=_score, progress=False,
+                       teacher=extract_teacher(_vlm(), generic, progress=False))
+        logged = [h for h in res.history if h.get("domain") == "generic" and "gap" in h]
+        assert logged and all(np.isfinite(h["gap"]) for h in logged), res.history[:3]
+        finals[gap] = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
+    assert any(not torch.equal(finals[1.0][k], finals[100.0][k]) for k in finals[1.0])
