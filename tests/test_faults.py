@@ -130,7 +130,7 @@ def test_a_search_killed_mid_trial_resumes_to_the_same_study(tmp_path):
         import os, signal, math, sys
         from infusing_kit import search as S
         calls = []
-        def run(preset, out, smoke, seed, device, progress, overrides, test=True, hooks=()):
+        def run(preset, out, smoke, seed, device, progress, overrides, test=True, hooks=(), keep_weights=True):
             calls.append(1)
             if KILL and len(calls) == {k} + 1:
                 os.kill(os.getpid(), signal.SIGKILL)
