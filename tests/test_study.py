@@ -63,8 +63,8 @@ def test_the_exported_study_reproduces_the_built_in_comparison_exactly(exported,
     (('methods = [', 'methods = ["toy-lora", '), "no \\[study.method.toy-lora\\] table"),
     (('constraint = 0.95', 'constraint = 1.5'), "constraint = 1.5 .* must be a fraction"),
     (('final_seeds = [0]', 'final_seeds = ["0"]'), "final_seeds"),
-    (('schedule = "smoke"\n\n[study.method.toy-l2sp]', 'schedule = "smoke"\nl2_sp = 3.0\n\n[study.method.toy-l2sp]'),
-     r"unknown key\(s\) \['l2_sp'\]"),
+    (('[study.method.toy-l2sp]\npreset = "toy-l2sp"\nschedule = "smoke"',
+      '[study.method.toy-l2sp]\npreset = "toy-l2sp"\nschedule = "smoke"\nl2_sp = 3.0'), r"unknown key\(s\) \['l2_sp'\]"),
     (('[study.method.toy-l2sp]\npreset = "toy-l2sp"', '[study.method.toy-l2sp]\npreset = "toy-l2sp"\n'
       'search = [{field = "l2sp", low = 10.0, high = 1.0}]'), "need low < high"),
 ])
