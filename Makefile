@@ -42,8 +42,10 @@ lab: $(STAMP)
 # The ablation explorer (chapter 11) as a page: Voila on 127.0.0.1:$(PORT), no code shown, nothing fetched from
 # the internet (share/jupyter/voila/templates/offline: Voila's lab template without its CDN stylesheets).
 PORT ?= 8866
+# COMPARISON=DIR: a `compare --out` folder (or a registry file) instead of the committed comparison.
 explorer: $(STAMP)
-	cd notebooks && JUPYTER_PATH=$(CURDIR)/share/jupyter ../$(VENV)/bin/voila explorer_page.ipynb \
+	cd notebooks && $(if $(COMPARISON),EXPLORER_COMPARISON=$(abspath $(COMPARISON))) \
+		JUPYTER_PATH=$(CURDIR)/share/jupyter ../$(VENV)/bin/voila explorer_page.ipynb \
 		--port=$(PORT) --Voila.ip=127.0.0.1 --no-browser --template=offline
 
 bench: $(STAMP)

@@ -42,7 +42,7 @@ def make_jpegs(root: Path, n: int, classes: int = 32, size=(375, 500), seed: int
 
 
 def loader_rate(split, batch: int, steps: int, workers: int | None) -> float:
-    from infusing_kit.data import batches
+    from infusing_kit.sampling import batches
     n, t0 = 0, None
     for i, (_, _, _, images) in enumerate(batches((split, None), "target_only", 0, batch, steps + 2, workers=workers)):
         if i == 2:
@@ -91,18 +91,18 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--workers", type=int, default=None, help="loader workers (default: data.default_workers())")
+    ap.add_argument("--workers", type=int, default=None, help="loader workers (default: sampling.default_workers())")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--method", default="naive", choices=sorted(METHODS),
                     help="full: L2-SP + distillation to pre-extracted teacher embeddings, round robin")
     ap.add_argument("--rss", action="store_true", help="also peak RSS of 1k vs 10k images")
     args = ap.parse_args()
-    from infusing_kit import data
+    from infusing_kit import data, sampling
     from infusing_kit.models import load_model
     name, _, px = args.model.partition("@")
     torch.manual_seed(0)
     vlm = load_model(name, None, device=args.device, image_size=int(px) if px else None)
-    workers = data.default_workers() if args.workers is None else args.workers
+    workers = sampling.default_workers() if args.workers is None else args.workers
     print(f"model {args.model} on {args.device}, batch {args.batch}, {os.cpu_count()} cores, {workers} loader workers, "
           f"torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:

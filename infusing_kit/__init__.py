@@ -5,22 +5,26 @@ Reproduces "Infusing fine-grained visual knowledge to Vision-Language Models"
 
 The modules, from the data to the comparison (each one's docstring says what it holds):
 
-  data       world        labelled image sets (memory, folders, CSV, split files); the built-in offline world
+  data       sampling     labelled image sets (memory, folders, CSV, split files); the batches of each step
+  world      vocab        the built-in offline world; its vocabulary, captions and tokenizer
   models     towers       open_clip loading and embeddings; one surface over ViT, ConvNeXt and ResNet towers
   pretrain   teacher      the toy VLM (shipped weights); pre-extracted teacher embeddings
   losses     terms        the classifier head; the regularizers as one table (TERMS) ...
   inputs     regularizers ... what they compare against (INPUTS), and their formulas
   lora                    LoRA factors on the image tower
+  trainconfig run_state   a run's settings (checked when made); its counters, kept checkpoint and files
   train                   the one training loop
   metrics    drift        retrieval metrics (brute-force tested); where the tower changed, block by block
-  posthoc                 weight-space merges after training (WiSE-FT, LiNeS, Model Stock, soups), one table
+  posthoc    merges       post-hoc methods as one table; their weight-space merges (WiSE-FT, LiNeS, Model Stock, soups)
   presets    experiment   the methods the kit compares (PRESETS); one experiment: model -> fine-tune -> evaluate
   config     leakage      real runs from a TOML file; leakage checks before any work
-  search     study        Optuna searches on validation (SQLite or a shared database); the protocol on a study file
+  records                 the paper's released records (ArrayRecord, TFRecord), read without TensorFlow
+  search     study        Optuna searches on validation; the protocol on a study file
+  spaces     storage      search ranges, extensions, transitions, the constraint rule; SQLite or a shared database
   comparison results      the whole comparison, resumable; registries, paired intervals, tables
   figures    explorer     figures shared by notebooks and reports; the widget explorer
   export     distributed  the built-in world as files; data parallel runs under torchrun
-  checkpoints             files written so that nothing a user made is lost
+  checkpoints identity    files written so that nothing a user made is lost; what a run is (weights, threads, code)
   notebook_runner         the chapters headless (papermill) and the course site
   __main__                the command line (`python -m infusing_kit --help`)
 """

@@ -70,10 +70,16 @@ def experiment_cmd(args) -> int:
     return 0
 
 
-def _experiment_args(p):
+def _preset_or_config(p, preset: str, config: str) -> None:
+    """--preset (the built-in world) or --config (a file), exactly one."""
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--preset", help="a preset on the built-in world (see `presets`)")
-    what.add_argument("--config", help="a TOML experiment file: your model and data (README, 'Your own model and data')")
+    what.add_argument("--preset", help=preset)
+    what.add_argument("--config", help=config)
+
+
+def _experiment_args(p):
+    _preset_or_config(p, "a preset on the built-in world (see `presets`)",
+                      "a TOML experiment file: your model and data (README, 'Your own model and data')")
     p.add_argument("--out", required=True, help="output folder; must not already hold a metrics.json")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--smoke", action="store_true", help="a small world and a short schedule (the same model)")
@@ -142,9 +148,7 @@ def search_cmd(args) -> int:
 
 
 def _search_args(p):
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--preset", help="a preset of the built-in world")
-    what.add_argument("--config", help="a study file; with --method")
+    _preset_or_config(p, "a preset of the built-in world", "a study file; with --method")
     p.add_argument("--method", help="the study file's method to search")
     p.add_argument("--trials", type=int, default=None,
                    help="finished trials before the edge check (default 12 per searched field; at least 8 per field)")

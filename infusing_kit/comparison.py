@@ -22,7 +22,7 @@ metrics.json, choices in OUT/chosen.json), so the same command resumes:
    search's next-best learning rates;
 5. **report**: OUT/results.jsonl (registry), OUT/trials.jsonl (trials, validation only), OUT/chosen.json, the table.
 Every run records the fingerprint of its starting weights, its thread count, device and torch version; a run that
-differs from the comparison's first is refused (`experiment.check_identity`). With jobs > 1 that many runs go at
+differs from the comparison's first is refused (`identity.check_identity`). With jobs > 1 that many runs go at
 once (each on cpu_count // jobs threads).
 """
 from __future__ import annotations
@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoints import FolderBusyError, atomic_write_text
-from .experiment import K, check_identity, run_experiment
+from .experiment import K, run_experiment
+from .identity import check_identity
 from .study import Protocol, Runner, Study
 
 _P = Protocol()
@@ -280,7 +281,8 @@ def _stages(c: Comparison, stop_after: int | None) -> dict:
     if not str(c.storage).count("://") or str(c.storage).startswith("sqlite"):
         atomic_write_text("".join(json.dumps(r) + "\n" for r in trial_rows(c.storage)), c.out / "trials.jsonl")
     from .results import label
-    rows = [r for r in load_results(c.registry, smoke=c.smoke) if r["seed"] in pr.final_seeds and label(r) == r["method"]]
+    # (the comparison's own registry: a study file's rows carry its data's smoke flag, not the runner's)
+    rows = [r for r in load_results(c.registry) if r["seed"] in pr.final_seeds and label(r) == r["method"]]
     log("[5/5] " + markdown_table(summarise(rows, baseline=base_name)))
     return c.chosen
 
@@ -329,8 +331,8 @@ def _finals(c: Comparison, methods: list[str], final_seeds: list[int], heldout_s
 def _next_best_lrs(storage, study_name: str, n: int) -> list[dict]:
     """The learning-rate pairs of the baseline's search trials ranked 2..n+1 by their score (soup ingredients)."""
     import optuna
-    from .search import _storage
-    study = optuna.load_study(study_name=study_name, storage=_storage(storage))
+    from .storage import open_storage
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
     done = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: -t.value)
     return [{k: t.params[k] for k in ("lr_backbone", "lr_head") if k in t.params} for t in done[1:n + 1]]
 

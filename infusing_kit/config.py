@@ -57,9 +57,11 @@ METHOD = {"preset": _STR, "schedule": (str, lambda v: v in ("full", "smoke"), "'
 @dataclass(frozen=True)
 class Format:
     """A dataset format of a config's data part: the keys it takes besides format/path/root (with their types) and
-    its reader: read(part, size) -> data.FileSplit."""
+    its reader: read(part, size) -> a split (data.FileSplit, records.RecordSplit); `files`: its keys that name files
+    (resolved and checked like path)."""
     keys: dict
     read: Callable
+    files: tuple = ()
 
 
 def _skip(part):
@@ -86,6 +88,29 @@ FORMATS = {
                                                                              p.get("root") or Path(p["path"]).parent,
                                                                              p.get("split", "test"))),
 }
+def _records(kind: str):
+    """A records format: path = one file or a folder of them; keys = a JSON list of the record keys to take (or
+    of {"key": ...} objects), in that order; label / image / key: the feature names."""
+    def read(part, size):
+        import json
+
+        from .records import record_split
+        p = Path(part["path"])
+        files = sorted(str(f) for f in p.iterdir() if f.is_file() and not f.name.startswith(".")) if p.is_dir() \
+            else [str(p)]
+        keys = None
+        if "keys" in part:
+            listed = json.loads(Path(part["keys"]).read_text())
+            if not isinstance(listed, list):
+                raise ValueError(f"{part['keys']}: keys must be a JSON list of record keys (or of {{\"key\": ...}})")
+            keys = [k["key"] if isinstance(k, dict) else k for k in listed]
+        return record_split(files, size, kind, part.get("label", "class_id"), part.get("key", "key"),
+                            part.get("image", "image_bytes"), keys)
+    return Format({"keys": _STR, "label": _STR, "image": _STR, "key": _STR}, read, files=("keys",))
+
+
+FORMATS["array_record"] = _records("array_record")  # the paper's release (ArrayRecord shards of tf.train.Example)
+FORMATS["tfrecord"] = _records("tfrecord")          # the same records in TFRecord files
 PARTS = {"target": ("train", "val", "test"), "generic": ("train", "val", "test"), "text": ("test",)}
 
 
@@ -266,6 +291,9 @@ def _part(part, root: Path, where: str) -> dict:
     check_table(part, {**PART, **FORMATS[fmt].keys}, where)
     out = dict(part)
     out["path"] = str(_exists(root / part["path"], where))
+    for key in FORMATS[fmt].files:
+        if key in part:
+            out[key] = str(_exists(root / part[key], f"{where} {key}"))
     if "root" in part:
         out["root"] = str(_exists(root / part["root"], f"{where} root"))
     return out

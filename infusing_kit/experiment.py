@@ -31,11 +31,12 @@ import torch
 from . import distributed
 from . import world as W
 from .checkpoints import FolderLock, atomic_write_text, check_writable
+from .identity import check_identity, code_version, run_identity
 from .metrics import K, image_text_recall, retrieval_metrics
 from .models import VLM, embed_images, embed_texts, save_finetuned
-from .pretrain import FAR_PRETRAIN, PretrainConfig, fingerprint, load_pretrained_toy
+from .pretrain import FAR_PRETRAIN, PretrainConfig, load_pretrained_toy
 from .inputs import prepare_inputs
-from .presets import NAIVE, PRESETS, SMOKE_NAIVE, SMOKE_WORLD, Preset
+from .presets import NAIVE, PRESETS, SMOKE_NAIVE, SMOKE_WORLD, Preset, ingredient_overrides
 from .train import TrainConfig, train
 
 
@@ -185,43 +186,6 @@ def check_overrides(overrides: dict | None) -> dict:
     return overrides
 
 
-IDENTITY = ("weights", "threads", "torch", "device_kind")
-
-
-def check_identity(expected: dict | None, metrics: dict, what: str) -> dict:
-    """The identity (`run_identity`) of a finished run, refused when it differs from `expected` (None: the first)."""
-    mine = {k: metrics.get(k) for k in IDENTITY}
-    if expected is not None and mine != expected:
-        diff = {k: (expected.get(k), mine[k]) for k in IDENTITY if expected.get(k) != mine[k]}
-        raise ValueError(f"{what} was made with other starting weights, threads, torch or device than the rest of the "
-                         f"comparison ({diff}; expected, found): its numbers would not be comparable. Run it again "
-                         "under the same conditions (e.g. the same --jobs, which sets the threads per run), or start a "
-                         "new comparison folder.")
-    return mine
-
-
-def run_identity(vlm: VLM, device: str) -> dict:
-    """What changes a run's bits besides its config and data: the weights it starts from (their fingerprint), the
-    CPU threads of its process (float sums are ordered differently with 1 and 2 threads), the device and the
-    torch version. Recorded in metrics.json and registry rows; a comparison refuses to mix them."""
-    return {"weights": fingerprint(vlm), "threads": torch.get_num_threads(), "torch": str(torch.__version__),
-            "device_kind": torch.device(device).type}
-
-
-def code_version() -> str | None:
-    """The git commit of the kit's code (with '+changes' when its files differ from it), or None outside git."""
-    import subprocess
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "infusing_kit"], cwd=root, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (sha + ("+changes" if dirty else "")) or None
-
-
 # ---------------------------------------------------------------------------- running
 def run_setup(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: bool = True, test: bool = True,
               registry: str | Path | None = None, hooks: tuple = (), resume: bool = False,
@@ -334,18 +298,6 @@ def _reused(run_dir: Path, cfg: TrainConfig, identity: dict, vlm: VLM):
     log = run_dir / "run" / "log.jsonl"
     history = [json.loads(l) for l in log.read_text().splitlines()] if log.exists() else []
     return TrainResult(m["best_step"], None, history, m.get("train_seconds", 0.0), run_dir, m["updates"], m["warnings"])
-
-
-def ingredient_overrides(preset: str, cfg: TrainConfig, lrs: list[dict] | None = None) -> list[dict]:
-    """The other runs a merging preset needs besides its own (their TrainConfig overrides). "seeds": one more
-    fine-tuning seed (seed + 1000). "lrs": naive with other learning rates (`lrs`, e.g. the search's next best;
-    by default half and twice the backbone rate)."""
-    kind = PRESETS[preset].ingredients
-    if kind == "seeds":
-        return [{"seed": cfg.seed + 1000}]
-    if kind == "lrs":
-        return lrs if lrs is not None else [{"lr_backbone": cfg.lr_backbone * f} for f in (0.5, 2.0)]
-    return []
 
 
 def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",

@@ -1,7 +1,7 @@
 """The ablation explorer: every run of a results registry and every trial of its searches, with widgets.
 
   AblationExplorer(rows, trials=None, galleries=None).widget       # in a notebook (chapter 11)
-  make explorer                                                     # the same page served by Voila
+  make explorer [COMPARISON=DIR]                                    # the same page served by Voila
 
 What a user can do:
 - choose methods, seeds and the two axes of the trade-off plot (each run a small point, each method's mean a
@@ -13,8 +13,9 @@ What a user can do:
   trial at the slider highlighted and the chosen value marked;
 - the paper's Figure-1 bars for the selected methods.
 
-Every callback is a small method that returns what it drew (tests call them directly, and a browser test drives
-the page). Nothing here trains; test metrics come from the registry, validation scores from the trials.
+The data functions (`trade_off_points`, `run_table`, `search_sweep`, `gallery_of`) take rows and a selection and
+return data; `AblationExplorer` wires them to widgets and to `figures`. Every callback is a small method that returns
+what it drew (tests call them directly, and a browser test drives the page). Nothing here trains; test metrics come from the registry, validation scores from the trials.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
 
+from . import figures
 from .metrics import FINE, GENERIC, MEAN
-from .results import AXES, COLOURS, deltas, summarise
+from .results import AXES, deltas, summarise
 
 K_GALLERY = 5
 
@@ -98,16 +100,10 @@ class AblationExplorer:
 
     # ------------------------------------------------------------------------ the trade-off plot
     def selected_rows(self) -> list[dict]:
-        return [r for r in self.rows if r["method"] in self.methods.value and r["seed"] in self.seeds.value]
+        return select_rows(self.rows, self.methods.value, self.seeds.value)
 
     def points(self) -> dict[str, np.ndarray]:
-        """method -> (n_runs, 2) array of (x, y) deltas for the selected methods, seeds and axes."""
-        pts = {}
-        for m in self.methods.value:
-            d = [deltas(r) for r in self.selected_rows() if r["method"] == m]
-            if d:
-                pts[m] = np.array([[x[self.x.value], x[self.y.value]] for x in d])
-        return pts
+        return trade_off_points(self.rows, self.methods.value, self.seeds.value, self.x.value, self.y.value)
 
     def draw(self) -> dict[str, np.ndarray]:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -118,16 +114,7 @@ class AblationExplorer:
     def scatter(self, ax) -> dict[str, np.ndarray]:
         """The trade-off scatter of the selection on `ax` (one dot per run, a large dot per method's mean)."""
         pts = self.points()
-        for m, p in pts.items():
-            c = COLOURS.get(m, "#444444")
-            ax.scatter(100 * p[:, 0], 100 * p[:, 1], s=14, alpha=0.45, color=c)
-            ax.scatter(100 * p[:, 0].mean(), 100 * p[:, 1].mean(), s=80, color=c, edgecolor="black",
-                       label=f"{m.removeprefix('toy-')} ({len(p)})")
-        ax.set_xlabel(f"change in {AXES[self.x.value][2]} (points)")
-        ax.set_ylabel(f"change in {AXES[self.y.value][2]} (points)")
-        ax.axhline(0, color="black", lw=0.5, ls=":"), ax.axvline(0, color="black", lw=0.5, ls=":")
-        if pts:
-            ax.legend(fontsize=7, frameon=False, loc="best")
+        figures.run_points(pts, self.x.value, self.y.value, ax)
         return pts
 
     def _refresh_runs(self) -> None:
@@ -144,22 +131,7 @@ class AblationExplorer:
         return [(f"{r['method']} · seed {r['seed']}", self.rows.index(r)) for r in rows] or [("(no run)", -1)]
 
     def run_table(self, i: int) -> str:
-        """HTML table of one run's test metrics: pretrained, fine-tuned, change."""
-        r = self.rows[i]
-        lines = ["<table style='border-collapse:collapse;font-size:12px'><tr><th align=left>metric</th>"
-                 "<th>pretrained</th><th>fine-tuned</th><th>change</th></tr>"]
-        for group in ("in_domain", "generic_image", "image_text"):
-            for k, after in r["finetuned"][group].items():
-                if k == "skipped":
-                    continue
-                before = r["pretrained"][group][k]
-                lines.append(f"<tr><td>{group}/{html.escape(k)}</td><td align=right>{before:.3f}</td>"
-                             f"<td align=right>{after:.3f}</td><td align=right>{after - before:+.3f}</td></tr>")
-        upd = r.get("updates") or {}
-        lines.append("</table><p style='font-size:12px'>" + html.escape(
-            f"{r['method']}, seed {r['seed']}; kept step {r.get('best_step')}; batches target/generic "
-            f"{upd.get('target', '?')}/{upd.get('generic', '?')}") + "</p>")
-        return "".join(lines)
+        return run_table(self.rows[i])
 
     def show_run(self) -> str:
         i = self.run.value
@@ -169,16 +141,7 @@ class AblationExplorer:
         return text
 
     def gallery_data(self, i: int, n_queries: int = 6) -> dict | None:
-        """Neighbours of a few fine-grained test queries before and after fine-tuning, for run i: from a committed
-        gallery, or computed from the run's model.pt (runs made here). None when neither exists."""
-        r = self.rows[i]
-        key = f"{r['method']}|{r['seed']}"
-        if key in self.galleries:
-            return self.galleries[key]
-        run_dir = Path(r.get("run_dir") or "")
-        if r.get("run_dir") and (run_dir / "model.pt").exists() and (run_dir / "metrics.json").exists():
-            return gallery_from_run(run_dir, n_queries)
-        return None
+        return gallery_of(self.rows[i], self.galleries, n_queries)
 
     def show_gallery(self) -> dict | None:
         i = self.run.value
@@ -190,7 +153,7 @@ class AblationExplorer:
             self.query.max = len(g["queries"]) - 1
             q = min(self.query.value, self.query.max)
             images = self._world_images(g["world"])
-            _show_figure(self.gallery_out, _gallery_figure(images, g, q))
+            _show_figure(self.gallery_out, gallery_figure(images, g, q))
         return g
 
     def _world_images(self, world_cfg: dict):
@@ -202,40 +165,18 @@ class AblationExplorer:
 
     # ------------------------------------------------------------------------ a search
     def _reset_strength(self) -> None:
-        trials = self._trials_of(self.sweep_method.value)
+        trials = trials_of(self.trials, self.sweep_method.value)
         if not trials:
             self.strength.options = [0.0]
             return
-        field = self._field(trials)
+        field = searched_field(trials)
         values = sorted({t["params"][field] for t in trials})
         self.strength.options = [(f"{v:.3g}", v) for v in values]
         self.strength.value = values[len(values) // 2]
         self.draw_sweep()
 
-    def _trials_of(self, method: str) -> list[dict]:
-        return [t for t in self.trials if t["method"] == method and t["params"]]
-
-    @staticmethod
-    def _field(trials: list[dict]) -> str:
-        names = list(trials[0]["params"])
-        return next((f for f in names if f != "lr_backbone"), names[0])
-
     def sweep(self, method: str, value: float | None = None) -> dict:
-        """The trials of `method`'s search sorted by its first searched strength: x, validation scores, the trial
-        nearest to `value` (highlighted) and the chosen (best on the selection key) trial."""
-        trials = self._trials_of(method)
-        if not trials:
-            return {}
-        field = self._field(trials)
-        trials = sorted(trials, key=lambda t: t["params"][field])
-        select = FINE if method.startswith("toy-naive") else MEAN
-        chosen = max(trials, key=lambda t: t["val"].get(select, -1))
-        value = chosen["params"][field] if value is None else value
-        near = min(trials, key=lambda t: abs(np.log(t["params"][field] + 1e-12) - np.log(value + 1e-12)))
-        return {"field": field, "x": [t["params"][field] for t in trials],
-                "fine": [t["val"].get(FINE) for t in trials],
-                "generic": [t["val"].get(GENERIC) for t in trials],
-                "highlight": near, "chosen": chosen}
+        return search_sweep(self.trials, method, value)
 
     def draw_sweep(self) -> dict:
         s = self.sweep(self.sweep_method.value, self.strength.value)
@@ -243,36 +184,110 @@ class AblationExplorer:
             _show_text(self.sweep_out, "no search trials loaded")
             return s
         fig, ax = plt.subplots(figsize=(6.4, 3.4))
-        ax.plot(s["x"], s["fine"], "o", ms=4, label="fine-grained val", color="#0072B2")
-        ax.plot(s["x"], s["generic"], "s", ms=4, label="generic val", color="#D55E00")
-        h, c, f = s["highlight"], s["chosen"], s["field"]
-        ax.scatter([h["params"][f]] * 2, [h["val"][FINE], h["val"][GENERIC]], s=160,
-                   facecolors="none", edgecolors="black", lw=1.5, label=f"trial at slider ({h['params'][f]:.3g})")
-        ax.axvline(c["params"][f], color="#009E73", ls="--", label=f"chosen ({c['params'][f]:.3g})")
-        ax.set_xscale("log" if min(s["x"]) > 0 else "linear")
-        ax.set_xlabel(f"{f} (searched)"), ax.set_ylabel("validation mAP@20"), ax.set_ylim(0, 1.02)
-        ax.set_title(f"{self.sweep_method.value}: {len(s['x'])} trials", fontsize=10)
-        ax.legend(fontsize=7, frameon=False)
+        figures.sweep(s["trials"], s["field"], ax=ax, log=min(s["x"]) > 0, highlight=s["highlight"],
+                      chosen=s["chosen"])
         _show_figure(self.sweep_out, fig)
         return s
 
     # ------------------------------------------------------------------------ Figure 1
     def draw_figure1(self) -> list[dict]:
-        from .figures import figure1
         summary = summarise(self.selected_rows())
         if summary:
-            fig = figure1(summary, methods=tuple(s["method"] for s in summary))
+            fig = figures.figure1(summary, methods=tuple(s["method"] for s in summary))
             _show_figure(self.fig1_out, fig)
         else:
             _show_text(self.fig1_out, "no run selected")
         return summary
 
 
-def run_model(run_dir: str | Path):
-    """The kept model of a toy-world run folder (metrics.json + model.pt), old model.pt files included
-    (`experiment.load_run`)."""
-    from .experiment import load_run
-    return load_run(run_dir)[1]
+# ---------------------------------------------------------------------------- data functions (no widgets)
+def select_rows(rows: list[dict], methods, seeds) -> list[dict]:
+    return [r for r in rows if r["method"] in methods and r["seed"] in seeds]
+
+
+def trade_off_points(rows: list[dict], methods, seeds, x: str, y: str) -> dict[str, np.ndarray]:
+    """method -> (n_runs, 2) array of (x, y) deltas (results.AXES keys) for the selected methods and seeds."""
+    pts = {}
+    for m in methods:
+        d = [deltas(r) for r in select_rows(rows, methods, seeds) if r["method"] == m]
+        if d:
+            pts[m] = np.array([[v[x], v[y]] for v in d])
+    return pts
+
+
+def run_table(r: dict) -> str:
+    """HTML table of one run's test metrics: pretrained, fine-tuned, change."""
+    lines = ["<table style='border-collapse:collapse;font-size:12px'><tr><th align=left>metric</th>"
+             "<th>pretrained</th><th>fine-tuned</th><th>change</th></tr>"]
+    for group in ("in_domain", "generic_image", "image_text"):
+        for k, after in r["finetuned"][group].items():
+            if k == "skipped":
+                continue
+            before = r["pretrained"][group][k]
+            lines.append(f"<tr><td>{group}/{html.escape(k)}</td><td align=right>{before:.3f}</td>"
+                         f"<td align=right>{after:.3f}</td><td align=right>{after - before:+.3f}</td></tr>")
+    upd = r.get("updates") or {}
+    lines.append("</table><p style='font-size:12px'>" + html.escape(
+        f"{r['method']}, seed {r['seed']}; kept step {r.get('best_step')}; batches target/generic "
+        f"{upd.get('target', '?')}/{upd.get('generic', '?')}") + "</p>")
+    return "".join(lines)
+
+
+def trials_of(trials: list[dict], method: str) -> list[dict]:
+    return [t for t in trials if t["method"] == method and t["params"]]
+
+
+def searched_field(trials: list[dict]) -> str:
+    """The strength a search explored (its first field other than the backbone learning rate)."""
+    names = list(trials[0]["params"])
+    return next((f for f in names if f != "lr_backbone"), names[0])
+
+
+def search_sweep(trials: list[dict], method: str, value: float | None = None) -> dict:
+    """The trials of `method`'s search sorted by its searched strength: x, validation scores, the trial nearest to
+    `value` (highlighted) and the chosen (best on the selection key) trial; {} without trials."""
+    trials = trials_of(trials, method)
+    if not trials:
+        return {}
+    field = searched_field(trials)
+    trials = sorted(trials, key=lambda t: t["params"][field])
+    select = FINE if method.startswith("toy-naive") else MEAN
+    chosen = max(trials, key=lambda t: t["val"].get(select, -1))
+    value = chosen["params"][field] if value is None else value
+    near = min(trials, key=lambda t: abs(np.log(t["params"][field] + 1e-12) - np.log(value + 1e-12)))
+    return {"field": field, "trials": trials, "x": [t["params"][field] for t in trials],
+            "fine": [t["val"].get(FINE) for t in trials], "generic": [t["val"].get(GENERIC) for t in trials],
+            "highlight": near, "chosen": chosen}
+
+
+def gallery_of(row: dict, galleries: dict, n_queries: int = 6) -> dict | None:
+    """Neighbours of a few fine-grained test queries before and after fine-tuning for a run: from a committed
+    gallery, or computed from the run's model.pt (runs made here). None when neither exists."""
+    key = f"{row['method']}|{row['seed']}"
+    if key in galleries:
+        return galleries[key]
+    run_dir = Path(row.get("run_dir") or "")
+    if row.get("run_dir") and (run_dir / "model.pt").exists() and (run_dir / "metrics.json").exists():
+        return gallery_from_run(run_dir, n_queries)
+    return None
+
+
+def page_data(comparison: str | Path, trials: str | Path | None = None, galleries: str | Path | None = None):
+    """(rows, trials, galleries) for the explorer. comparison: a results registry (its non-smoke rows, with the
+    `trials` and `galleries` files), or a `compare --out` folder: every row of its results.jsonl, its trials.jsonl
+    and its galleries.json where they exist."""
+    from .results import load_results, load_trials
+    comparison = Path(comparison)
+    if comparison.is_dir():
+        if not (comparison / "results.jsonl").exists():
+            raise FileNotFoundError(f"{comparison} holds no results.jsonl: give a `compare --out` folder or a registry")
+        rows = load_results(comparison / "results.jsonl")
+        trials, galleries = comparison / "trials.jsonl", comparison / "galleries.json"
+    else:
+        rows = load_results(comparison, smoke=False)
+    t = load_trials(trials) if trials is not None and Path(trials).exists() else []
+    g = json.loads(Path(galleries).read_text()) if galleries is not None and Path(galleries).exists() else {}
+    return rows, t, g
 
 
 def gallery_from_run(run_dir: str | Path, n_queries: int = 6) -> dict:
@@ -302,20 +317,10 @@ def make_galleries(rows: list[dict], out: str | Path, seeds=(0,), n_queries: int
     return g
 
 
-def _gallery_figure(images, g: dict, q: int):
+def gallery_figure(images, g: dict, q: int):
+    """Query q of a gallery (`gallery_of`): its top-k before and after fine-tuning (`figures.gallery`)."""
     query = g["queries"][q]
-    fig, axes = plt.subplots(2, K_GALLERY + 1, figsize=(1.05 * (K_GALLERY + 1), 2.5), squeeze=False)
-    for row, when in enumerate(("before", "after")):
-        axes[row, 0].imshow(images[query].permute(1, 2, 0).numpy(), interpolation="nearest")
-        axes[row, 0].set_ylabel(when, fontsize=8)
-        for c in range(K_GALLERY):
-            ax = axes[row, c + 1]
-            ax.imshow(images[g[when][q][c]].permute(1, 2, 0).numpy(), interpolation="nearest")
-            for side in ax.spines.values():
-                side.set_edgecolor("#009E73" if g[f"{when}_relevant"][q][c] else "#D55E00")
-                side.set_linewidth(2.5)
-        for ax in axes[row]:
-            ax.set_xticks([]), ax.set_yticks([])
-    axes[0, 0].set_title("query", fontsize=8)
-    fig.suptitle(f"{g['method']} seed {g['seed']}: top-{K_GALLERY} (green: same class)", fontsize=9)
+    fig = figures.gallery(images[[query, query]], images, np.array([g["before"][q], g["after"][q]]),
+                          np.array([g["before_relevant"][q], g["after_relevant"][q]]), row_labels=["before", "after"])
+    fig.suptitle(f"{g['method']} seed {g['seed']}: top-{len(g['before'][q])} (green: same class)", fontsize=9)
     return fig

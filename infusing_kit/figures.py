@@ -78,8 +78,10 @@ def tradeoff(summary: list[dict], forgetting: str = "i2t", ax=None):
     return ax.figure
 
 
-def sweep(trials: list[dict], field: str, ax=None, log: bool = True):
-    """Validation mAP@20 (fine-grained and generic) against one searched strength, one point per search trial."""
+def sweep(trials: list[dict], field: str, ax=None, log: bool = True, highlight: dict | None = None,
+          chosen: dict | None = None):
+    """Validation mAP@20 (fine-grained and generic) against one searched strength, one point per search trial;
+    `highlight` (a trial) is ringed and `chosen` (a trial) marked by a vertical line."""
     trials = sorted(trials, key=lambda t: t["params"][field])
     if ax is None:
         _, ax = plt.subplots(figsize=(5.2, 3.4))
@@ -96,8 +98,32 @@ def sweep(trials: list[dict], field: str, ax=None, log: bool = True):
     distinct = len(set(x))
     ax.set_title(f"{method.removeprefix('toy-')}: strength sweep ({len(trials)} search trials"
                  + (f", {distinct} distinct)" if distinct < len(trials) else ")"), fontsize=10)
+    if highlight is not None:
+        h = highlight["params"][field]
+        ax.scatter([h, h], [highlight["val"][FINE], highlight["val"][GENERIC]], s=160, facecolors="none",
+                   edgecolors="black", lw=1.5, label=f"trial at slider ({h:.3g})")
+    if chosen is not None:
+        ax.axvline(chosen["params"][field], color="#009E73", ls="--", label=f"chosen ({chosen['params'][field]:.3g})")
     ax.tick_params(labelsize=8)
     ax.legend(frameon=False, fontsize=8)
+    return ax.figure
+
+
+def run_points(points: dict[str, np.ndarray], x: str, y: str, ax=None):
+    """Every run as a small dot and each method's mean as a large one: points = {method: (n_runs, 2) deltas on
+    the results.AXES keys x and y} (`explorer.trade_off_points`)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m, p in points.items():
+        c = _colour(m)
+        ax.scatter(100 * p[:, 0], 100 * p[:, 1], s=14, alpha=0.45, color=c)
+        ax.scatter(100 * p[:, 0].mean(), 100 * p[:, 1].mean(), s=80, color=c, edgecolor="black",
+                   label=f"{m.removeprefix('toy-')} ({len(p)})")
+    ax.set_xlabel(f"change in {AXES[x][2]} (points)")
+    ax.set_ylabel(f"change in {AXES[y][2]} (points)")
+    ax.axhline(0, color="black", lw=0.5, ls=":"), ax.axvline(0, color="black", lw=0.5, ls=":")
+    if points:
+        ax.legend(fontsize=7, frameon=False, loc="best")
     return ax.figure
 
 

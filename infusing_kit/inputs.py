@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 
@@ -91,7 +90,7 @@ def _live_teacher(vlm, target, cfg, ctx):
 def _gradient_scores(vlm, target, cfg, ctx, batches: int = 10):
     """|gradient| of the cross-entropy summed over `batches` target batches at the starting weights and head (SAFT's
     selection of the entries to update)."""
-    from .data import batch_indices
+    from .sampling import batch_indices
     from .losses import classification_loss
     from .models import image_embedding, preprocess
     head, labels, params = ctx["head"], ctx["labels"], ctx["params"]

@@ -30,11 +30,15 @@ def content_hashes(split) -> list[str]:
         return out
     if isinstance(split, Split):
         return [hashlib.sha256(img.contiguous().numpy().tobytes()).hexdigest() for img in split.images]
+    if hasattr(split, "image_bytes"):  # records: the encoded image each holds
+        return [hashlib.sha256(split.image_bytes(i)).hexdigest() for i in range(len(split))]
     raise TypeError(f"cannot hash a {type(split).__name__}")
 
 
 def _name(split, i: int) -> str:
-    return split.paths[i] if isinstance(split, FileSplit) else f"image {i}"
+    if isinstance(split, FileSplit):
+        return split.paths[i]
+    return f"record {split.keys[i]}" if getattr(split, "keys", None) else f"image {i}"
 
 
 def shared_images(a, b) -> list[tuple[str, str]]:

@@ -180,9 +180,16 @@ def freeze_text_tower(vlm: VLM) -> None:
 
 
 def train_mode(vlm: VLM, train: bool = True) -> None:
-    """Put only the image tower in train mode; the frozen text side always stays in eval mode."""
+    """Put only the image tower in train mode; the frozen text side always stays in eval mode, and so does every
+    normalisation layer of the tower whose parameters are all frozen (a frozen BatchNorm keeps its running
+    statistics: freezing a ResNet's first blocks freezes them, not just their weights)."""
     vlm.model.eval()
     vlm.visual.train(train)
+    if train:
+        for m in vlm.visual.modules():
+            params = list(m.parameters())
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase) and params and not any(p.requires_grad for p in params):
+                m.eval()
 
 
 def trainable_parameters(module: torch.nn.Module) -> int:
@@ -244,11 +251,10 @@ def embed_images(vlm: VLM, images, batch_size: int = 256, progress: bool = True,
     (`data.Split` / `data.FileSplit`, the latter decoded in chunks by DataLoader workers: memory does not grow
     with N). out: an (N, D) array to fill (e.g. a memory-mapped file)."""
     from . import distributed
-    from .data import FileSplit, Split, chunks
     if distributed.active():  # each process embeds its part, then every process gets the whole
         n = len(images)
         part = distributed.local_slice(n)
-        mine = images.rows(part.start, part.stop) if isinstance(images, (Split, FileSplit)) else images[part]
+        mine = images[part] if isinstance(images, torch.Tensor) else images.rows(part.start, part.stop)
         full = distributed.gather_rows(_embed_local(vlm, mine, batch_size, progress and distributed.is_main()), n)
         if out is not None:
             out[:] = full
@@ -258,9 +264,10 @@ def embed_images(vlm: VLM, images, batch_size: int = 256, progress: bool = True,
 
 
 def _embed_local(vlm: VLM, images, batch_size: int, progress: bool, out: np.ndarray | None = None) -> np.ndarray:
-    from .data import FileSplit, Split, chunks
+    from .data import Split
+    from .sampling import chunks
     n = len(images)
-    if isinstance(images, FileSplit):
+    if not isinstance(images, (Split, torch.Tensor)):  # decoded on demand (files, records)
         source = chunks(images, batch_size)
     else:
         tensor = images.images if isinstance(images, Split) else images

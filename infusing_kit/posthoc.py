@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .drift import layer_depths
-from .regularizers import average_states, greedy_soup, lines, model_stock, wise_ft
+from .merges import average_states, greedy_soup, lines, model_stock, wise_ft
 
 ALPHAS = tuple(round(float(a), 2) for a in np.linspace(0, 1, 11))
 GRID = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -62,7 +62,6 @@ def choose(method: str, vlm, theta0: dict, thetas: list[dict], validate: Callabl
         raise ValueError(f"unknown post-hoc method {method!r}; choose one of {sorted(METHODS)}")
     if not thetas:
         raise ValueError(f"{method} needs at least one fine-tuned state dict")
-    scores: dict[int, dict] = {}
 
     def score(state: dict) -> dict:
         vlm.visual.load_state_dict(state)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from .metrics import FINE, MEAN
 from .terms import uses_text
-from .train import TrainConfig
+from .trainconfig import TrainConfig
 
 FAMILIES = ("baseline", "weight space", "function space", "data", "optimisation", "step rule", "post hoc")
 
@@ -175,3 +175,15 @@ NOT_IN_THE_TABLE = {  # methods a reviewer expects that have no row, and why
 }
 SMOKE_WORLD = dict(generic_train=1000, generic_val_combos=40, generic_test_combos=60, text_pairs=150,
                    fine_train_classes=150, fine_val_classes=30, fine_test_classes=64, fine_per_class=8)
+
+
+def ingredient_overrides(preset: str, cfg, lrs: list[dict] | None = None) -> list[dict]:
+    """The other runs a merging preset needs besides its own (their TrainConfig overrides). "seeds": one more
+    fine-tuning seed (seed + 1000). "lrs": naive with other learning rates (`lrs`, e.g. the search's next best;
+    by default half and twice the backbone rate)."""
+    kind = PRESETS[preset].ingredients
+    if kind == "seeds":
+        return [{"seed": cfg.seed + 1000}]
+    if kind == "lrs":
+        return lrs if lrs is not None else [{"lr_backbone": cfg.lr_backbone * f} for f in (0.5, 2.0)]
+    return []

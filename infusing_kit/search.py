@@ -28,7 +28,7 @@ fraction of naive's).
 Each trial runs the preset with the sampled values and returns the validation score of its kept checkpoint
 (the preset's selection key: the mean of fine-grained and generic validation mAP@20 for regularized methods,
 fine-grained validation for naive fine-tuning). Test sets are never evaluated in a trial. Trials store their
-whole TrainConfig. The study lives in its storage (`_storage`): an SQLite file on one machine, or a database URL
+whole TrainConfig. The study lives in its storage (`storage.open_storage`): an SQLite file on one machine, or a database URL
 (postgresql://...) that workers on many machines share. An interrupted search resumes where it stopped (finished
 trials are kept; on SQLite a start-up point that was running when the process died is queued again; on a shared
 database a dead worker's trial is failed and queued again once its heartbeat is GRACE seconds old, and a joining
@@ -38,22 +38,15 @@ machine; under torchrun one data-parallel worker trains each trial on all its pr
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import replace
 from pathlib import Path
 
 from .experiment import run_experiment
+from .spaces import MAX_EXTENSIONS, constrained_choice, extend_space, is_flat, is_int, startup_points, transition_points
+from .storage import is_url, open_storage, open_study, study_seed, trial_rows  # noqa: F401 (trial_rows: search.X)
 from .study import Runner
-
-EDGE = 0.15            # outer share of a range that counts as its edge
-MAX_EXTENSIONS = 3
-HARD_LIMITS = {        # a range never grows past these
-    "lr_backbone": (1e-7, 1.0), "lr_head": (1e-6, 10.0), "lp_ft_steps": (0, None), "freeze_blocks": (0, None),
-}
-DEFAULT_LIMITS = (1e-8, 1e8)   # loss weights
-
 
 def study_name(method: str, smoke: bool, seed: int, runner: Runner | None = None) -> str:
     """The study's name in its storage (unique per study file, method and seed); what it is lives in its user
@@ -71,178 +64,7 @@ def seed_key(method: str, seed: int, runner: Runner | None = None) -> str:
     return f"{method}{'-smoke' if smoke else ''}-seed{seed}"
 
 
-def study_seed(name: str) -> int:
-    """A sampler seed of the study's own (from its name), so two studies never draw the same points."""
-    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
-
-
-def startup_points(space: list[tuple], n: int, seed: int) -> list[dict]:
-    """n space-filling points (a Latin hypercube, optimised for spread when d > 1) mapped onto the ranges."""
-    from scipy.stats import qmc
-    d = len(space)
-    lhs = qmc.LatinHypercube(d, scramble=True, rng=seed, optimization="random-cd" if d > 1 else None)
-    return [{f: _from_unit(u[i], lo, hi, log) for i, (f, lo, hi, log) in enumerate(space)} for u in lhs.random(n)]
-
-
-def _from_unit(u: float, lo, hi, log: bool):
-    if _is_int(lo, hi, log):
-        return int(min(hi, math.floor(lo + u * (hi - lo + 1))))
-    if log:
-        return float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))
-    return float(lo + u * (hi - lo))
-
-
-def _to_unit(v, lo, hi, log: bool) -> float:
-    if log:
-        return (math.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo))
-    return (v - lo) / (hi - lo) if hi > lo else 0.5
-
-
-def _is_int(lo, hi, log) -> bool:
-    return isinstance(lo, int) and isinstance(hi, int) and not log
-
-
-def _hard_limits(field: str, steps: int, n_blocks: int | None) -> tuple:
-    lo, hi = HARD_LIMITS.get(field, DEFAULT_LIMITS)
-    if field == "lp_ft_steps":
-        hi = steps - 1
-    if field == "freeze_blocks":
-        hi = n_blocks if n_blocks is not None else 1_000
-    return lo, hi
-
-
-def transition_points(space: list[tuple], trials: list[tuple[dict, float]], noise: float, max_points: int = 3,
-                      min_gap: float = 1 / 16) -> list[dict]:
-    """Midpoints (in the range's own scale) between neighbouring tried values of a one-field search whose scores
-    differ by more than 2 x noise and that lie more than `min_gap` of the range apart; the largest gaps first."""
-    if len(space) != 1 or noise <= 0:
-        return []
-    f, lo, hi, log = space[0]
-    pts = sorted((_to_unit(p[f], lo, hi, log), v) for p, v in trials)
-    gaps = [(b[0] - a[0], (a[0] + b[0]) / 2) for a, b in zip(pts, pts[1:])
-            if abs(b[1] - a[1]) > 2 * noise and b[0] - a[0] > min_gap]
-    out = []
-    for _, mid in sorted(gaps, reverse=True)[:max_points]:
-        v = _from_unit(mid, lo, hi, log)
-        if all(v != p[f] for p, _ in trials):
-            out.append({f: v})
-    return out
-
-
-def is_flat(values: list[float], noise: float) -> bool:
-    """Every finished trial within 2 x noise of the best: the study cannot tell its settings apart."""
-    return bool(values) and noise > 0 and max(values) - min(values) <= 2 * noise
-
-
-def constrained_choice(rows: list[dict], fine_key: str, generic_key: str, threshold: float) -> dict | None:
-    """The constraint rule: among finished trials {"params", "val"} whose fine-grained validation is >= threshold,
-    the one with the best generic validation (ties: the earlier trial). None when no trial qualifies."""
-    ok = [r for r in rows if r["val"].get(fine_key, -1) >= threshold]
-    return max(ok, key=lambda r: r["val"][generic_key]) if ok else None
-
-
-def extend_space(space: list[tuple], trials: list[dict], best: dict, steps: int,
-                 n_blocks: int | None = None) -> tuple[list[tuple], list[str], list[str]]:
-    """Grow each range whose best value sits at its edge (see module docstring).
-
-    Returns (new space, fields extended, fields whose best value is at a hard limit and cannot grow)."""
-    new, grown, stuck = [], [], []
-    for f, lo, hi, log in space:
-        v = best[f]
-        values = [t[f] for t in trials]
-        u = _to_unit(v, lo, hi, log)
-        hard_lo, hard_hi = _hard_limits(f, steps, n_blocks)
-        side = "low" if (u <= EDGE and v <= min(values)) else "high" if (u >= 1 - EDGE and v >= max(values)) else None
-        if side is None:
-            new.append((f, lo, hi, log))
-            continue
-        if (side == "low" and lo <= hard_lo) or (side == "high" and hi >= hard_hi):
-            stuck.append(f)
-            new.append((f, lo, hi, log))
-            continue
-        if log:
-            half = (math.log(hi) - math.log(lo)) / 2
-            lo2, hi2 = (math.exp(math.log(lo) - half), hi) if side == "low" else (lo, math.exp(math.log(hi) + half))
-        else:
-            half = (hi - lo) / 2
-            lo2, hi2 = (lo - half, hi) if side == "low" else (lo, hi + half)
-        lo2, hi2 = max(lo2, hard_lo), min(hi2, hard_hi)
-        if _is_int(lo, hi, log):
-            lo2, hi2 = int(math.floor(lo2)), int(math.ceil(hi2))
-        new.append((f, lo2, hi2, log))
-        grown.append(f"{f}: {side} edge, [{lo:g}, {hi:g}] -> [{lo2:g}, {hi2:g}]")
-    return new, grown, stuck
-
-
 # ---------------------------------------------------------------------------- the study
-HEARTBEAT = int(os.environ.get("INFUSING_KIT_HEARTBEAT", 20))  # seconds between a running trial's heartbeats in a
-GRACE = int(os.environ.get("INFUSING_KIT_GRACE", 120))          # shared database; a trial without one for GRACE
-                                                                # seconds is failed and queued again (its worker died)
-
-
-def is_url(storage) -> bool:
-    return "://" in str(storage)
-
-
-def _storage(storage: str | Path):
-    """An Optuna storage: a SQLite file (one machine: the default) or a database URL (postgresql://...: many
-    machines). A shared database gets heartbeats, and a trial whose worker died is failed and queued again
-    (RetryHeartbeatStaleTrialCallback) once its heartbeat is GRACE seconds old."""
-    import optuna
-    if is_url(storage):
-        if str(storage).startswith("sqlite"):
-            return optuna.storages.RDBStorage(str(storage), engine_kwargs={"connect_args": {"timeout": 120}})
-        import time
-        import warnings
-
-        from sqlalchemy.exc import IntegrityError, ProgrammingError
-        for attempt in range(6):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(
-                        str(storage), heartbeat_interval=HEARTBEAT, grace_period=GRACE,
-                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
-            except (IntegrityError, ProgrammingError):  # another machine is creating the schema at this moment
-                if attempt == 5:
-                    raise
-                time.sleep(0.5 * (attempt + 1))
-    path = Path(storage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 120}})
-
-
-def _sampler(seed: int, n_startup: int):
-    import optuna
-
-    class TrialSeededTPE(optuna.samplers.TPESampler):
-        """TPE whose randomness for a trial depends only on (study seed, finished trials so far, trials other
-        workers are running): a study killed and resumed proposes what an uninterrupted one would (one worker),
-        and parallel workers that start a trial at the same moment draw different candidates (the same seed in
-        two workers proposed the same point twice)."""
-
-        def before_trial(self, study, trial):
-            done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                                optuna.trial.TrialState.PRUNED)))
-            earlier = sum(t.number < trial.number for t in study.get_trials(
-                deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))  # running in other workers, started first
-            s = (seed + 7919 * done + 104729 * earlier) % 2**31
-            self._rng.rng.seed(s)
-            self._random_sampler._rng.rng.seed(s)
-            super().before_trial(study, trial)
-
-    return TrialSeededTPE(seed=seed, n_startup_trials=n_startup, multivariate=True, constant_liar=True)
-
-
-def _open_study(name: str, storage, n_startup: int, prune_warmup: int, key: str | None = None):
-    import optuna
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-    study.sampler = _sampler(study_seed(key or name), n_startup)  # its own seed per study
-    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=n_startup, n_warmup_steps=prune_warmup)
-    return study
-
-
 def _space_of(runner: Runner, method: str, cfg) -> list[tuple]:
     return [(f, lo, min(hi, cfg.steps - 1) if f == "lp_ft_steps" else hi, log)
             for f, lo, hi, log in runner.method(method).search]
@@ -260,7 +82,7 @@ def _prepare(method: str, storage, runner: Runner, seed: int, base: dict) -> tup
     cfg = replace(runner.train_config(method), **base)
     space = _space_of(runner, method, cfg)
     n_startup = 8 * len(space)
-    study = _open_study(name, _storage(storage), n_startup, prune_warmup=max(1, int(0.4 * cfg.steps)), key=key)
+    study = open_study(name, open_storage(storage), n_startup, prune_warmup=max(1, int(0.4 * cfg.steps)), key=key)
     attrs = study.user_attrs
     if "base" in attrs and attrs["base"] != base:
         raise ValueError(f"study {name} in {storage} was run with base settings {attrs['base']}, not {base}; use "
@@ -300,7 +122,7 @@ def _objective(runner: Runner, method: str, study_name_: str, out_root: Path, se
     def objective(trial: optuna.Trial) -> float:
         params = {}
         for f, lo, hi, log in space:
-            if _is_int(lo, hi, log):
+            if is_int(lo, hi, log):
                 params[f] = trial.suggest_int(f, lo, hi)
             else:
                 params[f] = trial.suggest_float(f, lo, hi, log=log)
@@ -324,7 +146,7 @@ def _objective(runner: Runner, method: str, study_name_: str, out_root: Path, se
             return None
 
         m = _run(runner, method, out, seed, device, {**base, **params}, (report,))
-        from .experiment import check_identity
+        from .identity import check_identity
         study = trial.study
         ident = check_identity(study.user_attrs.get("identity"), m, f"trial {trial.number} of study {study_name_}")
         if "identity" not in study.user_attrs:
@@ -377,7 +199,7 @@ def _worker(runner, method, storage, out_root, seed, device, base, space, total,
         return _follow(runner, method, seed, device, base)
     name = study_name(method, runner.smoke, seed, runner)
     cfg = replace(runner.train_config(method), **base)
-    study = _open_study(name, _storage(storage), 8 * len(space), prune_warmup=max(1, int(0.4 * cfg.steps)),
+    study = open_study(name, open_storage(storage), 8 * len(space), prune_warmup=max(1, int(0.4 * cfg.steps)),
                         key=seed_key(method, seed, runner))
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     try:
@@ -413,7 +235,7 @@ def wait_for_trials(study_name_: str, storage, args: tuple, jobs: int, device: s
 
     import optuna
     while True:
-        study = optuna.load_study(study_name=study_name_, storage=_storage(storage))
+        study = optuna.load_study(study_name=study_name_, storage=open_storage(storage))
         if is_url(storage) and not str(storage).startswith("sqlite"):
             import warnings
             with warnings.catch_warnings():
@@ -444,7 +266,6 @@ def search(method: str, storage: str | Path, out_root: str | Path, trials: int |
     over fine-tuning seeds): with it, transitions get points and a flat study is reported as such. constraint:
     (fine key, generic key, threshold) for the constraint rule. Returns {"method", "params", "value", "trials",
     "distinct", "val", "space", "extensions", "at_edge", "flat", "spread", "constraint"}."""
-    import optuna
     from . import distributed
     runner = runner or Runner("builtin", smoke)
     base = dict(base or {})
@@ -484,7 +305,7 @@ def _search(method, storage, out_root, trials, seed, device, jobs, base, n_block
     _run_workers(args(space, total), jobs, device)
     wait_for_trials(study.study_name, storage, args(space, total), jobs, device)
     while extend:
-        study = optuna.load_study(study_name=study.study_name, storage=_storage(storage))
+        study = optuna.load_study(study_name=study.study_name, storage=open_storage(storage))
         finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         space = [tuple(s) for s in study.user_attrs["space"]]
         new, grown, stuck = extend_space(space, [t.params for t in finished], study.best_trial.params, cfg.steps,
@@ -507,7 +328,7 @@ def _search(method, storage, out_root, trials, seed, device, jobs, base, n_block
         _run_workers(args(new, total), jobs, device)
         wait_for_trials(study.study_name, storage, args(new, total), jobs, device)
     for _ in range(2 if noise > 0 else 0):  # points where the score changes (one-field studies)
-        study = optuna.load_study(study_name=study.study_name, storage=_storage(storage))
+        study = optuna.load_study(study_name=study.study_name, storage=open_storage(storage))
         space = [tuple(s) for s in study.user_attrs["space"]]
         done = [(t.params, t.value) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         queued = {tuple(sorted(t.params.items())) for t in study.trials if t.state == optuna.trial.TrialState.WAITING}
@@ -528,7 +349,7 @@ def summary(name: str, storage: str | Path, n_blocks: int | None = None, steps: 
     """The chosen trial of a study (mean rule; and the constraint rule's, given `constraint`), what was explored,
     and whether the study is flat within the seed noise."""
     import optuna
-    study = optuna.load_study(study_name=name, storage=_storage(storage))
+    study = optuna.load_study(study_name=name, storage=open_storage(storage))
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not finished:
         raise RuntimeError(f"study {name} in {storage} has no finished trial yet")
@@ -570,32 +391,3 @@ def final_runs(method: str, params: dict, seeds: list[int], out_root: str | Path
     runner = runner or Runner("builtin", smoke)
     return [runner.run(method, Path(out_root) / f"{method}{'-smoke' if runner.smoke else ''}-s{s}", seed=s,
                        overrides=params, registry=registry, device=device, progress=progress) for s in seeds]
-
-
-def trial_rows(storage: str | Path) -> list[dict]:
-    """Every finished or pruned trial of every study in a storage (an SQLite file or a database URL), one row each:
-    {"study", "method", "seed", "smoke", "trial", "state", "design", "params", "val", "train", "updates"}
-    (validation only: trials never see test data). What a study is comes from its user attributes."""
-    import optuna
-    if not is_url(storage) and not Path(storage).exists():
-        raise FileNotFoundError(f"no Optuna storage at {storage}")
-    store = _storage(storage)
-    rows = []
-    for s in optuna.get_all_study_summaries(store):
-        study = optuna.load_study(study_name=s.study_name, storage=store)
-        name, _, seed = s.study_name.rpartition("-seed")
-        attrs0 = study.user_attrs
-        method = attrs0.get("method", name.removesuffix("-smoke").split(":")[-1])
-        smoke = (attrs0.get("runner") or {}).get("smoke", name.endswith("-smoke"))
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                          optuna.trial.TrialState.PRUNED)):
-            attrs = dict(t.user_attrs)
-            attrs.pop("identity", None)
-            worker = attrs.pop("worker", None)
-            rows.append({"study": s.study_name, "method": method, "seed": int(attrs0.get("seed", seed)),
-                         "smoke": smoke, "trial": t.number, "state": t.state.name.lower(),
-                         "design": attrs.pop("design", "tpe"), "params": t.params,
-                         "train": attrs.pop("train", None), "updates": attrs.pop("updates", None),
-                         "pruned_at": attrs.pop("pruned_at", None), "best_step": attrs.pop("best_step", None),
-                         "worker": worker, "val": attrs})
-    return rows

@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import FileSplit, Split
+from .data import Split
 from .checkpoints import atomic_save, atomic_write_text, tower_fingerprint
 from .models import VLM, embed_images, progress_bar
 
 
 def data_fingerprint(data) -> str:
     """The images a teacher embeds: pixels of an in-memory split or tensor, the file list of a FileSplit."""
-    if isinstance(data, FileSplit):
+    if not isinstance(data, (Split, torch.Tensor)):  # decoded on demand (files, records): their own fingerprint
         return data.fingerprint()
     if isinstance(data, Split):
         data = data.images

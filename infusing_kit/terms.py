@@ -16,7 +16,7 @@ a preset (presets.py) and a test. A new input is one row of `inputs.INPUTS`. Eve
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch

@@ -72,3 +72,47 @@ def smoke_study(tmp_path_factory):
     path = out / "configs" / "quick-study.toml"
     path.write_text(text.replace(old, old + "\nsteps = 20\neval_every = 10"))
     return path
+
+
+# ---------------------------------------------------------------------------- small data and models for the tests
+def toy_target(n_classes=8, per_class=6, seed=0):
+    """A learnable target split: one random image per class plus noise, non-contiguous labels (train() remaps)."""
+    import numpy as np
+    import torch
+    from infusing_kit.data import Split
+    g = torch.Generator().manual_seed(seed)
+    labels = np.repeat(np.arange(n_classes) * 7, per_class)
+    base = torch.randint(0, 256, (n_classes, 3, 32, 32), generator=g)
+    noise = torch.randint(-20, 21, (len(labels), 3, 32, 32), generator=g)
+    return Split((base[labels // 7] + noise).clamp(0, 255).to(torch.uint8), labels)
+
+
+def toy_generic():
+    """47 random generic images in 5 classes."""
+    import numpy as np
+    import torch
+    from infusing_kit.data import Split
+    g = torch.Generator().manual_seed(5)
+    return Split(torch.randint(0, 256, (47, 3, 32, 32), generator=g, dtype=torch.uint8), np.arange(47) % 5)
+
+
+def toy_vlm(seed=0):
+    """An untrained toy-clip-tiny, seeded."""
+    import torch
+    from infusing_kit.models import load_model
+    torch.manual_seed(seed)
+    return load_model("toy-clip-tiny", pretrained=None)
+
+
+def cheap_validate(vlm):
+    """A cheap, deterministic score of the current weights (selection without evaluation)."""
+    return {"score": float(sum(p.double().sum() for p in vlm.visual.parameters()).item() % 1.0)}
+
+
+def _tiny_train():
+    from infusing_kit.train import TrainConfig
+    return TrainConfig(steps=6, batch_size=16, lr_backbone=1e-3, lr_head=1e-2, eval_every=3, ckpt_every=3, log_every=1,
+                       select="score")
+
+
+TINY_TRAIN = _tiny_train()  # a few steps with checkpoints and validations (selection on cheap_validate)

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_world_and_model
 from infusing_kit import drift, experiment
 from infusing_kit.models import load_model
-from infusing_kit.regularizers import lines, model_stock, wise_ft
+from infusing_kit.merges import lines, model_stock, wise_ft
 
 
 def _hsic(k, l):

@@ -64,6 +64,22 @@ def test_a_run_shows_its_metrics_and_the_slider_walks_the_sweep():
     assert e.gallery_data(0) is None  # no model here, no committed gallery: the panel says so
 
 
+def test_the_page_reads_a_registry_or_a_compare_folder(tmp_path):
+    from infusing_kit.explorer import page_data
+    rows = _rows()
+    rows[0]["smoke"] = True
+    write = lambda path, items: path.write_text("".join(json.dumps(r) + "\n" for r in items))
+    write(tmp_path / "results.jsonl", rows)
+    write(tmp_path / "trials.jsonl", _trials())
+    got, trials, galleries = page_data(tmp_path, trials="/nowhere.jsonl", galleries=None)
+    assert len(got) == len(rows) and len(trials) == 6 and galleries == {}  # a folder: all its rows, its own trials
+    got, trials, _ = page_data(tmp_path / "results.jsonl", tmp_path / "trials.jsonl")
+    assert len(got) == len(rows) - 1 and len(trials) == 6  # a registry: its non-smoke rows
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no results.jsonl"):
+        page_data(tmp_path / "empty")
+
+
 @pytest.mark.slow
 def test_a_run_made_here_gets_a_live_gallery(smoke_reference):
     g = gallery_from_run(smoke_reference, n_queries=4)
@@ -157,14 +173,14 @@ def test_the_explorer_page_works_in_a_real_browser(tmp_path, browser, smoke_refe
             voila.kill()
 
 
-def test_run_model_reads_model_files_from_before_they_named_their_model(tmp_path, smoke_reference):
+def test_load_run_reads_model_files_from_before_they_named_their_model(tmp_path, smoke_reference):
     import shutil
     import torch
-    from infusing_kit.explorer import run_model
+    from infusing_kit.experiment import load_run
     run = tmp_path / "old-run"
     run.mkdir()
     shutil.copy(smoke_reference / "metrics.json", run / "metrics.json")
     new = torch.load(smoke_reference / "model.pt", map_location="cpu", weights_only=True)
     torch.save({"visual": new["visual"], "head": new["head"]}, run / "model.pt")  # the layout of commits <= 109d7af
-    old, current = run_model(run), run_model(smoke_reference)
+    old, current = load_run(run)[1], load_run(smoke_reference)[1]
     assert all(torch.equal(v, current.visual.state_dict()[k]) for k, v in old.visual.state_dict().items())

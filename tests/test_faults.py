@@ -21,8 +21,7 @@ import torch
 from infusing_kit.data import Split
 from infusing_kit.models import load_model, save_finetuned
 from infusing_kit.train import TrainConfig, train
-from test_train import _target, _validate, _vlm
-from conftest import HANG
+from conftest import HANG, cheap_validate, toy_generic, toy_target, toy_vlm
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")}
@@ -42,18 +41,18 @@ def test_library_training_killed_at_a_random_step_resumes_to_the_same_weights(tm
     res = _python(f"""
         import os, signal
         from test_faults import CFG
-        from test_train import _target, _validate, _vlm
+        from conftest import cheap_validate, toy_target, toy_vlm
         from infusing_kit.train import train
         def die(state):
             if state.target_step == {k}:
                 os.kill(os.getpid(), signal.SIGKILL)
-        train(_vlm(), _target(), CFG, {str(tmp_path / 'run')!r}, validate=_validate, hooks=(die,), progress=False)
+        train(toy_vlm(), toy_target(), CFG, {str(tmp_path / 'run')!r}, validate=cheap_validate, hooks=(die,), progress=False)
     """)
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
-    vlm = _vlm()
-    head, _ = train(vlm, _target(), CFG, tmp_path / "run", validate=_validate, resume=True, progress=False)
-    ref = _vlm()
-    ref_head, _ = train(ref, _target(), CFG, tmp_path / "ref", validate=_validate, progress=False)
+    vlm = toy_vlm()
+    head, _ = train(vlm, toy_target(), CFG, tmp_path / "run", validate=cheap_validate, resume=True, progress=False)
+    ref = toy_vlm()
+    ref_head, _ = train(ref, toy_target(), CFG, tmp_path / "ref", validate=cheap_validate, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(vlm.visual.state_dict().values(), ref.visual.state_dict().values()))
     assert torch.equal(head.weight, ref_head.weight)
     logs = [[json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("run", "ref")]
@@ -89,7 +88,7 @@ def test_teacher_extraction_killed_part_way_continues_where_it_stopped(tmp_path)
     res = _python(f"""
         import os, signal, torch
         from infusing_kit import models, teacher
-        from test_faults import _generic
+        from conftest import toy_generic
         vlm = models.load_model("toy-clip-tiny", None)
         calls = []
         real = teacher.embed_images
@@ -100,7 +99,7 @@ def test_teacher_extraction_killed_part_way_continues_where_it_stopped(tmp_path)
             return real(*a, **kw)
         teacher.embed_images = embed
         torch.manual_seed(0)
-        teacher.extract_teacher(models.load_model("toy-clip-tiny", None), _generic(), path={str(tmp_path / 't.npy')!r},
+        teacher.extract_teacher(models.load_model("toy-clip-tiny", None), toy_generic(), path={str(tmp_path / 't.npy')!r},
                                 chunk=10, progress=False)
     """)
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
@@ -108,19 +107,14 @@ def test_teacher_extraction_killed_part_way_continues_where_it_stopped(tmp_path)
     from infusing_kit.teacher import extract_teacher
     torch.manual_seed(0)
     vlm = load_model("toy-clip-tiny", None)
-    resumed = extract_teacher(vlm, _generic(), path=tmp_path / "t.npy", chunk=10, progress=False)
-    whole = extract_teacher(vlm, _generic(), path=tmp_path / "whole.npy", chunk=10, progress=False)
+    resumed = extract_teacher(vlm, toy_generic(), path=tmp_path / "t.npy", chunk=10, progress=False)
+    whole = extract_teacher(vlm, toy_generic(), path=tmp_path / "whole.npy", chunk=10, progress=False)
     assert torch.equal(resumed.embeddings, whole.embeddings) and resumed.fingerprint == whole.fingerprint
-    in_memory = extract_teacher(vlm, _generic(), progress=False)  # other batch sizes: equal up to float rounding
+    in_memory = extract_teacher(vlm, toy_generic(), progress=False)  # other batch sizes: equal up to float rounding
     torch.testing.assert_close(resumed.embeddings, in_memory.embeddings, atol=1e-5, rtol=0)
     torch.manual_seed(1)
     with pytest.raises(ValueError, match="another model or other data"):
-        extract_teacher(load_model("toy-clip-tiny", None), _generic(), path=tmp_path / "t.npy", progress=False)
-
-
-def _generic() -> Split:
-    g = torch.Generator().manual_seed(5)
-    return Split(torch.randint(0, 256, (47, 3, 32, 32), generator=g, dtype=torch.uint8), np.arange(47) % 5)
+        extract_teacher(load_model("toy-clip-tiny", None), toy_generic(), path=tmp_path / "t.npy", progress=False)
 
 
 def test_a_search_killed_mid_trial_resumes_to_the_same_study(tmp_path):
@@ -156,20 +150,20 @@ def test_a_search_killed_mid_trial_resumes_to_the_same_study(tmp_path):
 # ---------------------------------------------------------------------------- bad inputs
 def test_resuming_with_another_model_data_or_class_count_is_a_clear_error(tmp_path):
     cfg = replace(CFG, l2sp=0.0)
-    train(_vlm(), _target(), cfg, tmp_path / "r", validate=_validate, hooks=(lambda s: s.target_step < 3,),
+    train(toy_vlm(), toy_target(), cfg, tmp_path / "r", validate=cheap_validate, hooks=(lambda s: s.target_step < 3,),
           progress=False)
-    cases = {"another model": (load_model("toy-clip", None), _target()),
-             "another number of target classes": (_vlm(), _target(n_classes=5)),
-             "other target data": (_vlm(), _target(seed=9))}
+    cases = {"another model": (load_model("toy-clip", None), toy_target()),
+             "another number of target classes": (toy_vlm(), toy_target(n_classes=5)),
+             "other target data": (toy_vlm(), toy_target(seed=9))}
     for message, (vlm, data) in cases.items():
         with pytest.raises(ValueError, match=message):
-            train(vlm, data, cfg, tmp_path / "r", validate=_validate, resume=True, progress=False)
+            train(vlm, data, cfg, tmp_path / "r", validate=cheap_validate, resume=True, progress=False)
 
 
 def test_a_target_with_one_class_is_refused():
     one = Split(torch.zeros(6, 3, 32, 32, dtype=torch.uint8), np.zeros(6))
     with pytest.raises(ValueError, match="has 1 class"):
-        train(_vlm(), one, CFG, progress=False)
+        train(toy_vlm(), one, CFG, progress=False)
 
 
 def test_unwritable_out_and_registry_are_refused_before_any_work(tmp_path):
@@ -184,8 +178,8 @@ def test_unwritable_out_and_registry_are_refused_before_any_work(tmp_path):
 
 
 def test_last_checkpoint_holds_no_copy_of_the_pretrained_weights(tmp_path):
-    vlm = _vlm()
-    train(vlm, _target(), CFG, tmp_path / "r", validate=_validate, progress=False)
+    vlm = toy_vlm()
+    train(vlm, toy_target(), CFG, tmp_path / "r", validate=cheap_validate, progress=False)
     ckpt = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
     assert "theta0" not in ckpt and set(ckpt["identity"]) >= {"model", "weights", "target", "config"}
     tower = sum(v.numel() * v.element_size() for v in vlm.visual.state_dict().values())
@@ -193,8 +187,8 @@ def test_last_checkpoint_holds_no_copy_of_the_pretrained_weights(tmp_path):
 
 
 def test_the_kit_loads_its_own_fine_tuned_model(tmp_path):
-    vlm = _vlm()
-    head, _ = train(vlm, _target(), replace(CFG, eval_every=0), progress=False)
+    vlm = toy_vlm()
+    head, _ = train(vlm, toy_target(), replace(CFG, eval_every=0), progress=False)
     save_finetuned(vlm, tmp_path / "model.pt", head)
     back = load_model("toy-clip-tiny", str(tmp_path / "model.pt"))
     assert all(torch.equal(a, b) for a, b in zip(vlm.model.state_dict().values(), back.model.state_dict().values()))

@@ -9,12 +9,12 @@ from infusing_kit.lora import add_lora, has_lora, merge_lora
 from infusing_kit.towers import layout
 from infusing_kit.models import load_model, preprocess
 from infusing_kit.train import TrainConfig, train
-from test_train import CFG, _target, _validate, _vlm
+from conftest import TINY_TRAIN as CFG, cheap_validate, toy_target, toy_vlm
 
 
 def test_lora_starts_at_the_pretrained_model_and_trains_only_its_factors():
-    vlm = _vlm()
-    x = preprocess(vlm, _target().images[:4])
+    vlm = toy_vlm()
+    x = preprocess(vlm, toy_target().images[:4])
     with torch.no_grad():
         before = vlm.visual(x)
     names = add_lora(vlm.visual, rank=2)
@@ -28,10 +28,10 @@ def test_lora_starts_at_the_pretrained_model_and_trains_only_its_factors():
 
 
 def test_trained_lora_is_merged_into_a_low_rank_change_of_the_targets(tmp_path):
-    vlm = _vlm()
+    vlm = toy_vlm()
     theta0 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
     cfg = replace(CFG, lora_rank=2, lr_backbone=1e-2, steps=6)
-    train(vlm, _target(), cfg, tmp_path / "run", validate=_validate, progress=False)
+    train(vlm, toy_target(), cfg, tmp_path / "run", validate=cheap_validate, progress=False)
     assert not has_lora(vlm.visual)
     after = vlm.visual.state_dict()
     assert set(after) == set(theta0), "merged tower must have the original parameter names"
@@ -48,5 +48,5 @@ def test_lora_does_not_mix_with_weight_space_penalties():
     with pytest.raises(ValueError, match="lora_rank"):
         TrainConfig(lora_rank=4, l2sp=1.0)
     with pytest.raises(ValueError, match="rank must be >= 1"):
-        add_lora(_vlm().visual, rank=0)
-    merge_lora(_vlm().visual)  # nothing to merge: a no-op
+        add_lora(toy_vlm().visual, rank=0)
+    merge_lora(toy_vlm().visual)  # nothing to merge: a no-op

@@ -1,6 +1,5 @@
 """The methods added for the reviewer's table, each against a hand computation or the published rule: SPD, the
 projection, sparse updates, weight averaging, LDIFS, Lipsum-FT, the adaptive sampler, soups; and that each trains."""
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -8,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infusing_kit import posthoc, regularizers as R
+from infusing_kit import merges, posthoc, regularizers as R
 from infusing_kit.data import Split
 from infusing_kit.inputs import random_text_embeddings
 from infusing_kit.models import load_model
@@ -210,11 +209,11 @@ def test_adaptive_share_by_hand():
 def test_greedy_soup_adds_ingredients_only_while_validation_holds():
     score = lambda s: -abs(float(s["w"]) - 2.0)  # validation prefers weights near 2
     thetas = [{"w": torch.tensor([float(v)])} for v in (1.0, 3.0, 10.0, 2.0)]
-    soup, chosen = R.greedy_soup(thetas, score)
+    soup, chosen = merges.greedy_soup(thetas, score)
     assert chosen == [3] and float(soup["w"]) == 2.0  # every addition to the best ingredient moves it away from 2
-    soup, chosen = R.greedy_soup(thetas[:3], score)
+    soup, chosen = merges.greedy_soup(thetas[:3], score)
     assert chosen == [0, 1] and float(soup["w"]) == 2.0  # 1 and 3 average to 2; 10 would spoil it
-    torch.testing.assert_close(R.average_states(thetas)["w"], torch.tensor([4.0]))
+    torch.testing.assert_close(merges.average_states(thetas)["w"], torch.tensor([4.0]))
 
 
 @pytest.mark.parametrize("method", ["wise_ft", "lines", "model_stock", "soup_uniform", "soup_greedy"])

@@ -43,3 +43,14 @@ def test_notebooks_are_stored_without_outputs_and_have_one_parameters_cell():
         if path.name[:2].isdigit():  # the chapters; explorer_page.ipynb (the Voila page) trains nothing
             assert "SMOKE" in "".join(tagged[0]["source"]), f"{path.name}: the parameters cell must define SMOKE"
         assert nb["metadata"]["kernelspec"]["name"] == "python3", path.name
+
+
+def test_every_module_is_on_the_module_map_and_stays_small():
+    # the map in infusing_kit/__init__.py names every module; a module past 400 lines holds two concepts: split it
+    import infusing_kit
+    for path in sorted((ROOT / "infusing_kit").glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        assert re.search(rf"(^|\s){path.stem}(\s|$)", infusing_kit.__doc__, re.M), f"{path.name} is not on the module map"
+        n = len(path.read_text().splitlines())
+        assert n <= 400, f"{path.name} has {n} lines: split it (CONTRIBUTING.md, the layers)"

@@ -1,6 +1,7 @@
 """Many machines, one study, on a real PostgreSQL server that each test starts and stops itself (Debian's
 postgresql; .ci/run installs it): two worker processes finish one study with no point run twice, and a worker
 killed with kill -9 mid-trial has that trial failed by its heartbeat and run again by the other worker."""
+import functools
 import glob
 import json
 import os
@@ -71,11 +72,18 @@ def _worker(study_file, url, out, trials=8, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _trials(url):
+@functools.lru_cache(maxsize=None)
+def _storage(url):
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    names = [s.study_name for s in optuna.get_all_study_summaries(url)]
-    return names, (optuna.load_study(study_name=names[0], storage=url).trials if names else [])
+    return optuna.storages.RDBStorage(url)  # one connection pool per server (the wait loop polls it)
+
+
+def _trials(url):
+    import optuna
+    store = _storage(url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+    return names, (optuna.load_study(study_name=names[0], storage=store).trials if names else [])
 
 
 @pytest.mark.slow
@@ -106,6 +114,8 @@ def test_a_worker_killed_mid_trial_has_its_trial_run_again_by_the_other(postgres
     deadline = time.time() + 600
     while victim is None and time.time() < deadline:  # wait until a's first trial is running, then kill -9 it
         time.sleep(0.5)
+        if a.poll() is not None:  # a worker that stopped before its first trial says why (no wait to the deadline)
+            raise AssertionError(f"the first worker exited with {a.returncode}: {a.communicate()[1][-2000:]}")
         _, trials = _trials(postgres)
         running = [t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("worker", "").endswith(
             f":{a.pid}")]

@@ -9,7 +9,7 @@ from conftest import tiny_world_and_model
 from infusing_kit import experiment
 from infusing_kit.presets import CHOSEN_FILE, PENDING, PRESETS
 from infusing_kit.pretrain import fingerprint, load_pretrained_toy
-from infusing_kit.regularizers import wise_ft
+from infusing_kit.merges import wise_ft
 from infusing_kit.results import dominating, load_trials, summarise
 
 ROOT = Path(__file__).resolve().parents[1]

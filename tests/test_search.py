@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from infusing_kit import experiment, search as S
+from infusing_kit import experiment, search as S, spaces, storage
 from infusing_kit.__main__ import main
 from infusing_kit.comparison import choose_schedule, flat_length
 
@@ -76,7 +76,7 @@ def test_a_best_value_at_the_edge_extends_the_range(tmp_path, monkeypatch):
 def test_a_choice_stuck_at_a_hard_limit_is_reported(tmp_path, monkeypatch):
     _fake(monkeypatch, lambda x: math.log10(x) / 20)  # keeps rising: the best is always the largest value tried
     best = S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", trials=8, base={"steps": 100})
-    assert best["space"][0][2] == S.DEFAULT_LIMITS[1] and best["at_hard_limit"] == ["l2sp"], best
+    assert best["space"][0][2] == spaces.DEFAULT_LIMITS[1] and best["at_hard_limit"] == ["l2sp"], best
 
 
 def test_trailing_trials_are_pruned_but_never_the_startup_design(tmp_path, monkeypatch):
@@ -117,7 +117,7 @@ def test_trials_running_at_once_draw_from_different_random_streams():
     # two workers that start a trial at the same moment see the same finished trials; with one seed per finished
     # count they proposed the same strength twice (trials 9 and 10 of a CPU comparison run had equal values)
     import optuna
-    sampler = S._sampler(123, n_startup=4)
+    sampler = storage.trial_seeded_sampler(123, n_startup=4)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     dist = {"x": optuna.distributions.FloatDistribution(1e-3, 1e3, log=True)}
     for x in (1e-2, 1e-1, 1.0, 10.0, 100.0):
@@ -151,20 +151,20 @@ def test_points_a_killed_session_queued_still_run(tmp_path, monkeypatch):
 def test_transitions_get_points_where_the_score_changes_beyond_the_noise():
     space = [("l2sp", 1e-2, 1e4, True)]
     tried = [({"l2sp": v}, s) for v, s in ((1e-2, 0.80), (1e-1, 0.80), (1.0, 0.81), (1e3, 0.50), (1e4, 0.40))]
-    points = S.transition_points(space, tried, noise=0.01)
+    points = spaces.transition_points(space, tried, noise=0.01)
     # 1 -> 1e3 is the big gap with a jump; 1e3 -> 1e4 jumps by 0.10 > 0.02 too; the flat part gets nothing
     assert [round(math.log10(p["l2sp"]), 6) for p in points] == [1.5, 3.5]
-    assert S.transition_points(space, tried, noise=0.2) == []      # every change within 2 x noise
-    assert S.transition_points(space + space, tried, noise=0.01) == []  # one-field studies only
+    assert spaces.transition_points(space, tried, noise=0.2) == []      # every change within 2 x noise
+    assert spaces.transition_points(space + space, tried, noise=0.01) == []  # one-field studies only
 
 
 def test_flat_studies_and_the_constraint_rule():
-    assert S.is_flat([0.80, 0.81, 0.805], noise=0.01) and not S.is_flat([0.80, 0.83], noise=0.01)
-    assert not S.is_flat([0.8, 0.8], noise=0.0), "without a noise estimate nothing is called flat"
+    assert spaces.is_flat([0.80, 0.81, 0.805], noise=0.01) and not spaces.is_flat([0.80, 0.83], noise=0.01)
+    assert not spaces.is_flat([0.8, 0.8], noise=0.0), "without a noise estimate nothing is called flat"
     rows = [{"params": {"x": i}, "val": {"fine": f, "generic": g}}
             for i, (f, g) in enumerate(((0.99, 0.5), (0.95, 0.7), (0.90, 0.9), (0.95, 0.7)))]
-    assert S.constrained_choice(rows, "fine", "generic", 0.94)["params"] == {"x": 1}  # 2 misses; 1 before 3
-    assert S.constrained_choice(rows, "fine", "generic", 0.999) is None
+    assert spaces.constrained_choice(rows, "fine", "generic", 0.94)["params"] == {"x": 1}  # 2 misses; 1 before 3
+    assert spaces.constrained_choice(rows, "fine", "generic", 0.999) is None
 
 
 def test_a_search_with_a_noise_estimate_maps_the_transition_and_reports_flatness(tmp_path, monkeypatch):

@@ -2,27 +2,24 @@
 the exported world reproduces the built-in comparison exactly (choices and metrics); a study file's keys are
 checked; trials of a study name what they are in their attributes."""
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from infusing_kit import comparison as C
-from infusing_kit.export import export_world, study_text
-from infusing_kit.presets import LR_SPACE, PRESETS
-from infusing_kit.results import load_results
+from infusing_kit.export import study_text
+from infusing_kit.presets import LR_SPACE
+from infusing_kit.results import label, load_results
 from infusing_kit.study import Protocol, Study, load_study
 
 METHODS = ["toy-naive", "toy-l2sp", "toy-wise-ft"]
 PROTOCOL = Protocol(search_seeds=(0, 1), final_seeds=(0,), heldout_seeds=(), heldout=(), second_search=(),
-                    calibration_steps=40, trials=(("toy-l2sp", 8), ("toy-naive", 8)))
+                    calibration_steps=20, trials=(("toy-l2sp", 8), ("toy-naive", 8)))
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world") / "w"
-    export_world(out, smoke=True, progress=False)
-    return out
+def exported(smoke_study):
+    return smoke_study.parents[1]  # the session's exported smoke world (conftest)
 
 
 def _small_study_file(exported: Path) -> Path:
@@ -45,13 +42,19 @@ def test_the_exported_study_reproduces_the_built_in_comparison_exactly(exported,
     builtin = Study.builtin(True, METHODS[1:], protocol=PROTOCOL, searches={"toy-naive": LR_SPACE})
     builtin.methods = {m: p for m, p in builtin.methods.items() if m in METHODS}  # no toy-naive-long here
     a = C.compare(tmp_path / "builtin", study=builtin, log=lambda *_: None)
-    b = C.compare(tmp_path / "file", study=study, log=lambda *_: None)
+    logs = []
+    b = C.compare(tmp_path / "file", study=study, log=logs.append)
     for m in METHODS:
         assert a[m]["params"] == b[m]["params"], m
+        assert a[m].get("constraint_params") == b[m].get("constraint_params"), m
+    assert "| toy-l2sp | 1 |" in logs[-1], logs[-1]  # the study's table lists its rows
     assert a["schedule"] == b["schedule"] and a["noise"] == b["noise"]
-    ra, rb = (sorted(load_results(tmp_path / d / "results.jsonl"), key=lambda r: (r["method"], r["seed"]))
+    ra, rb = (sorted(load_results(tmp_path / d / "results.jsonl"), key=lambda r: (label(r), r["seed"]))
               for d in ("builtin", "file"))
-    assert [r["method"] for r in ra] == [r["method"] for r in rb] == ["toy-l2sp", "toy-naive", "toy-wise-ft"]
+    assert [label(r) for r in ra] == [label(r) for r in rb]
+    constraint = ["toy-l2sp [constraint rule]"] if a["toy-l2sp"]["constraint_params"] not in (None, a["toy-l2sp"]["params"]) else []
+    assert [label(r) for r in ra] == ["toy-l2sp", *constraint, "toy-naive", "toy-wise-ft"]  # its own row when it chose
+    #                                                                                        another strength
     for x, y in zip(ra, rb):
         assert x["pretrained"] == y["pretrained"] and x["finetuned"] == y["finetuned"] and x["val"] == y["val"], x["method"]
     trials = [json.loads(l) for l in (tmp_path / "file" / "trials.jsonl").read_text().splitlines()]

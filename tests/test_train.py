@@ -8,37 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from infusing_kit.data import Split
-from infusing_kit.models import load_model, trainable_parameters
+from infusing_kit.models import trainable_parameters
 from infusing_kit.train import TrainConfig, train
 
-CFG = TrainConfig(steps=6, batch_size=16, lr_backbone=1e-3, lr_head=1e-2, eval_every=3, ckpt_every=3, log_every=1,
-                  select="score")
+from conftest import TINY_TRAIN, cheap_validate, toy_target, toy_vlm
 
-
-def _target(n_classes=8, per_class=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = np.repeat(np.arange(n_classes) * 7, per_class)  # non-contiguous labels: train() remaps them
-    base = torch.randint(0, 256, (n_classes, 3, 32, 32), generator=g)
-    noise = torch.randint(-20, 21, (len(labels), 3, 32, 32), generator=g)
-    images = (base[labels // 7] + noise).clamp(0, 255).to(torch.uint8)
-    return Split(images, labels)
-
-
-def _vlm(seed=0):
-    torch.manual_seed(seed)
-    return load_model("toy-clip-tiny", pretrained=None)
-
-
-def _validate(vlm):  # cheap, deterministic score of the current weights
-    return {"score": float(sum(p.double().sum() for p in vlm.visual.parameters()).item() % 1.0)}
+CFG = TINY_TRAIN
 
 
 def test_smoke_run_learns_and_writes_files(tmp_path):
-    vlm = _vlm()
+    vlm = toy_vlm()
     before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
     cfg = replace(CFG, steps=30, eval_every=10)
-    head, result = train(vlm, _target(), cfg, tmp_path / "run", validate=_validate, progress=False)
+    head, result = train(vlm, toy_target(), cfg, tmp_path / "run", validate=cheap_validate, progress=False)
     losses = [h["ce"] for h in result.history if "ce" in h]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), "cross-entropy did not go down"
     assert (tmp_path / "run" / "best.pt").exists() and (tmp_path / "run" / "last.pt").exists()
@@ -52,27 +34,27 @@ def test_smoke_run_learns_and_writes_files(tmp_path):
 
 
 def test_only_the_image_tower_is_trainable():
-    vlm = _vlm()
+    vlm = toy_vlm()
     assert trainable_parameters(vlm.model) == sum(p.numel() for p in vlm.visual.parameters())
     assert trainable_parameters(vlm.model) < sum(p.numel() for p in vlm.model.parameters())
 
 
 @pytest.mark.parametrize("cfg", [CFG, replace(CFG, l2sp=50.0), replace(CFG, lora_rank=2)], ids=["naive", "l2sp", "lora"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, cfg):
-    vlm_a = _vlm()
-    head_a, _ = train(vlm_a, _target(), cfg, tmp_path / "a", validate=_validate, progress=False)
+    vlm_a = toy_vlm()
+    head_a, _ = train(vlm_a, toy_target(), cfg, tmp_path / "a", validate=cheap_validate, progress=False)
 
-    vlm_b = _vlm()
+    vlm_b = toy_vlm()
     stop_at_3 = lambda s: s.target_step < 3
-    train(vlm_b, _target(), cfg, tmp_path / "b", validate=_validate, hooks=(stop_at_3,), progress=False)
+    train(vlm_b, toy_target(), cfg, tmp_path / "b", validate=cheap_validate, hooks=(stop_at_3,), progress=False)
     # a fresh process loads the pretrained model again; last.pt restores the trained weights (L2-SP's anchor is
     # the pretrained model itself, whose identity the checkpoint checks)
-    vlm_b = _vlm()
+    vlm_b = toy_vlm()
     with pytest.raises(FileExistsError, match="resume=True"):
-        train(vlm_b, _target(), cfg, tmp_path / "b", validate=_validate, progress=False)
+        train(vlm_b, toy_target(), cfg, tmp_path / "b", validate=cheap_validate, progress=False)
     with pytest.raises(ValueError, match="other initial weights"):
-        train(_vlm(seed=123), _target(), cfg, tmp_path / "b", validate=_validate, resume=True, progress=False)
-    head_b, res_b = train(vlm_b, _target(), cfg, tmp_path / "b", validate=_validate, resume=True, progress=False)
+        train(toy_vlm(seed=123), toy_target(), cfg, tmp_path / "b", validate=cheap_validate, resume=True, progress=False)
+    head_b, res_b = train(vlm_b, toy_target(), cfg, tmp_path / "b", validate=cheap_validate, resume=True, progress=False)
     for (k, a), (_, b) in zip(vlm_a.visual.state_dict().items(), vlm_b.visual.state_dict().items()):
         assert torch.equal(a, b), k
     assert torch.equal(head_a.weight, head_b.weight)
@@ -81,13 +63,13 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, cfg):
 
 
 def test_resume_with_another_config_is_refused(tmp_path):
-    train(_vlm(), _target(), CFG, tmp_path / "r", validate=_validate, hooks=(lambda s: s.target_step < 3,), progress=False)
+    train(toy_vlm(), toy_target(), CFG, tmp_path / "r", validate=cheap_validate, hooks=(lambda s: s.target_step < 3,), progress=False)
     with pytest.raises(ValueError, match="another TrainConfig"):
-        train(_vlm(), _target(), replace(CFG, lr_head=0.5), tmp_path / "r", validate=_validate, resume=True, progress=False)
+        train(toy_vlm(), toy_target(), replace(CFG, lr_head=0.5), tmp_path / "r", validate=cheap_validate, resume=True, progress=False)
 
 
 def test_non_finite_loss_stops_without_touching_good_checkpoints(tmp_path):
-    train(_vlm(), _target(), CFG, tmp_path / "n", validate=_validate, hooks=(lambda s: s.target_step < 3,), progress=False)
+    train(toy_vlm(), toy_target(), CFG, tmp_path / "n", validate=cheap_validate, hooks=(lambda s: s.target_step < 3,), progress=False)
     best_before = (tmp_path / "n" / "best.pt").read_bytes()
     # resume from a checkpoint whose weights went NaN: the very next loss is non-finite
     ckpt = torch.load(tmp_path / "n" / "last.pt", weights_only=False)
@@ -95,7 +77,7 @@ def test_non_finite_loss_stops_without_touching_good_checkpoints(tmp_path):
     torch.save(ckpt, tmp_path / "n" / "last.pt")
     last_before = (tmp_path / "n" / "last.pt").read_bytes()
     with pytest.raises(FloatingPointError, match="non-finite loss at step 3"):
-        train(_vlm(), _target(), CFG, tmp_path / "n", validate=_validate, resume=True, progress=False)
+        train(toy_vlm(), toy_target(), CFG, tmp_path / "n", validate=cheap_validate, resume=True, progress=False)
     assert (tmp_path / "n" / "best.pt").read_bytes() == best_before
     assert (tmp_path / "n" / "last.pt").read_bytes() == last_before
 
@@ -109,7 +91,7 @@ def test_generic_batches_without_a_loss_are_refused():
 
 def test_unknown_select_key_is_a_clear_error():
     with pytest.raises(KeyError, match="not among the validation scores"):
-        train(_vlm(), _target(), replace(CFG, select="nope"), validate=_validate, progress=False)
+        train(toy_vlm(), toy_target(), replace(CFG, select="nope"), validate=cheap_validate, progress=False)
 
 
 @pytest.mark.parametrize("change, field", [
@@ -134,15 +116,15 @@ def test_a_margin_needs_a_margin_loss():
 def test_a_run_that_gets_worse_than_the_pretrained_model_says_so(tmp_path):
     scores = iter([0.9, 0.5, 0.4, 0.3, 0.2])  # step 0 (pretrained) is the best on validation
     with pytest.warns(UserWarning, match="below the pretrained model"):
-        head, res = train(_vlm(), _target(), replace(CFG, steps=4, eval_every=1), tmp_path / "w",
+        head, res = train(toy_vlm(), toy_target(), replace(CFG, steps=4, eval_every=1), tmp_path / "w",
                           validate=lambda vlm: {"score": next(scores)}, progress=False)
     assert res.best_step == 1 and len(res.warnings) == 1 and "below the pretrained model" in res.warnings[0]
     log = [json.loads(line) for line in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
     assert any("warning" in h for h in log)
     scores = iter([0.9, 0.5, 0.4, 0.3, 0.2])
-    vlm = _vlm()
+    vlm = toy_vlm()
     before = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
-    _, res = train(vlm, _target(), replace(CFG, steps=4, eval_every=1, keep_pretrained=True),
+    _, res = train(vlm, toy_target(), replace(CFG, steps=4, eval_every=1, keep_pretrained=True),
                    validate=lambda vlm: {"score": next(scores)}, progress=False)
     assert res.best_step == 0 and not res.warnings
     assert all(torch.equal(before[k], v) for k, v in vlm.visual.state_dict().items()), "step 0 was kept: the pretrained tower"
@@ -150,10 +132,10 @@ def test_a_run_that_gets_worse_than_the_pretrained_model_says_so(tmp_path):
 
 def test_updates_are_counted_per_domain_and_lp_ft_skips_generic_batches_in_its_warm_up():
     from infusing_kit.teacher import extract_teacher
-    vlm = _vlm()
-    generic = _target(n_classes=5, seed=3)
+    vlm = toy_vlm()
+    generic = toy_target(n_classes=5, seed=3)
     cfg = replace(CFG, sampler="round_robin", distill=1.0, lp_ft_steps=2, eval_every=0, ckpt_every=0)
-    _, res = train(vlm, _target(), cfg, generic=generic, teacher=extract_teacher(vlm, generic.images, progress=False),
+    _, res = train(vlm, toy_target(), cfg, generic=generic, teacher=extract_teacher(vlm, generic.images, progress=False),
                    progress=False)
     # round robin T, G, T, ..., T: 6 target and 5 generic batches; the backbone moves on all but the 2 warm-up
     # target steps and the generic batch drawn during the warm-up (nothing trains on it)

@@ -1,0 +1,146 @@
+"""`TrainConfig`: every setting of one fine-tuning run, checked when it is made.
+
+A wrong setting is an error naming the field (never a silent no-op or a run that trains wrongly); the switched-on
+loss terms, weight-space penalties and step rules are read from terms.TERMS (`generic_terms`, `weight_terms`, ...).
+"""
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from .losses import MarginLoss
+from .metrics import FINE
+from .models import Augment
+from .sampling import Sampler
+from .terms import TERMS, active
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- schedule: the same number of target (classifier) steps for every method
+    steps: int = 300                  # optimiser steps on target batches; generic batches come in addition
+    batch_size: int = 128
+    sampler: Sampler = "target_only"  # how steps alternate between target and generic data
+    adaptive_every: int = 25          # adaptive sampler: target steps between re-weightings of the two domains
+    adaptive_ema: float = 0.0         # adaptive sampler: smoothing of the generic share (0: none)
+    # --- optimiser: AdamW, constant learning rates, no warm-up, no clipping (the paper's setting)
+    lr_backbone: float = 1e-5
+    lr_head: float = 1e-3
+    weight_decay: float = 1e-6
+    # --- target head: cosine classifier + margin logits + cross-entropy
+    classifier: MarginLoss = "normface"
+    margin: float = 0.0               # radians (arcface) or cosine units (cosface)
+    scale: float = 16.0
+    ce_weight: float = 1.0
+    augment: Augment = "none"         # train-time augmentation of target and generic batches
+    # --- weight-space regularizers (every step, image tower only; analytic gradients, see regularizers.py)
+    l2sp: float = 0.0                 # lambda_w of L2-SP to the pretrained weights
+    l2sp_form: Literal["mean", "sum"] = "mean"   # mean: sum_T mean_T (the paper); sum: 1/2 ||theta - theta0||^2
+    l2sp_split_qkv: bool = True       # mean form: fused q/k/v tensors count as three tensors, as in the JAX model
+    ewc: float = 0.0                  # EWC weight (needs fisher=... in train())
+    l2_zero: float = 0.0              # plain L2 to zero (a control)
+    # --- function-space regularizers on generic batches (need generic data and a teacher)
+    distill: float = 0.0              # lambda_e of embedding distillation to the pretrained model
+    distill_kind: Literal["mse", "cosine"] = "mse"
+    relational: float = 0.0           # Gram-matrix (relational) distillation
+    lwf: float = 0.0                  # LwF logit distillation on zero-shot logits of the generic classes (text tower)
+    lwf_temperature: float = 2.0
+    ldifs: float = 0.0                # LDIFS: distance of every block's features to the frozen model's
+    # --- on target batches
+    lipsum: float = 0.0               # Lipsum-FT: inner products with random-token texts kept (text tower)
+    lipsum_texts: int = 80            # random texts per step (from a bank of 1000)
+    # --- step rules (around each optimiser step, image tower only)
+    spd: float = 0.0                  # selective projection decay strength (AdamSPD's lambda)
+    tpgm: float = 0.0                 # projection radius, relative to each tensor's pretrained norm (0: off)
+    sparse: float = 0.0               # update only this fraction of the tower's entries (top |gradient|; 0: all)
+    average: Literal["none", "ema", "uniform"] = "none"   # validate and keep an average of the weights along training
+    average_tau: float = 50.0         # ema: time constant in steps
+    average_every: int = 10           # uniform: the weights after every k-th step join the average (ZSCL)
+    # --- optimisation-side regularizers
+    lp_ft_steps: int = 0              # LP-FT: the first N target steps train the head only (backbone frozen)
+    freeze_blocks: int = -1           # freeze the patch embedding and the first N transformer blocks (-1: none)
+    lora_rank: int = 0                # > 0: train only rank-r LoRA factors of attention/MLP weights (lora.py)
+    # --- validation and checkpoints
+    eval_every: int = 50              # target steps between validations (0: never)
+    select: str = FINE       # key of validate()'s dict that the kept checkpoint maximises
+    keep_pretrained: bool = False     # may the pretrained model (step 0) be kept when no checkpoint beats it? Off:
+                                      # the protocol returns a fine-tuned model (the paper); either way a kept
+                                      # checkpoint scoring below the pretrained model is reported (TrainResult.warnings)
+    ckpt_every: int = 100             # target steps between resumable checkpoints (0: only at the end)
+    log_every: int = 10               # steps between log lines (and non-finite checks)
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_fields(self)
+        if self.classifier == "normface" and self.margin != 0:
+            raise ValueError(f"TrainConfig.margin={self.margin} has no effect with classifier='normface' (no margin); "
+                             "use classifier='cosface' or 'arcface', or margin=0")
+        if self.lp_ft_steps >= self.steps:
+            raise ValueError(f"TrainConfig.lp_ft_steps={self.lp_ft_steps} >= steps={self.steps}: the backbone would "
+                             "never train; use fewer LP-FT steps")
+        if self.lora_rank > 0 and (self.weight_terms() or self.step_terms() or self.freeze_blocks >= 0):
+            raise ValueError("lora_rank > 0 trains only low-rank factors: weight-space penalties, step rules and "
+                             "freeze_blocks would act on those factors, not on the pretrained weights; use one or the other")
+        if self.sampler != "target_only" and not self.generic_terms():
+            raise ValueError(f"sampler={self.sampler!r} draws generic batches, but no loss term applies to them: "
+                             "they would only move the optimiser's momentum. Set a generic-data loss weight "
+                             "or use sampler='target_only'.")
+        if self.sparse > 1:
+            raise ValueError(f"TrainConfig.sparse={self.sparse} is a fraction of the tower's entries: use (0, 1]")
+        if self.average == "ema" and self.average_tau < 1:
+            raise ValueError(f"TrainConfig.average_tau={self.average_tau} must be >= 1 step")
+
+    def generic_terms(self) -> list[str]:
+        """Loss terms computed on generic batches (those switched on)."""
+        return [t.name for t in active(self, "generic")]
+
+    def target_terms(self) -> list[str]:
+        return [t.name for t in active(self, "target")]
+
+    def weight_terms(self) -> list[str]:
+        """Weight-space penalties (applied at every step), those switched on."""
+        return [t.name for t in active(self, "weights")]
+
+    def step_terms(self) -> list[str]:
+        return [t.name for t in active(self, "step")]
+
+
+# Allowed ranges, checked when a TrainConfig is made (a wrong setting is an error naming the field, never a silent
+# no-op or a run that trains wrongly). Every weight of terms.TERMS is >= 0; Literal fields take their allowed values.
+_AT_LEAST_ONE = ("steps", "batch_size", "log_every", "adaptive_every", "average_every", "lipsum_texts")
+_POSITIVE = ("lr_backbone", "lr_head", "scale", "ce_weight", "lwf_temperature")
+_NON_NEGATIVE = ("weight_decay", "margin", "lp_ft_steps", "lora_rank", "eval_every", "ckpt_every", "seed",
+                 "adaptive_ema", *(t.name for t in TERMS))
+
+
+def _check_fields(cfg) -> None:
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        v, hint = getattr(cfg, f.name), hints[f.name]
+        if typing.get_origin(hint) is Literal:
+            if v not in typing.get_args(hint):
+                raise ValueError(f"TrainConfig.{f.name} must be one of {typing.get_args(hint)}, got {v!r}")
+        elif hint is bool:
+            if not isinstance(v, bool):
+                raise ValueError(f"TrainConfig.{f.name} must be true or false, got {v!r}")
+        elif hint in (int, float):
+            ok = isinstance(v, int) if hint is int else isinstance(v, (int, float))
+            if not ok or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"TrainConfig.{f.name} must be a finite {hint.__name__}, got {v!r}")
+        elif hint is str and not (isinstance(v, str) and v):
+            raise ValueError(f"TrainConfig.{f.name} must be a non-empty string, got {v!r}")
+    for name in _AT_LEAST_ONE:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(cfg, name)!r}")
+    for name in _POSITIVE:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(cfg, name)!r}")
+    for name in _NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(cfg, name)!r} (0 switches it off)")
+    if cfg.freeze_blocks < -1:
+        raise ValueError(f"TrainConfig.freeze_blocks must be >= -1 (-1: freeze nothing), got {cfg.freeze_blocks}")
+    if cfg.adaptive_ema >= 1:
+        raise ValueError(f"TrainConfig.adaptive_ema must be in [0, 1), got {cfg.adaptive_ema}")
