@@ -135,6 +135,9 @@ def load_config(path: str | Path, kind: str = "method") -> dict:
     check_table(cfg, top, str(path), required={"model", "data", kind})
     check_table(cfg["model"], MODEL, f"{path} [model]", required={"name"})
     pre = cfg["model"].get("pretrained")
+    if pre == "toy":
+        raise ValueError(f"{path} [model] pretrained = 'toy': the toy VLM is a checkpoint file in a config; "
+                         "`python -m infusing_kit export-world --out DIR` writes it (pretrained = \"../model/...pt\")")
     if pre is not None and ("/" in pre or pre.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz"))):
         cfg["model"]["pretrained"] = str(_exists((path.parent / pre).resolve(), f"{path} [model] pretrained"))
     d = cfg["data"]
@@ -200,7 +203,14 @@ def setup_from_config(cfg: dict | str | Path, device: str = "cpu", progress: boo
     mc, d = cfg["model"], cfg["data"]
     m = cfg["method"] if method is None else method
     size = d.get("size") or mc.get("image_size") or _model_size(mc["name"])
-    read = lambda group, part: FORMATS[d[group][part]["format"]].read(d[group][part], size)
+    def read(group, part):
+        try:
+            return FORMATS[d[group][part]["format"]].read(d[group][part], size)
+        except ValueError as e:  # the library's hint, in this file's terms
+            raise ValueError(f"{where} [data.{group}.{part}]: " + str(e).replace(
+                "pass skip_unreadable=True to leave them out (counted in .skipped)",
+                f"set skip_unreadable = true in [data.{group}] {part} = {{...}} to leave them out (with a warning)")) from None
+
     generic_train = read("generic", "train")
     domains = Domains(read("target", "train"), read("target", "val"), read("target", "test"), generic_train,
                       read("generic", "val"), read("generic", "test"), read("text", "test"),

@@ -102,15 +102,22 @@ class FileSplit:
     def fingerprint(self) -> str:
         """sha256 of the file list (names, sizes, modification times), labels, captions and output size."""
         h = hashlib.sha256(f"{self.size}|{len(self.paths)}".encode())
-        for p in self.paths:
-            st = os.stat(p)
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(file_stamps(self.paths))
         h.update(self.labels.tobytes())
         h.update("\n".join(self.captions).encode())
         return h.hexdigest()[:16]
 
 
 AnySplit = Split | FileSplit
+
+
+def file_stamps(paths: list[str]) -> bytes:
+    """Each file's name, size and modification time, a line each: what the fingerprint of files on disk hashes."""
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append(f"{p}|{st.st_size}|{st.st_mtime_ns}\n")
+    return "".join(out).encode()
 
 
 # ---------------------------------------------------------------------------- decoding

@@ -299,10 +299,9 @@ class RecordSplit:
 
     def fingerprint(self) -> str:
         """sha256 of the files (names, sizes, modification times), the records taken, labels and output size."""
+        from .data import file_stamps
         h = hashlib.sha256(f"{self.kind}|{self.size}|{len(self.where)}".encode())
-        for p in self.files:
-            st = os.stat(p)
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(file_stamps(self.files))
         h.update(np.asarray(self.where, dtype=np.int64).tobytes())
         h.update(self.labels.tobytes())
         h.update("\n".join(self.captions).encode())

@@ -249,6 +249,29 @@ def test_cli_mistakes_are_one_line_errors(tmp_path, args, message):
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]
 
 
+def test_config_users_get_hints_in_config_terms(world, monkeypatch, capsys):
+    split = json.loads((world / "target" / "train.json").read_text())
+    (world / "broken.png").write_bytes(b"not a png")
+    split[0]["path"] = "broken.png"
+    (world / "target" / "train.json").write_text(json.dumps(split))
+    with pytest.raises(ValueError, match=r"(?s)\[data.target.train\]: 1 unreadable .*broken\.png.*set skip_unreadable = "
+                                         r"true in \[data.target\] train") as e:
+        setup_from_config(_config(world))
+    assert "skip_unreadable=True" not in str(e.value) and ".skipped" not in str(e.value)
+    with pytest.raises(ValueError, match=r"pretrained = 'toy': the toy VLM is a checkpoint file in a config"):
+        load_config(_config(world, ('pretrained = "../model/toy-clip-seed0.pt"', 'pretrained = "toy"'), name="t.toml"))
+    # Ctrl-C during a run: one line that says how to continue, no traceback
+    from infusing_kit import __main__ as cli, experiment
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(experiment, "run_experiment", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["experiment", "--preset", "toy-naive", "--smoke", "--out", str(world / "run")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "interrupted: the run in" in err and "--resume" in err and "Traceback" not in err
+
+
 def test_a_pretrained_tag_offline_is_one_clear_error(world):
     path = _config(world, ('pretrained = "../model/toy-clip-seed0.pt"', 'pretrained = "laion2b_s34b_b79k"'))
     path.write_text(path.read_text().replace('name = "toy-clip"', 'name = "ViT-B-32"'))
