@@ -152,15 +152,13 @@ class AblationExplorer:
         else:
             self.query.max = len(g["queries"]) - 1
             q = min(self.query.value, self.query.max)
-            images = self._world_images(g["world"])
-            _show_figure(self.gallery_out, gallery_figure(images, g, q))
+            _show_figure(self.gallery_out, gallery_figure(self._test_images(g), g, q))
         return g
 
-    def _world_images(self, world_cfg: dict):
-        from . import world as W
-        key = json.dumps(world_cfg, sort_keys=True)
+    def _test_images(self, g: dict):
+        key = json.dumps(g.get("world") or g["config"], sort_keys=True)
         if key not in self._worlds:
-            self._worlds[key] = W.make_world(W.config_from_dict(world_cfg)).fine_test.images
+            self._worlds[key] = gallery_images(g)
         return self._worlds[key]
 
     # ------------------------------------------------------------------------ a search
@@ -292,19 +290,30 @@ def page_data(comparison: str | Path, trials: str | Path | None = None, gallerie
 
 def gallery_from_run(run_dir: str | Path, n_queries: int = 6) -> dict:
     """Top-k fine-grained test neighbours of evenly spaced queries, before (pretrained) and after (model.pt)."""
-    from .experiment import load_run
+    from .chapters import load_run
     from .metrics import knn_search
     from .models import embed_images
-    m, after, before, w = load_run(run_dir)
-    queries = np.linspace(0, len(w.fine_test) - 1, n_queries).astype(int)
-    out = {"world": m["world"], "queries": queries.tolist(), "method": m["preset"], "seed": m["seed"]}
+    m, after, before, data = load_run(run_dir)
+    test = data.target_test
+    queries = np.linspace(0, len(test) - 1, n_queries).astype(int)
+    out = {("world" if "world" in m else "config"): m.get("world") or m["config"], "queries": queries.tolist(),
+           "method": m["preset"], "seed": m["seed"]}
     for when, vlm in (("before", before), ("after", after)):
-        emb = embed_images(vlm, w.fine_test.images, progress=False)
+        emb = embed_images(vlm, test, progress=False)
         _, nn = knn_search(emb[queries], emb, k=K_GALLERY + 1)
         nn = np.array([[j for j in row if j != q][:K_GALLERY] for row, q in zip(nn, queries)])  # self by identity
         out[when] = nn.tolist()
-        out[f"{when}_relevant"] = (w.fine_test.labels[nn] == w.fine_test.labels[queries][:, None]).tolist()
+        out[f"{when}_relevant"] = (test.labels[nn] == test.labels[queries][:, None]).tolist()
     return out
+
+
+def gallery_images(g: dict):
+    """The fine-grained test split a gallery indexes: the built-in world's (its "world") or a config's files."""
+    if g.get("world"):
+        from . import world as W
+        return W.make_world(W.config_from_dict(g["world"])).fine_test
+    from .config import read_split
+    return read_split(g["config"], "target", "test")
 
 
 def make_galleries(rows: list[dict], out: str | Path, seeds=(0,), n_queries: int = 6) -> dict:
@@ -319,8 +328,9 @@ def make_galleries(rows: list[dict], out: str | Path, seeds=(0,), n_queries: int
 
 def gallery_figure(images, g: dict, q: int):
     """Query q of a gallery (`gallery_of`): its top-k before and after fine-tuning (`figures.gallery`)."""
-    query = g["queries"][q]
-    fig = figures.gallery(images[[query, query]], images, np.array([g["before"][q], g["after"][q]]),
+    query, nn = g["queries"][q], np.array([g["before"][q], g["after"][q]])
+    take = images.take if hasattr(images, "take") else (lambda idx: images[np.asarray(idx)])  # a split or its images
+    fig = figures.gallery(take([query, query]), take(nn.reshape(-1)), np.arange(nn.size).reshape(nn.shape),
                           np.array([g["before_relevant"][q], g["after_relevant"][q]]), row_labels=["before", "after"])
     fig.suptitle(f"{g['method']} seed {g['seed']}: top-{len(g['before'][q])} (green: same class)", fontsize=9)
     return fig

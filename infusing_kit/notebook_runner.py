@@ -42,11 +42,12 @@ def _kernel_config():
 
 
 def run_notebook(path: Path, out_dir: Path, smoke: bool, results_dir: Path | None = None,
-                 figures_dir: Path | None = None, timeout: int = 1800) -> float:
-    """Execute one notebook; returns its wall time in seconds. Raises papermill's error on a failing cell."""
+                 figures_dir: Path | None = None, timeout: int = 1800, parameters: dict | None = None) -> float:
+    """Execute one notebook; returns its wall time in seconds. Raises papermill's error on a failing cell.
+    parameters: more values for its `parameters` cell (e.g. CONFIG, the study file it runs on)."""
     import papermill as pm
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = {"SMOKE": smoke}
+    params = {"SMOKE": smoke, **(parameters or {})}
     if results_dir is not None:
         params["RESULTS_DIR"] = str(Path(results_dir).resolve())
     if figures_dir is not None:

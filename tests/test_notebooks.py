@@ -68,3 +68,28 @@ def test_the_course_site_renders_in_a_real_browser(shared, browser):
         page.goto((site / (with_math.stem + ".html")).as_uri())
         assert page.locator("math").count() >= 5
         assert page.evaluate("() => document.querySelector('math').getBoundingClientRect().width") > 0
+
+
+# figures each chapter shows on an exported world's study file (no committed comparison to draw on there)
+CONFIG_FIGURES = {"02": 3, "03": 4, "08": 3, "09": 1, "10": 3, "11": 1}
+
+
+@pytest.mark.slow
+def test_the_chapters_tell_the_same_story_on_a_study_file(smoke_study, tmp_path):
+    """Chapters 02, 03, 08, 09 and 10 with CONFIG = a study file (the built-in world exported as files: a user's own
+    model and data look the same to them), then the explorer on the runs they made. Each chapter's assertions of
+    its phenomenon run on the files; its figures show, and none overwrites a built-in world's figure."""
+    chapters = [p for p in PATHS if p.name[:2] in CONFIG_FIGURES]
+    assert [p.name[:2] for p in chapters] == sorted(CONFIG_FIGURES)
+    executed, figures = tmp_path / "executed", tmp_path / "figures"
+    for path in chapters:
+        params = {} if path.name.startswith("11") else {"CONFIG": str(smoke_study)}
+        seconds = run_notebook(path, executed, smoke=True, results_dir=tmp_path / "results", figures_dir=figures,
+                               timeout=900, parameters=params)
+        shown = count_images(executed / path.name)
+        print(f"{path.name} on {smoke_study.name}: {seconds:.0f} s, {shown} figures")
+        assert shown >= CONFIG_FIGURES[path.name[:2]], f"{path.name} shows {shown} figures on a study file"
+    saved = sorted(p.name for p in figures.rglob("*.png") if not p.name.startswith("11-"))  # (11 reads registries)
+    assert saved and all(smoke_study.stem in name for name in saved), saved
+    runs = sorted(p.name for p in (tmp_path / "results").iterdir() if (p / "metrics.json").exists())
+    assert runs and all(name.startswith(smoke_study.stem) for name in runs), runs  # nothing ran on the built-in world
