@@ -15,6 +15,7 @@ The modules, from the data to the comparison (each one's docstring says what it 
   trainconfig run_state   a run's settings (checked when made); its counters, kept checkpoint and files
   train                   the one training loop
   metrics    drift        retrieval metrics (brute-force tested); where the tower changed, block by block
+  evaluation              a run's test and validation metrics (query/gallery, merged index, precomputed text)
   posthoc    merges       post-hoc methods as one table; their weight-space merges (WiSE-FT, LiNeS, Model Stock, soups)
   presets    experiment   the methods the kit compares (PRESETS); one experiment: model -> fine-tune -> evaluate
   config     leakage      real runs from a TOML file; leakage checks before any work
@@ -25,7 +26,8 @@ The modules, from the data to the comparison (each one's docstring says what it 
   figures    explorer     figures shared by notebooks and reports; the widget explorer
   export     distributed  the built-in world as files; data parallel runs under torchrun
   checkpoints identity    files written so that nothing a user made is lost; what a run is (weights, threads, code)
-  notebook_runner         the chapters headless (papermill) and the course site
+  chapters   notebook_runner  a chapter's runs, on the built-in world or your study file; the chapters headless
+                          (papermill) and the course site
   __main__                the command line (`python -m infusing_kit --help`)
 """
 __version__ = "0.1.0"

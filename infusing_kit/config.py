@@ -14,7 +14,10 @@ complete example, and a minimal one:
             allow_leakage = false (true runs even when splits share images or classes: see below)
   [data.target]   train / val / test = {format = ..., path = ..., ...}         class-disjoint splits
   [data.generic]  train / val / test = {...}; prompts = "classes.txt" or prompt = "a photo of a {}."
-  [data.text]     test = {format = "karpathy_json" | "caption_csv", ...}
+  [data.text]     test = {format = "karpathy_json" | "caption_csv" | "text_embeddings", ...} (text_embeddings: the
+                  paper's query records with precomputed text embeddings and ground truth: no text tower runs)
+  A test split of queries against a gallery: test = {query = {format = ...}, index = {format = ...}};
+  [data] merged_index = true adds the merged-index protocol (every domain's queries against one index).
   [method]  preset = "toy-paper" (optional: its TrainConfig as the base; schedule = "full" | "smoke"),
             any TrainConfig field (steps, lr_backbone, l2sp, distill, sampler, ...),
             post_hoc = "wise_ft" | "lines" (a post-hoc step chosen on validation; wise_ft = true is the same)
@@ -46,7 +49,8 @@ _STR = (str, lambda v: bool(v), "a non-empty string")
 _BOOL = (bool, None, "true or false")
 TOP = {"name": _STR, "seed": _NONNEG_INT, "model": None, "data": None, "method": None, "study": None}
 MODEL = {"name": _STR, "pretrained": _STR, "image_size": _POS_INT, "cache_dir": _STR}
-DATA = {"root": _STR, "size": _POS_INT, "allow_leakage": _BOOL, "target": None, "generic": None, "text": None}
+DATA = {"root": _STR, "size": _POS_INT, "allow_leakage": _BOOL, "merged_index": _BOOL, "target": None, "generic": None,
+        "text": None}
 PART = {"format": _STR, "path": _STR, "root": _STR}
 GENERIC = {"prompts": _STR, "prompt": (str, lambda v: "{}" in v, "a string with {} where the class name goes, "
                                                                     "e.g. 'a photo of a {}.'")}
@@ -88,6 +92,11 @@ FORMATS = {
                                                                              p.get("root") or Path(p["path"]).parent,
                                                                              p.get("split", "test"))),
 }
+def _record_files(path: str) -> list[str]:
+    p = Path(path)
+    return sorted(str(f) for f in p.iterdir() if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [str(p)]
+
+
 def _records(kind: str):
     """A records format: path = one file or a folder of them; keys = a JSON list of the record keys to take (or
     of {"key": ...} objects), in that order; label / image / key: the feature names."""
@@ -95,9 +104,7 @@ def _records(kind: str):
         import json
 
         from .records import record_split
-        p = Path(part["path"])
-        files = sorted(str(f) for f in p.iterdir() if f.is_file() and not f.name.startswith(".")) if p.is_dir() \
-            else [str(p)]
+        files = _record_files(part["path"])
         keys = None
         if "keys" in part:
             listed = json.loads(Path(part["keys"]).read_text())
@@ -111,6 +118,17 @@ def _records(kind: str):
 
 FORMATS["array_record"] = _records("array_record")  # the paper's release (ArrayRecord shards of tf.train.Example)
 FORMATS["tfrecord"] = _records("tfrecord")          # the same records in TFRecord files
+
+
+def _text_probe(part, size):
+    from .records import text_probe
+    return text_probe(_record_files(part["path"]), part["embeddings"], part["gt"], size, None,
+                      part.get("image", "bytes_image"), part.get("id", "id"))
+
+
+# the paper's image-text test sets: query images in records, precomputed text embeddings and the ground truth
+FORMATS["text_embeddings"] = Format({"embeddings": _STR, "gt": _STR, "image": _STR, "id": _STR}, _text_probe,
+                                    files=("embeddings", "gt"))
 PARTS = {"target": ("train", "val", "test"), "generic": ("train", "val", "test"), "text": ("test",)}
 
 
@@ -149,7 +167,12 @@ def load_config(path: str | Path, kind: str = "method") -> dict:
         check_table(d[group], {**{p: None for p in parts}, **(GENERIC if group == "generic" else {})},
                     f"{path} [data.{group}]", required=set(parts))
         for part in parts:
-            d[group][part] = _part(d[group][part], root, f"{path} [data.{group}.{part}]")
+            where = f"{path} [data.{group}.{part}]"
+            if group != "text" and part == "test" and isinstance(d[group][part], dict) and "query" in d[group][part]:
+                check_table(d[group][part], {"query": None, "index": None}, where, required={"query", "index"})
+                d[group][part] = {k: _part(d[group][part][k], root, f"{where} {k}") for k in ("query", "index")}
+            else:
+                d[group][part] = _part(d[group][part], root, where)
     if "prompts" in d["generic"]:
         d["generic"]["prompts"] = str(_exists(root / d["generic"]["prompts"], f"{path} [data.generic] prompts"))
     if kind == "method":
@@ -202,19 +225,11 @@ def setup_from_config(cfg: dict | str | Path, device: str = "cpu", progress: boo
     where = cfg.get("_path", "the config")
     mc, d = cfg["model"], cfg["data"]
     m = cfg["method"] if method is None else method
-    size = d.get("size") or mc.get("image_size") or _model_size(mc["name"])
-    def read(group, part):
-        try:
-            return FORMATS[d[group][part]["format"]].read(d[group][part], size)
-        except ValueError as e:  # the library's hint, in this file's terms
-            raise ValueError(f"{where} [data.{group}.{part}]: " + str(e).replace(
-                "pass skip_unreadable=True to leave them out (counted in .skipped)",
-                f"set skip_unreadable = true in [data.{group}] {part} = {{...}} to leave them out (with a warning)")) from None
-
+    read = lambda group, part: read_split(cfg, group, part)
     generic_train = read("generic", "train")
     domains = Domains(read("target", "train"), read("target", "val"), read("target", "test"), generic_train,
                       read("generic", "val"), read("generic", "test"), read("text", "test"),
-                      _prompts(d["generic"], generic_train, where))
+                      _prompts(d["generic"], generic_train, where), d.get("merged_index", False))
     from .leakage import check_domains
     check_domains(domains, where, allowed=d.get("allow_leakage", False))
     seed = int(cfg.get("seed", 0))
@@ -229,6 +244,22 @@ def setup_from_config(cfg: dict | str | Path, device: str = "cpu", progress: boo
     label = name or cfg["name"]
     return Setup(label, f"{label} (config file; method from preset {preset!r} and its overrides)", model, domains,
                  train_config(cfg, where, m), post_hoc_of(m), seed, m.get("schedule") == "smoke", source, overrides)
+
+
+def read_split(cfg: dict, group: str, part: str):
+    """One split a checked config names ([data.GROUP] PART, e.g. "target", "test"), at the model's image size."""
+    mc, d, where = cfg["model"], cfg["data"], cfg.get("_path", "the config")
+    size = d.get("size") or mc.get("image_size") or _model_size(mc["name"])
+    if "query" in d[group][part]:  # a test split of queries against a separate index (gallery)
+        from .evaluation import QueryIndex
+        read = lambda sub: FORMATS[sub["format"]].read(sub, size)
+        return QueryIndex(read(d[group][part]["query"]), read(d[group][part]["index"]))
+    try:
+        return FORMATS[d[group][part]["format"]].read(d[group][part], size)
+    except ValueError as e:  # the library's hint, in this file's terms
+        raise ValueError(f"{where} [data.{group}.{part}]: " + str(e).replace(
+            "pass skip_unreadable=True to leave them out (counted in .skipped)",
+            f"set skip_unreadable = true in [data.{group}] {part} = {{...}} to leave them out (with a warning)")) from None
 
 
 def run_config(path: str | Path, out_dir: str | Path, device: str = "cpu", progress: bool = True,

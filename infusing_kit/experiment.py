@@ -13,7 +13,8 @@ out_dir/metrics.json:
      "pretrained": {"in_domain": {...}, "generic_image": {...}, "image_text": {...}}, "finetuned": {...}}
 in_domain: fine-grained test retrieval (class-disjoint from training): map@20, mmp@20, r@1.
 generic_image: generic test image-image retrieval, same keys.
-image_text: image-caption pairs: i2t_r@1/5/10, t2i_r@1/5/10 (captions by the frozen text tower).
+image_text: image-caption pairs: i2t_r@1/5/10, t2i_r@1/5/10 (captions by the frozen text tower, or precomputed).
+merged (with Domains.merged_index): both retrievals against one merged index (evaluation.evaluate).
 Validation (checkpoint selection, search) uses the target val classes and the generic val images only.
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ from . import distributed
 from . import world as W
 from .checkpoints import FolderLock, atomic_write_text, check_writable
 from .identity import check_identity, code_version, run_identity
-from .metrics import K, image_text_recall, retrieval_metrics
+from .evaluation import VALIDATION_KEYS, evaluate, validation_fn  # (experiment.evaluate etc. stay importable)
+from .metrics import K
 from .models import VLM, embed_images, embed_texts, save_finetuned
 from .pretrain import FAR_PRETRAIN, PretrainConfig, load_pretrained_toy
 from .inputs import prepare_inputs
@@ -73,8 +75,9 @@ class Domains:
     """The data of one experiment (each a data.Split or data.FileSplit).
 
     target_*: the fine-grained domain, class-disjoint splits. generic_train: images the regularizers use
-    (replay, teacher, Fisher); generic_val: selection; generic_test: reporting. text_test: images with
-    captions (`captions`, `caption_image`). generic_prompts: one text per generic class (LwF's zero-shot
+    (replay, teacher, Fisher); generic_val: selection; generic_test: reporting (either test split may be an
+    `evaluation.QueryIndex`: queries against a gallery). text_test: images with captions (`captions`,
+    `caption_image`) or with precomputed text embeddings (`evaluation.TextProbe`). generic_prompts: one text per generic class (LwF's zero-shot
     logits and EWC's Fisher use them), indexed by the generic labels; None when the generic data have none."""
     target_train: object
     target_val: object
@@ -84,6 +87,7 @@ class Domains:
     generic_test: object
     text_test: object
     generic_prompts: list[str] | None = None
+    merged_index: bool = False        # test also with the merged-index protocol (evaluation.evaluate)
 
     @classmethod
     def from_world(cls, w: W.WorldSplits) -> "Domains":
@@ -122,43 +126,6 @@ def toy_setup(preset: str, seed: int = 0, smoke: bool = False, device: str = "cp
     model = lambda: load_pretrained_toy(pcfg.model, device=device, cache_dir=cache_dir, cfg=pcfg, progress=progress)
     return Setup(preset, p.description, model, Domains.from_world(W.make_world(wcfg)), cfg, p.post_hoc, seed, smoke,
                  {"world": asdict(wcfg), "pretrain": asdict(pcfg), "model": pcfg.model}, overrides)
-
-
-# ---------------------------------------------------------------------------- evaluation and selection
-def evaluate(vlm: VLM, data, progress: bool = False) -> dict[str, dict[str, float]]:
-    """Test metrics on the three axes of the paper's Figure 1. data: Domains (or the world's WorldSplits)."""
-    d = data if isinstance(data, Domains) else Domains.from_world(data)
-    fine = embed_images(vlm, d.target_test, progress=progress)
-    generic = embed_images(vlm, d.generic_test, progress=progress)
-    pairs = embed_images(vlm, d.text_test, progress=progress)
-    captions = embed_texts(vlm, d.text_test.captions, progress=progress)
-    pick = lambda m: {k: m[k] for k in (f"map@{K}", f"mmp@{K}", "r@1", "skipped")}
-    return {"in_domain": pick(retrieval_metrics(fine, d.target_test.labels, k=K)),
-            "generic_image": pick(retrieval_metrics(generic, d.generic_test.labels, k=K)),
-            "image_text": image_text_recall(pairs, captions, d.text_test.caption_image)}
-
-
-VALIDATION_KEYS = (f"fine_map@{K}", f"generic_map@{K}", f"mean_map@{K}", "generic_agreement")
-
-
-def validation_fn(data, reference: np.ndarray | None = None):
-    """validate(vlm) -> fine-grained and generic validation mAP@20 and their mean (docs/method.md, "Protocol").
-
-    reference: the pretrained model's embeddings of the generic validation images (`embed_images`); with it,
-    validate also reports "generic_agreement", the mean cosine between the current and the pretrained embedding
-    of each generic validation image (1 = the teacher's features; logged only, never used for selection)."""
-    d = data if isinstance(data, Domains) else Domains.from_world(data)
-
-    def validate(vlm: VLM) -> dict[str, float]:
-        f = retrieval_metrics(embed_images(vlm, d.target_val, progress=False), d.target_val.labels, k=K, map_at_r=False)
-        generic = embed_images(vlm, d.generic_val, progress=False)
-        g = retrieval_metrics(generic, d.generic_val.labels, k=K, map_at_r=False)
-        out = {f"fine_map@{K}": f[f"map@{K}"], f"generic_map@{K}": g[f"map@{K}"],
-               f"mean_map@{K}": (f[f"map@{K}"] + g[f"map@{K}"]) / 2}
-        if reference is not None:
-            out["generic_agreement"] = float((generic * reference).sum(1).mean())
-        return out
-    return validate
 
 
 def _kept_validation(history: list[dict], best_step: int | None) -> dict[str, float]:

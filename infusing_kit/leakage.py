@@ -32,10 +32,15 @@ def content_hashes(split) -> list[str]:
         return [hashlib.sha256(img.contiguous().numpy().tobytes()).hexdigest() for img in split.images]
     if hasattr(split, "image_bytes"):  # records: the encoded image each holds
         return [hashlib.sha256(split.image_bytes(i)).hexdigest() for i in range(len(split))]
+    if hasattr(split, "query") and hasattr(split, "index"):  # queries and their gallery (evaluation.QueryIndex)
+        return content_hashes(split.query) + content_hashes(split.index)
     raise TypeError(f"cannot hash a {type(split).__name__}")
 
 
 def _name(split, i: int) -> str:
+    if hasattr(split, "query") and hasattr(split, "index"):
+        nq = len(split.query)
+        return f"query {_name(split.query, i)}" if i < nq else f"index {_name(split.index, i - nq)}"
     if isinstance(split, FileSplit):
         return split.paths[i]
     return f"record {split.keys[i]}" if getattr(split, "keys", None) else f"image {i}"

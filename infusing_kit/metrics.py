@@ -113,10 +113,10 @@ def _order_ties(sims: np.ndarray, idx: np.ndarray, kk: int, q: np.ndarray, x: np
     return sims, idx
 
 
-def _drop_self(sims: np.ndarray, idx: np.ndarray):
-    """Remove each query's own id from its row; rows without it lose their last column instead."""
+def _drop_self(sims: np.ndarray, idx: np.ndarray, own: np.ndarray | None = None):
+    """Remove each query's own id (own[i], default i) from its row; rows without it lose their last column instead."""
     q, kk = idx.shape
-    is_self = idx == np.arange(q)[:, None]
+    is_self = idx == (np.arange(q) if own is None else own)[:, None]
     drop = np.where(is_self.any(1), is_self.argmax(1), kk - 1)
     keep = np.ones_like(idx, dtype=bool)
     keep[np.arange(q), drop] = False
@@ -139,10 +139,13 @@ def precision_at_npos(rel: np.ndarray, n_pos: np.ndarray, k: int) -> np.ndarray:
 
 
 def retrieval_metrics(query_emb, query_labels, index_emb=None, index_labels=None, k: int = 20,
-                      backend: Backend = "auto", map_at_r: bool = True) -> dict[str, float]:
+                      backend: Backend = "auto", map_at_r: bool = True,
+                      query_in_index: np.ndarray | None = None) -> dict[str, float]:
     """kNN retrieval metrics with cosine similarity (embeddings are L2-normalised here).
 
     index_emb=None: the queries are their own index, each query excluded from its own neighbours.
+    query_in_index: with an index, query i is index item query_in_index[i] (a merged index holding the queries),
+    likewise excluded from its own neighbours and positives; without it no query is in the index (query/gallery).
     Returns {"map@{k}", "mmp@{k}", "r@1"} and, with map_at_r, "map@r" (MAP@R), floats in [0, 1],
     averaged over the queries that have at least one positive in the index, and "skipped": the number of
     queries without one (an int)."""
@@ -154,12 +157,16 @@ def retrieval_metrics(query_emb, query_labels, index_emb=None, index_labels=None
     if len(ql) != q.shape[0] or len(xl) != x.shape[0]:
         raise ValueError(f"labels and embeddings differ in length: query {len(ql)} vs {q.shape[0]}, "
                          f"index {len(xl)} vs {x.shape[0]}")
+    own = None if self_search or query_in_index is None else np.asarray(query_in_index, dtype=np.int64)
+    if own is not None and (len(own) != len(ql) or own.min() < 0 or own.max() >= len(xl) or
+                            (xl[own] != ql).any()):
+        raise ValueError("query_in_index must give, for every query, the index item with its label")
     classes, counts = np.unique(xl, return_counts=True)
     n_pos = np.zeros(len(ql), dtype=np.int64)
     pos = np.searchsorted(classes, ql)
     found = (pos < len(classes)) & (classes[np.minimum(pos, len(classes) - 1)] == ql)
     n_pos[found] = counts[pos[found]]
-    if self_search:
+    if self_search or own is not None:
         n_pos -= 1
     valid = n_pos > 0
     if not valid.any():
@@ -169,7 +176,11 @@ def retrieval_metrics(query_emb, query_labels, index_emb=None, index_labels=None
         warnings.warn(f"retrieval_metrics: {skipped} of {len(ql)} queries have no positive "
                       f"in the index and are skipped", stacklevel=2)
     kr = int(n_pos.max()) if map_at_r else 0
-    _, idx = knn_search(q, None if self_search else x, k=max(k, kr), backend=backend)
+    if own is None:
+        _, idx = knn_search(q, None if self_search else x, k=max(k, kr), backend=backend)
+    else:  # one more neighbour, then the query's own item out (by identity, as for self search)
+        sims, idx = knn_search(q, x, k=min(max(k, kr) + 1, len(xl)), backend=backend)
+        _, idx = _drop_self(sims, idx, own)
     rel = (xl[idx] == ql[:, None])[valid]
     n_pos = n_pos[valid]
     if rel.shape[1] < k:  # fewer candidates than k: the missing ranks are simply not relevant
@@ -180,6 +191,29 @@ def retrieval_metrics(query_emb, query_labels, index_emb=None, index_labels=None
     if map_at_r:
         out["map@r"] = _map_at_r(rel, n_pos)
     return {**{key: float(v) for key, v in out.items()}, "skipped": skipped}
+
+
+def merged_retrieval_metrics(parts: dict[str, tuple], k: int = 20, backend: Backend = "auto") -> dict[str, dict]:
+    """The merged-index protocol (UnED; the official final test): every domain's queries are searched against one
+    index made of every domain's index items, and a neighbour is relevant when it has the query's label AND comes
+    from the query's domain. parts: {domain: (query_emb, query_labels, index_emb, index_labels)}, index_emb None
+    when the queries are their own index (each query then left out of its own neighbours). Returns the
+    `retrieval_metrics` of each domain's queries against the merged index."""
+    codes: dict[tuple[int, int], int] = {}  # (domain, label) -> one integer: equal codes = same label and domain
+    encode = lambda d, labels: np.array([codes.setdefault((d, int(c)), len(codes)) for c in _as_labels(labels)])
+    index, labels, offsets, n = [], [], {}, 0
+    for d, (name, (q, ql, x, xl)) in enumerate(parts.items()):
+        x, xl = (q, ql) if x is None else (x, xl)
+        offsets[name], n = n, n + len(xl)
+        index.append(_np(_normalise(x)))
+        labels.append(encode(d, xl))
+    index, labels = np.concatenate(index), np.concatenate(labels)
+    out = {}
+    for d, (name, (q, ql, x, _)) in enumerate(parts.items()):
+        own = offsets[name] + np.arange(len(ql)) if x is None else None
+        out[name] = retrieval_metrics(q, encode(d, ql), index, labels, k=k, backend=backend, map_at_r=False,
+                                      query_in_index=own)
+    return out
 
 
 def _map_at_r(rel: np.ndarray, n_pos: np.ndarray) -> float:

@@ -80,6 +80,8 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
     kit = _kit_checkpoint(pretrained)
     if kit is not None:
         return _load_finetuned(kit, name, pretrained, device, image_size, cache_dir)
+    if str(pretrained or "").endswith(".npz"):
+        return _load_big_vision(name, pretrained, device, image_size, cache_dir, seed)
     if pretrained is not None and not Path(str(pretrained)).is_file() and (os.sep in str(pretrained) or
                                                                         str(pretrained).endswith((".pt", ".bin", ".safetensors", ".pth"))):
         raise FileNotFoundError(f"checkpoint file {pretrained} does not exist (pretrained=...)")
@@ -109,6 +111,30 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
     vlm = VLM(model, name, pretrained, int(cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]),
               tuple(cfg["mean"]), tuple(cfg["std"]), embed_dim)
     freeze_text_tower(vlm)
+    return vlm
+
+
+def _load_big_vision(name: str, path, device, image_size, cache_dir, seed) -> VLM:
+    """A big_vision `.npz` (the paper's SigLIP checkpoint, e.g. webli_en_b16_224_63724782.npz) into the timm ViT
+    image tower of an open_clip model (ViT-B-16-SigLIP), through timm's own big_vision loader (its image sub-tree,
+    `params/img/`, found by timm). The text tower stays randomly initialised (seeded: the same in every process),
+    so image-text retrieval needs the release's precomputed text embeddings (format "text_embeddings")."""
+    import warnings
+    if not Path(str(path)).is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist (pretrained=...)")
+    vlm = load_model(name, None, device, image_size, cache_dir, seed=0 if seed is None else seed)
+    trunk = getattr(vlm.model.visual, "trunk", None)
+    if trunk is None or not hasattr(trunk, "blocks") or not hasattr(trunk, "patch_embed"):
+        raise ValueError(f"{path}: a big_vision checkpoint loads into a timm ViT image tower (e.g. ViT-B-16-SigLIP); "
+                         f"{name!r} has a {type(vlm.model.visual).__name__} tower")
+    from timm.models.vision_transformer import _load_weights  # timm's converter of big_vision ViT checkpoints
+    try:
+        _load_weights(trunk, str(path))
+    except KeyError as e:
+        raise ValueError(f"{path} is not a big_vision ViT checkpoint for {name!r}: it has no {e}") from None
+    warnings.warn(f"{path}: the image tower is the checkpoint's; the text tower of {name} is random (use precomputed "
+                  "text embeddings for image-text retrieval)", stacklevel=2)
+    vlm.pretrained = str(path)
     return vlm
 
 

@@ -308,11 +308,12 @@ class RecordSplit:
         return h.hexdigest()[:16]
 
 
-def record_split(paths: list[str | Path], size: int, kind: str | None = None, label_feature: str = "class_id",
+def record_split(paths: list[str | Path], size: int, kind: str | None = None, label_feature: str | None = "class_id",
                  key_feature: str = "key", image_feature: str = "image_bytes", keys: list[str] | None = None) -> RecordSplit:
     """Index record files (ArrayRecord shards or TFRecord files, by extension unless `kind` says) into a split:
-    every record's class (`label_feature`) and key; `keys` (e.g. a split JSON's) keeps only those records, in that
-    order. Each record is read once here (labels and keys), images are decoded later."""
+    every record's class (`label_feature`; None: records without classes, labelled 0, 1, ...) and key (bytes or
+    an integer, kept as text); `keys` (e.g. a split JSON's) keeps only those records, in that order. Each record
+    is read once here (labels and keys), images are decoded later."""
     paths = [str(p) for p in paths]
     if not paths:
         raise ValueError("record_split needs at least one record file")
@@ -335,11 +336,11 @@ def record_split(paths: list[str | Path], size: int, kind: str | None = None, la
             raw = (reader.read([j])[0] for j in range(n))
         for (pos, length), data in zip(positions, raw):
             rec = parse_example(data)
-            if not rec.get(label_feature):
+            if label_feature is not None and not rec.get(label_feature):
                 raise ValueError(f"{p}: a record has no {label_feature!r} (features: {sorted(rec)})")
             where.append((f, pos, length))
-            labels.append(int(rec[label_feature][0]))
-            names.append(rec[key_feature][0].decode() if rec.get(key_feature) else f"{Path(p).name}:{pos}")
+            labels.append(int(rec[label_feature][0]) if label_feature is not None else len(labels))
+            names.append(_text(rec[key_feature][0]) if rec.get(key_feature) else f"{Path(p).name}:{pos}")
     if keys is not None:
         at = {k: i for i, k in enumerate(names)}
         missing = [k for k in keys if k not in at]
@@ -348,3 +349,41 @@ def record_split(paths: list[str | Path], size: int, kind: str | None = None, la
         order = [at[k] for k in keys]
         where, labels, names = [where[i] for i in order], [labels[i] for i in order], list(keys)
     return RecordSplit(files, where_kind, where, labels, size, names, image_feature)
+
+
+def _text(v) -> str:
+    """An id as text: bytes decoded, numbers written out (ids are matched as text across files)."""
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def text_probe(paths: list[str | Path], embeddings: str | Path, gt: str | Path, size: int, kind: str | None = None,
+               image_feature: str = "bytes_image", id_feature: str = "id"):
+    """The paper's image-text test set (Flickr30k, MSCOCO) as released: query images in record files (`bytes_image`,
+    `id`), precomputed text embeddings (a NumPy file holding a pickled dict caption id -> embedding, made by the
+    original text tower) and the ground truth (a dict image id -> its caption ids). Returns an
+    `evaluation.TextProbe`: the captions of each image in order, their embeddings and the image each describes.
+    The two .npy files are pickles: load only files you trust (np.load(allow_pickle=True))."""
+    from .evaluation import TextProbe
+    images = record_split(paths, size, kind, label_feature=None, key_feature=id_feature, image_feature=image_feature)
+    load = lambda f, what: _as_dict(np.load(f, allow_pickle=True), f, what)
+    emb, truth = load(embeddings, "caption id -> text embedding"), load(gt, "image id -> caption ids")
+    caption_ids, caption_image = [], []
+    for i, image in enumerate(images.keys):
+        if image not in truth:
+            raise ValueError(f"{gt}: image {image!r} of {paths[0]} has no ground-truth captions")
+        for c in truth[image]:
+            caption_ids.append(_text(c))
+            caption_image.append(i)
+    missing = [c for c in caption_ids if c not in emb]
+    if missing:
+        raise ValueError(f"{embeddings}: {len(missing)} captions of the ground truth have no embedding (first: "
+                         f"{missing[:3]})")
+    vectors = np.stack([np.asarray(emb[c], dtype=np.float32).reshape(-1) for c in caption_ids])
+    return TextProbe(images, vectors, np.asarray(caption_image, dtype=np.int64), caption_ids)
+
+
+def _as_dict(loaded, path, what: str) -> dict:
+    value = loaded.item() if isinstance(loaded, np.ndarray) and loaded.dtype == object and loaded.shape == () else loaded
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a pickled dict ({what}), got {type(value).__name__}")
+    return {_text(k): v for k, v in value.items()}

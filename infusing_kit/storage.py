@@ -126,3 +126,33 @@ def trial_rows(storage: str | Path) -> list[dict]:
                          "pruned_at": attrs.pop("pruned_at", None), "best_step": attrs.pop("best_step", None),
                          "worker": worker, "val": attrs})
     return rows
+
+
+def restore_trials(rows: list[dict], storage: str | Path, space: list, select: str, attrs: dict | None = None) -> int:
+    """Put one study's trials, as `trial_rows` wrote them (a committed trials.jsonl), back into a storage whose copy
+    of the study was lost; returns the trials added. space: the study's [field, low, high, log] ranges (its
+    chosen.json "space"); select: the validation key that was its objective; attrs: the study's user attributes.
+    A study that already holds trials is refused (nothing is mixed or added twice). `trial_rows` of the storage
+    then gives the same rows back."""
+    import optuna
+    names = {r["study"] for r in rows}
+    if len(names) != 1:
+        raise ValueError(f"restore_trials takes the rows of one study, got {sorted(names)}")
+    name = names.pop()
+    study = optuna.create_study(study_name=name, storage=open_storage(storage), direction="maximize",
+                                load_if_exists=True)
+    if study.trials:
+        raise ValueError(f"{storage} already holds {len(study.trials)} trials of {name}; nothing was added")
+    for k, v in (attrs or {}).items():
+        study.set_user_attr(k, v)
+    dists = {f: optuna.distributions.FloatDistribution(lo, hi, log=log) for f, lo, hi, log in space}
+    for r in sorted(rows, key=lambda r: r["trial"]):
+        complete = r["state"] == "complete"
+        user = {**r["val"], "design": r["design"], "train": r["train"], "updates": r["updates"],
+                "best_step": r["best_step"], **({"pruned_at": r["pruned_at"]} if r.get("pruned_at") is not None else {}),
+                **({"worker": r["worker"]} if r.get("worker") else {})}
+        study.add_trial(optuna.trial.create_trial(
+            params=r["params"], distributions={f: dists[f] for f in r["params"]}, user_attrs=user,
+            value=r["val"][select] if complete else None,
+            state=optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.PRUNED))
+    return len(rows)

@@ -11,7 +11,8 @@ import torch
 from sklearn.metrics import average_precision_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from infusing_kit.metrics import image_text_recall, knn_search, retrieval_metrics, zero_shot_accuracy
+from infusing_kit.metrics import (image_text_recall, knn_search, merged_retrieval_metrics, retrieval_metrics,
+                                  zero_shot_accuracy)
 
 
 def _data(n, d, n_classes, seed):
@@ -21,15 +22,15 @@ def _data(n, d, n_classes, seed):
     return x, rng.integers(0, n_classes, n)
 
 
-def brute_force(q, ql, x=None, xl=None, k=20):
-    """Per method.md section 6, one query at a time."""
+def brute_force(q, ql, x=None, xl=None, k=20, own=None):
+    """Per method.md section 6, one query at a time. own[i]: the index item that is query i (left out)."""
     self_search = x is None
     if self_search:
-        x, xl = q, ql
+        x, xl, own = q, ql, np.arange(len(q))
     aps, mps, r1, apr, skipped = [], [], [], [], 0
     for i in range(len(q)):
         sims = x @ q[i]
-        order = [j for j in np.argsort(-sims, kind="stable") if not (self_search and j == i)]
+        order = [j for j in np.argsort(-sims, kind="stable") if own is None or j != own[i]]
         rel = [int(xl[j] == ql[i]) for j in order]
         n_pos = sum(rel)
         if n_pos == 0:
@@ -74,6 +75,28 @@ def test_query_vs_index_matches_brute_force(backend):
     want = brute_force(q, ql, x, xl, k=20)
     for key in want:
         assert got[key] == pytest.approx(want[key], abs=1e-9), key
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_merged_index_matches_brute_force(backend):
+    """UnED's merged protocol: each domain's queries against one index of every domain; relevant = same label and
+    same domain (the two domains share label values on purpose). A leave-one-out domain leaves each query's own item
+    out by identity; a query/gallery domain keeps the whole index."""
+    a, al = _data(120, 8, 6, seed=3)            # domain "fine": its own index
+    q, ql = _data(40, 8, 5, seed=4)             # domain "shop": queries ...
+    g, gl = _data(90, 8, 5, seed=5)             # ... and a separate gallery
+    got = merged_retrieval_metrics({"fine": (a, al, None, None), "shop": (q, ql, g, gl)}, k=10, backend=backend)
+    x = np.concatenate([a, g])
+    xl = np.array([f"fine:{c}" for c in al] + [f"shop:{c}" for c in gl])
+    want = {"fine": brute_force(a, np.array([f"fine:{c}" for c in al]), x, xl, k=10, own=np.arange(len(a))),
+            "shop": brute_force(q, np.array([f"shop:{c}" for c in ql]), x, xl, k=10)}
+    for domain in want:
+        for key in ("map@10", "mmp@10", "r@1", "skipped"):
+            assert got[domain][key] == pytest.approx(want[domain][key], abs=1e-9), (domain, key)
+    # a query of one domain never counts another domain's item with its label as relevant: on its own index the
+    # numbers differ, since the other domain's items then are not in the way
+    alone = retrieval_metrics(a, al, k=10, backend=backend, map_at_r=False)
+    assert alone["map@10"] != pytest.approx(got["fine"]["map@10"], abs=1e-6)
 
 
 def test_map_equals_sklearn_average_precision_when_k_covers_index():

@@ -74,3 +74,63 @@ def test_load_image_folder_reads_class_folders(tmp_path):
     (tmp_path / "b_class" / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="broken.jpg"):
         load_image_folder(tmp_path, 24)
+
+
+def _big_vision_npz(visual, path, heads: int) -> None:
+    """Write a timm ViT image tower (SigLIP's, with its attention-pool head) in big_vision's checkpoint layout
+    (params/img/..., kernels input-first, attention kernels split per head), as the paper's release has it."""
+    t, w, p = visual.trunk, {}, "params/img/"
+    a = lambda x: x.detach().numpy().copy()
+    d = t.pos_embed.shape[-1]
+    per_head = lambda lin: a(lin.T.reshape(d, heads, -1))            # (out, in) -> (in, heads, head_dim)
+    w[p + "embedding/kernel"] = a(t.patch_embed.proj.weight.permute(2, 3, 1, 0))
+    w[p + "embedding/bias"] = a(t.patch_embed.proj.bias)
+    w[p + "pos_embedding"] = a(t.pos_embed)
+    w[p + "Transformer/encoder_norm/scale"], w[p + "Transformer/encoder_norm/bias"] = a(t.norm.weight), a(t.norm.bias)
+
+    def attention(prefix, q, k, v, qb, kb, vb, proj):
+        for n, wt, b in (("query", q, qb), ("key", k, kb), ("value", v, vb)):
+            w[f"{prefix}{n}/kernel"], w[f"{prefix}{n}/bias"] = per_head(wt), a(b.reshape(heads, -1))
+        w[f"{prefix}out/kernel"] = a(proj.weight.reshape(d, heads, -1).permute(1, 2, 0))
+        w[f"{prefix}out/bias"] = a(proj.bias)
+
+    def mlp(prefix, m):
+        for r, fc in enumerate((m.fc1, m.fc2)):
+            w[f"{prefix}Dense_{r}/kernel"], w[f"{prefix}Dense_{r}/bias"] = a(fc.weight.T), a(fc.bias)
+
+    for i, b in enumerate(t.blocks):
+        bp = f"{p}Transformer/encoderblock_{i}/"
+        w[bp + "LayerNorm_0/scale"], w[bp + "LayerNorm_0/bias"] = a(b.norm1.weight), a(b.norm1.bias)
+        w[bp + "LayerNorm_1/scale"], w[bp + "LayerNorm_1/bias"] = a(b.norm2.weight), a(b.norm2.bias)
+        attention(bp + "MultiHeadDotProductAttention_0/", *b.attn.qkv.weight.chunk(3), *b.attn.qkv.bias.chunk(3),
+                  b.attn.proj)
+        mlp(bp + "MlpBlock_0/", b.mlp)
+    ap, mp = t.attn_pool, p + "MAPHead_0/"
+    w[mp + "probe"] = a(ap.latent)
+    attention(mp + "MultiHeadDotProductAttention_0/", ap.q.weight, *ap.kv.weight.chunk(2), ap.q.bias,
+              *ap.kv.bias.chunk(2), ap.proj)
+    w[mp + "LayerNorm_0/scale"], w[mp + "LayerNorm_0/bias"] = a(ap.norm.weight), a(ap.norm.bias)
+    mlp(mp + "MlpBlock_0/", ap.mlp)
+    np.savez(path, **w)
+
+
+def test_a_big_vision_checkpoint_loads_into_the_siglip_image_tower(tmp_path):
+    """The paper's SigLIP checkpoint format: a random SigLIP image tower written in big_vision's layout loads back
+    into open_clip's ViT-B-16-SigLIP exactly (every tensor, and so every embedding); a file of another layout or a
+    tower that is not a timm ViT is refused with the file's name."""
+    import warnings
+    source = load_model("ViT-B-16-SigLIP", None, image_size=32, seed=1)
+    _big_vision_npz(source.visual, tmp_path / "siglip.npz", heads=12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_model("ViT-B-16-SigLIP", str(tmp_path / "siglip.npz"), image_size=32)
+    assert any("text tower" in str(c.message) for c in caught)
+    want, got = source.visual.state_dict(), loaded.visual.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert not torch.equal(load_model("ViT-B-16-SigLIP", None, image_size=32, seed=2).visual.trunk.pos_embed,
+                           got["trunk.pos_embed"])  # (a fresh model differs: the load did something)
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(ValueError, match="other.npz"):
+        load_model("ViT-B-16-SigLIP", str(tmp_path / "other.npz"), image_size=32)
+    with pytest.raises(ValueError, match="timm ViT"):
+        load_model("ViT-B-32", str(tmp_path / "siglip.npz"), image_size=32)

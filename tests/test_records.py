@@ -94,3 +94,106 @@ def test_a_config_on_array_record_shards_runs_the_same_experiment_as_split_files
     b = run_config(records_cfg, tmp_path / "records", progress=False)
     assert a["pretrained"] == b["pretrained"] and a["finetuned"] == b["finetuned"] and a["best_step"] == b["best_step"]
     assert b["config"]["data"]["target"]["train"]["format"] == "array_record"
+
+
+@pytest.mark.slow
+def test_the_papers_release_and_test_protocols_run_end_to_end_from_a_config(smoke_study, tmp_path):
+    """What the official release holds, written here from the exported world: the fine-grained train/val splits as
+    ArrayRecord shards named by split JSONs, the test split as queries against a separate gallery (InShop's
+    test -> index), and the image-text set as query records with precomputed text embeddings and a ground truth
+    (Flickr30k's files). `experiment --config` runs it with the merged-index protocol too, and every number is the
+    same as computed by hand from the run's model (image-text: equal to the text tower's own captions)."""
+    import csv
+
+    from infusing_kit.__main__ import main
+    from infusing_kit.chapters import load_run
+    from infusing_kit.metrics import image_text_recall, merged_retrieval_metrics, retrieval_metrics
+    from infusing_kit.models import embed_images, embed_texts, load_model
+    world = smoke_study.parents[1]
+    text = (world / "configs" / "toy-naive.toml").read_text().replace('schedule = "smoke"', 'schedule = "smoke"\nsteps = 12')
+    rel = tmp_path / "release"
+    for part in ("train", "val"):  # ArrayRecord shards of tf.train.Example records, named by a split JSON
+        items = json.loads((world / "target" / f"{part}.json").read_text())
+        (rel / part).mkdir(parents=True)
+        R.write_array_record(rel / part / "s-00000.array_record", [R.encode_example(
+            {"image_bytes": (world / it["path"]).read_bytes(), "class_id": it["class_id"], "key": it["path"]})
+            for it in items])
+        (rel / f"{part}.json").write_text(json.dumps([{"key": it["path"]} for it in items]))
+        old = f'{part} = {{format = "split_file", path = "target/{part}.json", root = "."}}'
+        text = text.replace(old, f'{part} = {{format = "array_record", path = "{rel / part}", keys = "{rel / part}.json"}}')
+    test = json.loads((world / "target" / "test.json").read_text())  # one query per class, the rest its gallery
+    first = {}
+    for i, it in enumerate(test):
+        first.setdefault(it["class_id"], i)
+    query = [it for i, it in enumerate(test) if first[it["class_id"]] == i]
+    index = [it for i, it in enumerate(test) if first[it["class_id"]] != i]
+    for name, items in (("query", query), ("index", index)):
+        (rel / f"test-{name}.json").write_text(json.dumps(items))
+    old = 'test = {format = "split_file", path = "target/test.json", root = "."}'
+    assert old in text
+    text = text.replace(old, f'test = {{query = {{format = "split_file", path = "{rel}/test-query.json", root = "{world}"}}, '
+                             f'index = {{format = "split_file", path = "{rel}/test-index.json", root = "{world}"}}}}')
+    rows = list(csv.DictReader(open(world / "text" / "test.csv")))  # image-text: records, embeddings, ground truth
+    images = list(dict.fromkeys(r["image"] for r in rows))
+    R.write_tfrecord(rel / "queries.tfrecord", [R.encode_example({"bytes_image": (world / p).read_bytes(), "id": i})
+                                                for i, p in enumerate(images)])
+    model_cfg = json.loads(json.dumps(__import__("tomllib").loads(text)["model"]))
+    vlm = load_model(model_cfg["name"], str((world / "configs" / model_cfg["pretrained"]).resolve()))
+    captions = [r["caption"] for r in rows]
+    emb = embed_texts(vlm, captions, progress=False)
+    np.save(rel / "texts.npy", {f"c{j}": emb[j] for j in range(len(rows))}, allow_pickle=True)
+    np.save(rel / "gt.npy", {i: [f"c{j}" for j, r in enumerate(rows) if r["image"] == p] for i, p in enumerate(images)},
+            allow_pickle=True)
+    old = 'test = {format = "caption_csv", path = "text/test.csv", root = "."}'
+    assert old in text
+    text = text.replace(old, f'test = {{format = "text_embeddings", path = "{rel}/queries.tfrecord", '
+                             f'embeddings = "{rel}/texts.npy", gt = "{rel}/gt.npy"}}')
+    text = text.replace("[data]\n", "[data]\nmerged_index = true\n")
+    cfg = world / "configs" / "naive-release.toml"
+    cfg.write_text(text)
+    assert main(["experiment", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    run = load_run(tmp_path / "run")
+    m, tuned, pretrained, data = run
+    for when, model in (("pretrained", pretrained), ("finetuned", tuned)):
+        q, x = embed_images(model, data.target_test.query, progress=False), embed_images(model, data.target_test.index, progress=False)
+        want = retrieval_metrics(q, data.target_test.query.labels, x, data.target_test.index.labels)
+        assert m[when]["in_domain"]["map@20"] == pytest.approx(want["map@20"], abs=1e-9)
+        g = embed_images(model, data.generic_test, progress=False)
+        merged = merged_retrieval_metrics({"in_domain": (q, data.target_test.query.labels, x, data.target_test.index.labels),
+                                           "generic_image": (g, data.generic_test.labels, None, None)})
+        assert m[when]["merged"]["in_domain/map@20"] == pytest.approx(merged["in_domain"]["map@20"], abs=1e-9)
+        assert m[when]["merged"]["generic_image/map@20"] == pytest.approx(merged["generic_image"]["map@20"], abs=1e-9)
+        pairs = embed_images(model, data.text_test, progress=False)  # the text tower's own captions, same images
+        by_tower = image_text_recall(pairs, embed_texts(model, captions, progress=False),
+                                     [images.index(r["image"]) for r in rows])
+        assert m[when]["image_text"] == pytest.approx(by_tower, abs=1e-9)
+    assert 0 < len(data.target_test.query) < len(data.target_test.index)
+    assert m["finetuned"]["in_domain"]["map@20"] > m["pretrained"]["in_domain"]["map@20"]
+
+
+def test_a_text_probe_with_a_hole_names_the_file(tmp_path):
+    """Precomputed text embeddings: the captions of each image in ground-truth order; a caption without an embedding
+    or an image without a ground truth is an error naming the file (nothing is silently left out)."""
+    png = _png()
+    R.write_tfrecord(tmp_path / "q.tfrecord", [R.encode_example({"bytes_image": png, "id": i}) for i in range(3)])
+    emb = {f"c{j}": np.full(4, j, np.float32) for j in range(5)}
+    np.save(tmp_path / "e.npy", emb, allow_pickle=True)
+    np.save(tmp_path / "gt.npy", {0: ["c0", "c1"], 1: ["c2"], 2: ["c3", "c4"]}, allow_pickle=True)
+    probe = R.text_probe([tmp_path / "q.tfrecord"], tmp_path / "e.npy", tmp_path / "gt.npy", 8)
+    assert probe.caption_image.tolist() == [0, 0, 1, 2, 2] and probe.caption_ids == ["c0", "c1", "c2", "c3", "c4"]
+    assert probe.text_embeddings[:, 0].tolist() == [0, 1, 2, 3, 4] and tuple(probe.take([1]).shape) == (1, 3, 8, 8)
+    np.save(tmp_path / "gt2.npy", {0: ["c0"], 1: ["c9"], 2: ["c3"]}, allow_pickle=True)
+    with pytest.raises(ValueError, match="e.npy: 1 captions"):
+        R.text_probe([tmp_path / "q.tfrecord"], tmp_path / "e.npy", tmp_path / "gt2.npy", 8)
+    np.save(tmp_path / "gt3.npy", {0: ["c0"], 1: ["c1"]}, allow_pickle=True)
+    with pytest.raises(ValueError, match="gt3.npy: image '2'"):
+        R.text_probe([tmp_path / "q.tfrecord"], tmp_path / "e.npy", tmp_path / "gt3.npy", 8)
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()

@@ -216,3 +216,22 @@ def test_parallel_workers_on_one_sqlite_file_never_start_a_queued_trial_twice(tm
     for p in procs:
         p.join(60)
     assert sorted(started) == list(range(60)), f"{len(started)} starts of 60 queued trials"
+
+
+def test_a_lost_study_comes_back_from_its_committed_trials(tmp_path, monkeypatch):
+    """restore_trials is trial_rows' inverse: a study searched here, read back as rows (a trials.jsonl), restored into
+    a new storage gives the same rows and the same best trial; restoring twice is refused."""
+    import optuna
+    from infusing_kit.storage import open_storage, restore_trials
+    _fake(monkeypatch, lambda x: 1 / (1 + abs(math.log10(x) - 2)))  # (as in the pruning test: some are pruned)
+    first = tmp_path / "a.db"
+    best = S.search("toy-l2sp", first, tmp_path / "runs", trials=16, base={"steps": 100}, extend=False)
+    rows = S.trial_rows(first)
+    assert any(r["state"] == "pruned" for r in rows) and any(r["state"] == "complete" for r in rows)
+    attrs = optuna.load_study(study_name=best["study"], storage=open_storage(first)).user_attrs
+    assert restore_trials(rows, tmp_path / "b.db", best["space"], "mean_map@20", attrs) == len(rows) >= 16
+    assert S.trial_rows(tmp_path / "b.db") == rows
+    restored = optuna.load_study(study_name=best["study"], storage=open_storage(tmp_path / "b.db"))
+    assert restored.best_trial.params == best["params"] and restored.user_attrs == attrs
+    with pytest.raises(ValueError, match="already holds"):
+        restore_trials(rows, tmp_path / "b.db", best["space"], "mean_map@20")

@@ -1,0 +1,137 @@
+"""The test and validation metrics of a run (docs/method.md, "Evaluation"), on any experiment's data (`Domains`).
+
+Test (`evaluate`): the three axes of the paper's Figure 1:
+- in_domain: fine-grained test retrieval, leave-one-out on the test classes (each image a query against the
+  others), or queries against a separate index (gallery) when the test split is a `QueryIndex` (InShop's
+  test -> index);
+- generic_image: generic test retrieval, the same way;
+- image_text: image <-> caption recall; the captions embedded by the frozen text tower, or precomputed text
+  embeddings (`TextProbe`: the paper's Flickr30k / MSCOCO files) so no text tower is run at all;
+- merged (with `Domains.merged_index`): the official final test's merged-index protocol, each domain's queries
+  against one index of every domain (`metrics.merged_retrieval_metrics`).
+Validation (`validation_fn`): fine-grained and generic validation mAP@20 and their mean, nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .metrics import K, image_text_recall, merged_retrieval_metrics, retrieval_metrics
+from .models import VLM, embed_images, embed_texts
+
+
+@dataclass
+class QueryIndex:
+    """A test split whose queries are searched against a separate index (gallery) that holds their positives (no
+    query is in the index). As a split (galleries, drift, leakage checks) it is the queries followed by the index."""
+    query: object
+    index: object
+
+    def __len__(self) -> int:
+        return len(self.query) + len(self.index)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.concatenate([self.query.labels, self.index.labels])
+
+    def take(self, idx) -> torch.Tensor:
+        idx, nq = np.asarray(idx).reshape(-1), len(self.query)
+        parts = [self.query.take([i]) if i < nq else self.index.take([i - nq]) for i in idx]
+        return torch.cat(parts) if parts else self.query.take([])
+
+    def rows(self, start: int, stop: int):
+        from .data import Split
+        return Split(self.take(np.arange(start, stop)), self.labels[start:stop])
+
+    def fingerprint(self) -> str:
+        return f"{self.query.fingerprint()}+{self.index.fingerprint()}"
+
+
+@dataclass
+class TextProbe:
+    """The image-text test set as the paper's release gives it: images (any split) and, instead of captions,
+    their precomputed text embeddings (T, D), caption_image[j] = the image caption j describes."""
+    images: object
+    text_embeddings: np.ndarray
+    caption_image: np.ndarray
+    caption_ids: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def take(self, idx) -> torch.Tensor:
+        return self.images.take(idx)
+
+    def rows(self, start: int, stop: int):
+        return self.images.rows(start, stop)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.images.labels
+
+    def fingerprint(self) -> str:
+        import hashlib
+        h = hashlib.sha256(self.images.fingerprint().encode())
+        h.update(np.ascontiguousarray(self.text_embeddings, dtype=np.float32).tobytes())
+        h.update(np.asarray(self.caption_image, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
+
+
+def _domains(data):
+    from .experiment import Domains
+    return data if isinstance(data, Domains) else Domains.from_world(data)
+
+
+def _embedded(vlm: VLM, split, progress: bool) -> tuple:
+    """(query embeddings, query labels, index embeddings or None, index labels or None) of a test split."""
+    if isinstance(split, QueryIndex):
+        return (embed_images(vlm, split.query, progress=progress), split.query.labels,
+                embed_images(vlm, split.index, progress=progress), split.index.labels)
+    return embed_images(vlm, split, progress=progress), split.labels, None, None
+
+
+def text_side(vlm: VLM, text_test, progress: bool = False) -> np.ndarray:
+    """The caption embeddings of the image-text probe: precomputed (TextProbe) or by the frozen text tower."""
+    if isinstance(text_test, TextProbe):
+        return np.asarray(text_test.text_embeddings, dtype=np.float32)
+    return embed_texts(vlm, text_test.captions, progress=progress)
+
+
+def evaluate(vlm: VLM, data, progress: bool = False) -> dict[str, dict]:
+    """Test metrics on the three axes of the paper's Figure 1 (module docstring). data: Domains (or the world's
+    WorldSplits)."""
+    d = _domains(data)
+    fine, generic = _embedded(vlm, d.target_test, progress), _embedded(vlm, d.generic_test, progress)
+    pairs = embed_images(vlm, d.text_test, progress=progress)
+    pick = lambda m: {k: m[k] for k in (f"map@{K}", f"mmp@{K}", "r@1", "skipped")}
+    out = {"in_domain": pick(retrieval_metrics(*fine, k=K)), "generic_image": pick(retrieval_metrics(*generic, k=K)),
+           "image_text": image_text_recall(pairs, text_side(vlm, d.text_test, progress), d.text_test.caption_image)}
+    if d.merged_index:
+        merged = merged_retrieval_metrics({"in_domain": fine, "generic_image": generic}, k=K)
+        out["merged"] = {f"{name}/{key}": m[key] for name, m in merged.items() for key in (f"map@{K}", f"mmp@{K}", "r@1")}
+    return out
+
+
+VALIDATION_KEYS = (f"fine_map@{K}", f"generic_map@{K}", f"mean_map@{K}", "generic_agreement")
+
+
+def validation_fn(data, reference: np.ndarray | None = None):
+    """validate(vlm) -> fine-grained and generic validation mAP@20 and their mean (docs/method.md, "Protocol").
+
+    reference: the pretrained model's embeddings of the generic validation images (`embed_images`); with it,
+    validate also reports "generic_agreement", the mean cosine between the current and the pretrained embedding
+    of each generic validation image (1 = the teacher's features; logged only, never used for selection)."""
+    d = _domains(data)
+
+    def validate(vlm: VLM) -> dict[str, float]:
+        f = retrieval_metrics(embed_images(vlm, d.target_val, progress=False), d.target_val.labels, k=K, map_at_r=False)
+        generic = embed_images(vlm, d.generic_val, progress=False)
+        g = retrieval_metrics(generic, d.generic_val.labels, k=K, map_at_r=False)
+        out = {f"fine_map@{K}": f[f"map@{K}"], f"generic_map@{K}": g[f"map@{K}"],
+               f"mean_map@{K}": (f[f"map@{K}"] + g[f"map@{K}"]) / 2}
+        if reference is not None:
+            out["generic_agreement"] = float((generic * reference).sum(1).mean())
+        return out
+    return validate
