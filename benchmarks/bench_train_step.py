@@ -82,6 +82,19 @@ REGULARIZERS = {
     "distill, live teacher": {"distill": 1.0, "sampler": "round_robin", "_live": True},
     "full (l2sp + distill)": {"l2sp": 10.0, "distill": 1.0, "sampler": "round_robin"},
     "lora (rank 4)": {"lora_rank": 4},
+    # the newer methods (presets.PRESETS; their strengths do not change a step's cost)
+    "l2 to zero": {"l2_zero": 0.1},
+    "spd (step rule)": {"spd": 0.5},
+    "tpgm (projection)": {"tpgm": 0.01},
+    "sparse update": {"sparse": 0.01},
+    "ema of weights": {"average": "ema", "average_tau": 2.0},
+    "weight average (every step)": {"average": "uniform", "average_every": 1},
+    "distill, cosine": {"distill": 1.0, "distill_kind": "cosine", "sampler": "round_robin"},
+    "relational": {"relational": 1.0, "sampler": "round_robin"},
+    "ldifs (every block)": {"ldifs": 1.0, "sampler": "round_robin"},
+    "lwf (text tower)": {"lwf": 1.0, "sampler": "round_robin"},
+    "lipsum (text tower)": {"lipsum": 1.0, "lipsum_texts": 4},
+    "adaptive sampler": {"distill": 1.0, "sampler": "adaptive", "adaptive_every": 25},
 }
 
 

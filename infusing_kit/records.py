@@ -341,6 +341,8 @@ def record_split(paths: list[str | Path], size: int, kind: str | None = None, la
             where.append((f, pos, length))
             labels.append(int(rec[label_feature][0]) if label_feature is not None else len(labels))
             names.append(_text(rec[key_feature][0]) if rec.get(key_feature) else f"{Path(p).name}:{pos}")
+        if k != "tfrecord":
+            reader.close()  # (the split opens its own readers to decode images)
     if keys is not None:
         at = {k: i for i, k in enumerate(names)}
         missing = [k for k in keys if k not in at]

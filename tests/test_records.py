@@ -16,9 +16,11 @@ def test_examples_round_trip_every_feature_kind():
     assert got == {"image_bytes": [b"\x00\xffpng"], "class_id": [11317], "key": [b"cars/00042.jpg"],
                    "big": [-1, 2 ** 40, 0], "score": [0.5, -2.25], "names": [b"a", b"bc"]}
     # an unpacked int64 list (a writer may emit one value per field) reads the same as a packed one
-    unpacked = b"".join(R._key(1, 0) + R._encode_varint(v) for v in (3, 4))  # Int64List, one field per value
-    entry = R._delimited(1, b"class_id") + R._delimited(2, R._delimited(3, unpacked))
-    assert R.parse_example(R._delimited(1, R._delimited(1, entry))) == {"class_id": [3, 4]}
+    # (written by hand from the protobuf wire format, not by the kit's encoder: field n, wire type 2 = n << 3 | 2)
+    field = lambda n, payload: bytes([n << 3 | 2, len(payload)]) + payload
+    unpacked = b"\x08\x03\x08\x04"  # Int64List.value = 3, then 4: field 1, wire type 0 (varint), one per value
+    entry = field(1, b"class_id") + field(2, field(3, unpacked))
+    assert R.parse_example(field(1, field(1, entry))) == {"class_id": [3, 4]}
     with pytest.raises(ValueError, match="truncated"):
         R.parse_example(R.encode_example(feats)[:-3])
 
