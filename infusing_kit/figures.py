@@ -228,15 +228,31 @@ def gallery(query_images, index_images, neighbours: np.ndarray, relevant: np.nda
     return fig
 
 
-def umap_scatter(emb_sets: dict[str, np.ndarray], seed: int = 0, ax=None, title: str = ""):
-    """UMAP (cosine) of several embedding sets, one colour each; fitted on their union."""
+def umap_scatter(emb_sets: dict[str, np.ndarray], seed: int = 0, ax=None, title: str = "", groups=None,
+                 group_names=None):
+    """UMAP (cosine) of several embedding sets, one colour each; fitted on their union. groups: with one set, a
+    group id per point instead (e.g. the generic images' shape): the 8 largest groups get a colour each (named by
+    group_names[id] in the legend), the others grey, so one sees whether the groups stay apart."""
     import umap
     names = list(emb_sets)
     x = np.concatenate([emb_sets[n] for n in names])
     xy = umap.UMAP(n_neighbors=15, min_dist=0.2, metric="cosine", random_state=seed).fit_transform(x)
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 4.2))
-    palette = ["#0072B2", "#D55E00", "#009E73", "#CC79A7"]
+    palette = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+    if groups is not None:
+        if len(names) != 1 or len(groups) != len(x):
+            raise ValueError("groups colours the points of one embedding set: one group id per point")
+        groups = np.asarray(groups)
+        ids, counts = np.unique(groups, return_counts=True)
+        top = ids[np.argsort(-counts, kind="stable")[:len(palette)]]
+        rest = ~np.isin(groups, top)
+        ax.scatter(xy[rest, 0], xy[rest, 1], s=4, alpha=0.3, color="#BBBBBB", label="other" if rest.any() else None)
+        for i, g in enumerate(sorted(top)):
+            at = groups == g
+            ax.scatter(xy[at, 0], xy[at, 1], s=5, alpha=0.7, color=palette[i],
+                       label=str(group_names[g]) if group_names is not None else str(g))
+        names = []
     start = 0
     for i, n in enumerate(names):
         m = len(emb_sets[n])
