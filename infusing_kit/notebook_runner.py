@@ -83,6 +83,7 @@ def chapter_line(path: Path) -> tuple[str, str]:
     return Path(path).stem, ""
 
 
+ABSOLUTE = re.compile(r"""(["'])(/[^"']+)\1""")  # a quoted absolute path
 MATH = re.compile(r"(?<![\\$])\$\$?([^$]+?)\$?\$(?!\$)")
 
 
@@ -102,23 +103,30 @@ def math_to_mathml(markdown: str) -> str:
 
 def render_site(executed: list[Path], out_dir: Path) -> Path:
     """One HTML page per executed chapter and an index page listing the chapters in order with one line each.
-    Returns the index path. The pages fetch nothing: the kit's template (templates/site) is nbconvert's lab
-    template without CDN scripts, figures are embedded as data URIs and formulas are MathML."""
+    Returns the index path. Every chapter page links to the index and to the previous and next chapters (top and
+    bottom); the index's summaries are rendered (markdown as HTML, formulas as MathML); papermill's injected
+    parameters cell shows its values with absolute folders cut to their last part (no path of the building
+    machine on a page). The pages fetch nothing: the kit's template (templates/site) is nbconvert's lab template
+    without CDN scripts, figures are embedded as data URIs."""
     import nbformat
     from nbconvert import HTMLExporter
     out_dir.mkdir(parents=True, exist_ok=True)
     exporter = HTMLExporter(template_name="site", extra_template_basedirs=[str(Path(__file__).parent / "templates")])
+    chapters = [(nb, nb.stem + ".html", *chapter_line(nb)) for nb in executed]
     items = []
-    for nb in executed:
+    for i, (nb, page, title, line) in enumerate(chapters):
         book = nbformat.read(str(nb), as_version=4)
+        for cell in book.cells:  # papermill's injected values, without the building machine's folders
+            if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+                cell.source = ABSOLUTE.sub(lambda m: f'{m.group(1)}.../{Path(m.group(2)).name}{m.group(1)}', cell.source)
         for cell in book.cells:
             if cell.cell_type == "markdown":
                 cell.source = math_to_mathml(cell.source)
         body, _ = exporter.from_notebook_node(book, resources={"metadata": {"name": nb.stem}})
-        page = out_dir / (nb.stem + ".html")
-        page.write_text(body)
-        title, line = chapter_line(nb)
-        items.append(f'<li><a href="{page.name}">{html.escape(title)}</a><br><span>{html.escape(line)}</span></li>')
+        nav, top = _nav(chapters, i), body.index(">", body.index("<body")) + 1  # right after <body ...>, and at the end
+        end = body.rindex("</body>")
+        (out_dir / page).write_text(body[:top] + nav + body[top:end] + nav + body[end:])
+        items.append(f'<li><a href="{page}">{_inline(title)}</a><br><span>{_inline(line)}</span></li>')
     index = out_dir / "index.html"
     index.write_text(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>infusing_kit: the chapters</title>\n"
@@ -128,6 +136,24 @@ def render_site(executed: list[Path], out_dir: Path) -> Path:
         "<p>The executed chapters of the kit, in order. Each page opens without Jupyter.</p>\n<ol>\n"
         + "\n".join(items) + "\n</ol>\n</body></html>\n")
     return index
+
+
+def _inline(text: str) -> str:
+    """A line of markdown (with $...$ formulas) as inline HTML: formulas as MathML, `code`, **bold**, *italic*."""
+    import mistune
+    out = mistune.html(math_to_mathml(text)).strip()
+    return out[3:-4] if out.startswith("<p>") and out.endswith("</p>") else out
+
+
+def _nav(chapters: list[tuple], i: int) -> str:
+    """The links of chapter i's page: the index, the previous and the next chapter."""
+    link = lambda j, rel, arrow: (f'<a rel="{rel}" href="{chapters[j][1]}">{arrow} {html.escape(chapters[j][2])}</a>'
+                                  if 0 <= j < len(chapters) else "")
+    parts = [link(i - 1, "prev", "&larr;"), '<a rel="index" href="index.html">all chapters</a>', link(i + 1, "next", "")]
+    if parts[2]:
+        parts[2] = parts[2].replace("</a>", " &rarr;</a>")
+    return ('<nav class="chapter-nav" style="display:flex;justify-content:space-between;gap:1rem;margin:1rem 2rem;'
+            'font-family:system-ui,sans-serif">' + "".join(f"<span>{p}</span>" for p in parts) + "</nav>")
 
 
 def main(argv: list[str] | None = None) -> int:

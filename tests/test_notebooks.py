@@ -68,6 +68,31 @@ def test_the_course_site_renders_in_a_real_browser(shared, browser):
         page.goto((site / (with_math.stem + ".html")).as_uri())
         assert page.locator("math").count() >= 5
         assert page.evaluate("() => document.querySelector('math').getBoundingClientRect().width") > 0
+    # the site walked by its own links: the index, the first chapter, then "next" to the last and back to the index;
+    # no page shows the building machine's paths (papermill's injected parameters cell keeps only their last part)
+    page.goto(index.as_uri())
+    assert "$" not in page.locator("ol").inner_text(), "an index summary shows raw TeX"
+    page.locator("li a").first.click()
+    seen = []
+    while True:
+        page.wait_for_load_state("load")
+        seen.append(page.url.rsplit("/", 1)[-1])
+        assert str(shared["results"].parent) not in page.content(), seen[-1]
+        assert "SMOKE = True" in page.inner_text("body"), seen[-1]  # (the values it ran with are still shown)
+        assert page.locator('nav a[rel="index"]').count() == 2, seen[-1]
+        following = page.locator('nav a[rel="next"]')
+        if following.count() == 0:
+            break
+        following.first.click()
+    assert seen == [p.stem + ".html" for p in executed], seen
+    if len(executed) > 1:
+        page.locator('nav a[rel="prev"]').first.click()
+        page.wait_for_load_state("load")
+        assert page.url.endswith(executed[-2].stem + ".html"), page.url
+    page.locator('nav a[rel="index"]').first.click()
+    page.wait_for_load_state("load")
+    assert page.url.endswith("index.html")
+    assert not fetched, f"the site must open offline; it fetched {fetched}"
 
 
 # figures each chapter shows on an exported world's study file (no committed comparison to draw on there)
