@@ -83,6 +83,8 @@ def chapter_line(path: Path) -> tuple[str, str]:
     return Path(path).stem, ""
 
 
+GLOSSARY = ROOT / "docs" / "glossary.md"
+PAGE_STYLE = "body{font-family:system-ui,sans-serif;max-width:46rem;margin:2rem auto;line-height:1.45}"
 ABSOLUTE = re.compile(r"""(["'])(/[^"']+)\1""")  # a quoted absolute path
 MATH = re.compile(r"(?<![\\$])\$\$?([^$]+?)\$?\$(?!\$)")
 
@@ -127,13 +129,19 @@ def render_site(executed: list[Path], out_dir: Path) -> Path:
         end = body.rindex("</body>")
         (out_dir / page).write_text(body[:top] + nav + body[top:end] + nav + body[end:])
         items.append(f'<li><a href="{page}">{_inline(title)}</a><br><span>{_inline(line)}</span></li>')
+    import mistune
+    glossary = mistune.create_markdown(plugins=["def_list"])(math_to_mathml(GLOSSARY.read_text()))
+    (out_dir / "glossary.html").write_text(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>infusing_kit: glossary</title>\n"
+        f"<style>{PAGE_STYLE}dt{{font-weight:600;margin-top:.8rem}}dd{{margin-left:1.5rem}}</style></head><body>\n"
+        '<p><a rel="index" href="index.html">all chapters</a></p>\n' + glossary + "\n</body></html>\n")
     index = out_dir / "index.html"
     index.write_text(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>infusing_kit: the chapters</title>\n"
-        "<style>body{font-family:system-ui,sans-serif;max-width:46rem;margin:2rem auto;line-height:1.45}"
-        "li{margin:.7rem 0}span{color:#444;font-size:.92rem}</style></head><body>\n"
+        f"<style>{PAGE_STYLE}li{{margin:.7rem 0}}span{{color:#444;font-size:.92rem}}</style></head><body>\n"
         "<h1>infusing_kit: knowledge-preserving fine-tuning of vision-language models</h1>\n"
-        "<p>The executed chapters of the kit, in order. Each page opens without Jupyter.</p>\n<ol>\n"
+        "<p>The executed chapters of the kit, in order. Each page opens without Jupyter. The words they use: "
+        '<a href="glossary.html">glossary</a>.</p>\n<ol>\n'
         + "\n".join(items) + "\n</ol>\n</body></html>\n")
     return index
 
@@ -149,7 +157,8 @@ def _nav(chapters: list[tuple], i: int) -> str:
     """The links of chapter i's page: the index, the previous and the next chapter."""
     link = lambda j, rel, arrow: (f'<a rel="{rel}" href="{chapters[j][1]}">{arrow} {html.escape(chapters[j][2])}</a>'
                                   if 0 <= j < len(chapters) else "")
-    parts = [link(i - 1, "prev", "&larr;"), '<a rel="index" href="index.html">all chapters</a>', link(i + 1, "next", "")]
+    parts = [link(i - 1, "prev", "&larr;"), '<a rel="index" href="index.html">all chapters</a> &middot; '
+             '<a href="glossary.html">glossary</a>', link(i + 1, "next", "")]
     if parts[2]:
         parts[2] = parts[2].replace("</a>", " &rarr;</a>")
     return ('<nav class="chapter-nav" style="display:flex;justify-content:space-between;gap:1rem;margin:1rem 2rem;'

@@ -92,6 +92,9 @@ def test_the_course_site_renders_in_a_real_browser(shared, browser):
     page.locator('nav a[rel="index"]').first.click()
     page.wait_for_load_state("load")
     assert page.url.endswith("index.html")
+    page.locator('a[href="glossary.html"]').first.click()  # the glossary, from the index
+    page.wait_for_load_state("load")
+    assert page.locator("dt").count() >= 15 and "gain kept" in page.inner_text("body")
     assert not fetched, f"the site must open offline; it fetched {fetched}"
 
 
