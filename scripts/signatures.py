@@ -3,11 +3,11 @@ choice ever used (the comparison searched on 0, calibrated on 0-2, tests on 0-7)
 
   python scripts/signatures.py [--seeds 8 9] [--out runs/signatures]
 
-Per seed: naive fine-tuning at the presets' validation-chosen settings (`toy-naive`), test metrics before and
+Per seed: naive fine-tuning at its validation-chosen settings (`toy-naive`), test metrics before and
 after; then the known signatures of real CLIP fine-tuning, measured: WiSE-FT at alpha 0.5 (Wortsman et al. 2022:
 most of the gain with much of the knowledge), the uniform average of two fine-tuning seeds (model soups: the
 average keeps most of the gain), LP-FT's distortion of generic features against naive's (Kumar et al. 2022: less),
-read as the teacher agreement of the kept checkpoint (mean cosine to the pretrained embeddings of generic
+at its preset's settings, read as the teacher agreement of the kept checkpoint (mean cosine to the pretrained embeddings of generic
 validation images). Prints one table, targets against measured; runs are reused from --out.
 """
 import argparse
