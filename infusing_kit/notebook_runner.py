@@ -85,6 +85,7 @@ def chapter_line(path: Path) -> tuple[str, str]:
 
 GLOSSARY = ROOT / "docs" / "glossary.md"
 PAGE_STYLE = "body{font-family:system-ui,sans-serif;max-width:46rem;margin:2rem auto;line-height:1.45}"
+CHECK = re.compile(r"^\s*assert ", re.M)  # a check cell: it asserts the chapter's phenomenon
 ABSOLUTE = re.compile(r"""(["'])(/[^"']+)\1""")  # a quoted absolute path
 MATH = re.compile(r"(?<![\\$])\$\$?([^$]+?)\$?\$(?!\$)")
 
@@ -108,7 +109,8 @@ def render_site(executed: list[Path], out_dir: Path) -> Path:
     Returns the index path. Every chapter page links to the index and to the previous and next chapters (top and
     bottom); the index's summaries are rendered (markdown as HTML, formulas as MathML); papermill's injected
     parameters cell shows its values with absolute folders cut to their last part (no path of the building
-    machine on a page). The pages fetch nothing: the kit's template (templates/site) is nbconvert's lab template
+    machine on a page); check cells (those that assert) are collapsed behind a one-line verdict. The pages
+    fetch nothing: the kit's template (templates/site) is nbconvert's lab template
     without CDN scripts, figures are embedded as data URIs."""
     import nbformat
     from nbconvert import HTMLExporter
@@ -119,6 +121,8 @@ def render_site(executed: list[Path], out_dir: Path) -> Path:
     for i, (nb, page, title, line) in enumerate(chapters):
         book = nbformat.read(str(nb), as_version=4)
         for cell in book.cells:  # papermill's injected values, without the building machine's folders
+            if cell.cell_type == "code" and CHECK.search(cell.source):  # collapsed behind a verdict (the template)
+                cell.metadata.setdefault("tags", []).append("kit-check")
             if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
                 cell.source = ABSOLUTE.sub(lambda m: f'{m.group(1)}.../{Path(m.group(2)).name}{m.group(1)}', cell.source)
         for cell in book.cells:

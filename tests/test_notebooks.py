@@ -79,6 +79,9 @@ def test_the_course_site_renders_in_a_real_browser(shared, browser):
         seen.append(page.url.rsplit("/", 1)[-1])
         assert str(shared["results"].parent) not in page.content(), seen[-1]
         assert "SMOKE = True" in page.inner_text("body"), seen[-1]  # (the values it ran with are still shown)
+        checks = page.locator("details.kit-check")  # the assertions, collapsed behind their verdict
+        assert checks.count() >= 1 and checks.first.get_attribute("open") is None, seen[-1]
+        assert "Check passed" in checks.first.locator("summary").inner_text()
         assert page.locator('nav a[rel="index"]').count() == 2, seen[-1]
         following = page.locator('nav a[rel="next"]')
         if following.count() == 0:
