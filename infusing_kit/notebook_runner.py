@@ -120,11 +120,15 @@ def render_site(executed: list[Path], out_dir: Path) -> Path:
     items = []
     for i, (nb, page, title, line) in enumerate(chapters):
         book = nbformat.read(str(nb), as_version=4)
-        for cell in book.cells:  # papermill's injected values, without the building machine's folders
+        injected = [c for c in book.cells if "injected-parameters" in c.get("metadata", {}).get("tags", [])]
+        folders = sorted({m.group(2) for c in injected for m in ABSOLUTE.finditer(c.source)}, key=len, reverse=True)
+        for cell in book.cells:  # the building machine's folders (papermill's injected values) cut to their last part
             if cell.cell_type == "code" and CHECK.search(cell.source):  # collapsed behind a verdict (the template)
                 cell.metadata.setdefault("tags", []).append("kit-check")
-            if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            if cell in injected:
                 cell.source = ABSOLUTE.sub(lambda m: f'{m.group(1)}.../{Path(m.group(2)).name}{m.group(1)}', cell.source)
+            for out in cell.get("outputs", []):
+                _scrub(out, folders)
         for cell in book.cells:
             if cell.cell_type == "markdown":
                 cell.source = math_to_mathml(cell.source)
@@ -148,6 +152,20 @@ def render_site(executed: list[Path], out_dir: Path) -> Path:
         '<a href="glossary.html">glossary</a>.</p>\n<ol>\n'
         + "\n".join(items) + "\n</ol>\n</body></html>\n")
     return index
+
+
+def _scrub(output, folders: list[str]) -> None:
+    """An output's text without the given absolute folders (each replaced by .../its last part)."""
+    def clean(text: str) -> str:
+        for f in folders:
+            text = text.replace(f, f".../{Path(f).name}")
+        return text
+    if "text" in output:
+        output["text"] = clean("".join(output["text"]) if isinstance(output["text"], list) else output["text"])
+    for mime, value in list(output.get("data", {}).items()):
+        if mime.startswith("text/") or mime.endswith(("json", "javascript", "svg+xml")):
+            output["data"][mime] = clean("".join(value) if isinstance(value, list) else value) \
+                if isinstance(value, (str, list)) else value
 
 
 def _inline(text: str) -> str:

@@ -124,3 +124,21 @@ def test_the_chapters_tell_the_same_story_on_a_study_file(smoke_study, tmp_path)
     assert saved and all(smoke_study.stem in name for name in saved), saved
     runs = sorted(p.name for p in (tmp_path / "results").iterdir() if (p / "metrics.json").exists())
     assert runs and all(name.startswith(smoke_study.stem) for name in runs), runs  # nothing ran on the built-in world
+
+
+def test_the_site_shows_no_folder_of_the_building_machine(tmp_path):
+    """A chapter page keeps the values papermill injected but cuts the building machine's folders to their last part,
+    in the parameters cell and in every output that prints them; its check cell is collapsed behind a verdict."""
+    import nbformat
+    from infusing_kit.notebook_runner import render_site
+    root = tmp_path / "build" / "results"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# 99 · A chapter\n\nIt has $x^2$ in its summary."),
+                nbformat.v4.new_code_cell(f'SMOKE = True\nRESULTS_DIR = "{root}"', metadata={"tags": ["injected-parameters"]}),
+                nbformat.v4.new_code_cell("print(RESULTS_DIR)\nassert SMOKE", outputs=[
+                    nbformat.v4.new_output("stream", name="stdout", text=f"{root}/toy-naive-s0\n")])]
+    nbformat.write(nb, tmp_path / "99_chapter.ipynb")
+    index = render_site([tmp_path / "99_chapter.ipynb"], tmp_path / "site")
+    page = (tmp_path / "site" / "99_chapter.html").read_text()
+    assert str(tmp_path) not in page and ".../results" in page and ".../results/toy-naive-s0" in page
+    assert '<details class="kit-check">' in page and "<math" in index.read_text()
