@@ -44,7 +44,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from .experiment import run_experiment
-from .spaces import MAX_EXTENSIONS, constrained_choice, extend_space, is_flat, is_int, startup_points, transition_points
+from .spaces import (MAX_EXTENSIONS, constrained_choice, extend_space, hard_limits, is_flat, is_int, startup_points,
+                     transition_points)
 from .storage import is_url, open_storage, open_study, study_seed, trial_rows  # noqa: F401 (trial_rows: search.X)
 from .study import Runner
 
@@ -66,8 +67,12 @@ def seed_key(method: str, seed: int, runner: Runner | None = None) -> str:
 
 # ---------------------------------------------------------------------------- the study
 def _space_of(runner: Runner, method: str, cfg) -> list[tuple]:
-    return [(f, lo, min(hi, cfg.steps - 1) if f == "lp_ft_steps" else hi, log)
-            for f, lo, hi, log in runner.method(method).search]
+    """The method's search ranges, each inside its field's hard limits (e.g. lp_ft_steps below the schedule)."""
+    out = []
+    for f, lo, hi, log in runner.method(method).search:
+        hard_lo, hard_hi = hard_limits(f, cfg.steps, None)
+        out.append((f, lo if hard_lo is None else max(lo, hard_lo), hi if hard_hi is None else min(hi, hard_hi), log))
+    return out
 
 
 def _prepare(method: str, storage, runner: Runner, seed: int, base: dict) -> tuple:

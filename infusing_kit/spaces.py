@@ -13,6 +13,9 @@ EDGE = 0.15            # outer share of a range that counts as its edge
 MAX_EXTENSIONS = 3
 HARD_LIMITS = {        # a range never grows past these
     "lr_backbone": (1e-7, 1.0), "lr_head": (1e-6, 10.0), "lp_ft_steps": (0, None), "freeze_blocks": (0, None),
+    "sparse": (1e-6, 1.0),        # a fraction of the tower's entries
+    "average_tau": (1.0, 1e6),    # an EMA's time constant, in steps
+    "average_every": (1, None),   # steps between the weights a uniform average takes (at most the schedule)
 }
 DEFAULT_LIMITS = (1e-8, 1e8)   # loss weights
 
@@ -47,6 +50,8 @@ def hard_limits(field: str, steps: int, n_blocks: int | None) -> tuple:
     lo, hi = HARD_LIMITS.get(field, DEFAULT_LIMITS)
     if field == "lp_ft_steps":
         hi = steps - 1
+    if field == "average_every":
+        hi = steps
     if field == "freeze_blocks":
         hi = n_blocks if n_blocks is not None else 1_000
     return lo, hi

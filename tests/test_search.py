@@ -235,3 +235,20 @@ def test_a_lost_study_comes_back_from_its_committed_trials(tmp_path, monkeypatch
     assert restored.best_trial.params == best["params"] and restored.user_attrs == attrs
     with pytest.raises(ValueError, match="already holds"):
         restore_trials(rows, tmp_path / "b.db", best["space"], "mean_map@20")
+
+
+def test_no_search_range_can_grow_past_what_its_field_accepts():
+    """A range grows at its edge up to the field's hard limit: every limit of every preset's searched field must be a
+    value TrainConfig accepts (the near world's comparison crashed when toy-sparse's range grew past a fraction of
+    1: sparse = 3.1 was refused by TrainConfig mid-search)."""
+    from dataclasses import replace
+
+    from infusing_kit.spaces import hard_limits
+    from infusing_kit.study import Runner
+    for name, preset in experiment.PRESETS.items():
+        for field, lo, hi, log in S._space_of(Runner(), name, preset.train):  # the ranges a search starts from
+            hard_lo, hard_hi = hard_limits(field, preset.train.steps, 4 if field == "freeze_blocks" else None)
+            assert hard_lo <= lo and (hard_hi is None or hi <= hard_hi), (name, field, (lo, hi), (hard_lo, hard_hi))
+            for v in (hard_lo, hard_hi):
+                if v is not None:
+                    replace(preset.train, **{field: v})  # raises where TrainConfig refuses the value
