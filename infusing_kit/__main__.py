@@ -85,7 +85,8 @@ def _experiment_args(p):
     p.add_argument("--smoke", action="store_true", help="a small world and a short schedule (the same model)")
     p.add_argument("--seed", type=int, default=0, help="the fine-tuning's seed (in the far world also the world's "
                    "and the toy pretraining's)")
-    p.add_argument("--world", default="near", choices=("near", "far"), help="the built-in world (default near)")
+    p.add_argument("--world", default="near", choices=("near", "near-v1", "far"), help="the built-in world (default near; near-v1: its "
+                   "first split design, whose validation is easier than its test)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--registry", help="results file (JSON lines) to append this run to")
 

@@ -210,36 +210,98 @@ def spread_combinations(candidates: np.ndarray, n: int, min_distance: int) -> np
                      "ask for fewer text_pairs or a smaller text_min_distance")
 
 
+def one_attribute_neighbours(combos: np.ndarray) -> np.ndarray:
+    """(N,) for each combination, how many others in `combos` differ from it in exactly one attribute (how many
+    near-duplicates a query meets in a split)."""
+    a = combo_to_attributes(np.asarray(combos))
+    return ((a[:, None, :] != a[None, :, :]).sum(-1) == 1).sum(1)
+
+
+def clustered_combinations(candidates: np.ndarray, n: int, rate: float, rng: np.random.Generator,
+                           exclude=()) -> np.ndarray:
+    """n distinct combinations drawn in clusters, none in `exclude`. Each cluster starts at the next free candidate
+    (in order) and, for each attribute, adds each other value with probability `rate`; the cluster is every
+    combination of the chosen values (a sub-grid, members in random order; the last one is cut at n). Inside a
+    cluster a combination has about rate x 23 one-attribute neighbours, in the attributes' proportions, as a random
+    split of 5,760 x rate combinations would: a small split as dense in near-duplicates as a large one."""
+    used, out = {int(c) for c in np.asarray(exclude).reshape(-1)}, []
+    for anchor in np.asarray(candidates):
+        if len(out) == n:
+            break
+        anchor = int(anchor)
+        if anchor in used:
+            continue
+        at = combo_to_attributes(np.array([anchor]))[0]
+        values = [[int(at[i])] + [int(v) for v in rng.permutation([v for v in range(k) if v != at[i]])
+                                   [:rng.binomial(k - 1, rate)]] for i, k in enumerate(N_VALUES)]
+        grid = np.stack(np.meshgrid(*values, indexing="ij"), -1).reshape(-1, len(N_VALUES))
+        members = [int(c) for c in rng.permutation(attributes_to_combo(grid)) if int(c) not in used and c != anchor]
+        for c in [anchor] + members:
+            if len(out) < n:
+                out.append(c)
+                used.add(c)
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} of {n} held-out generic combinations are free; ask for fewer")
+    return np.array(out, dtype=np.int64)
+
+
+def like_test_combinations(candidates: np.ndarray, n: int, test: np.ndarray, seed: int, exclude=()) -> np.ndarray:
+    """n combinations in clusters (`clustered_combinations`) whose mean number of one-attribute neighbours inside
+    the split is the closest, over a grid of cluster rates, to the test split's: a validation as hard as the test
+    (each query meets as many near-duplicates), at a fraction of its size. Deterministic from seed."""
+    target = one_attribute_neighbours(np.unique(test)).mean()
+    best = None
+    for rate in np.linspace(0.0, 0.5, 26):
+        c = clustered_combinations(candidates, n, float(rate), np.random.default_rng(seed), exclude)
+        gap = abs(one_attribute_neighbours(c).mean() - target)
+        if best is None or gap < best[0] - 1e-9:
+            best = (gap, c)
+    return best[1]
+
+
 # ---------------------------------------------------------------------------- splits
 @dataclass(frozen=True)
 class WorldConfig:
     kind: Literal["near", "far"] = "near"   # the fine-grained domain (module docstring); FAR is the kit's first world
     seed: int = 0
     image_size: int = 32
+    design: int = 2                  # how the held-out splits are drawn (`make_world`): 2, validation built like the
+                                     # test; 1, the first design (validation from what the rest left; runs recorded
+                                     # before `design` existed are design 1)
     renders_per_combo: int = 4       # generic retrieval: images per attribute combination
     generic_train: int = 6000        # generic images the fine-tuning may use (replay, distillation, Fisher)
-    generic_val_combos: int = 100    # generic validation: held out from generic train, x renders
+    generic_val_combos: int = 300    # generic validation: held out from generic train, x renders
     generic_test_combos: int = 1000  # generic test (image-image retrieval): x renders
-    text_pairs: int = 250            # generic held-out image-caption pairs ...
-    text_min_distance: int = 2       # ... whose combinations pairwise differ in at least this many attributes
+    text_pairs: int = 2000           # generic held-out images with captions (the image-text test) ...
+    text_min_distance: int = 2       # ... design 1: whose combinations pairwise differ in at least this many attributes
+    text_neighbour_rate: float = 0.7  # ... design 2: drawn in clusters that take this share of each combination's
+                                      # one-attribute neighbours (so captions differ from others in one word)
     fine_train_classes: int = 205    # fine-grained classes for training ...
-    fine_val_classes: int = 51       # ... a class-disjoint ~20% slice of the training classes for validation
+    fine_val_classes: int = 51       # ... a class-disjoint slice of the seen shapes' classes for validation
     fine_test_classes: int = 256     # class-disjoint test classes
     fine_per_class: int = 12         # images per fine-grained class
     fine_jitter: float = 1.5         # px of object translation inside a fine-grained class (a nuisance, as in photos)
     fine_mark_px: int = 3            # far: side of a mark in px (at 32 px)
     fine_unseen_shapes: tuple = (6, 7)   # near: shapes no training class has (val and test have them)
+    fine_unseen_share: float = 0.4   # near, design 2: share of val and of test classes from the unseen shapes (more in
+                                     # test when the seen shapes run out)
 
 
 # The kit's first world, under which results/toy-*-v2.* were made (its rows predate `kind`: see `config_from_dict`).
-FAR = WorldConfig(kind="far", generic_test_combos=200, text_pairs=500, text_min_distance=1, fine_jitter=1.0)
+FAR = WorldConfig(kind="far", design=1, generic_val_combos=100, generic_test_combos=200, text_pairs=500,
+                  text_min_distance=1, fine_jitter=1.0)
+# The near world as its first comparison (results/toy-*-cpu-v3-partial2.*) and signatures saw it: validation from
+# what training and test left, 250 image-text pairs.
+NEAR_V1 = WorldConfig(design=1, generic_val_combos=100, text_pairs=250)
 
 
 def config_from_dict(d: dict) -> WorldConfig:
-    """The WorldConfig a run recorded (metrics.json "world"). Runs made before worlds had a kind are far-world runs."""
+    """The WorldConfig a run recorded (metrics.json "world"). Runs made before worlds had a kind are far-world runs;
+    runs made before worlds had a design are design 1."""
     d = dict(d)
     if "kind" not in d:
         d.update(kind="far", text_min_distance=1)
+    d.setdefault("design", 1)
     if "fine_unseen_shapes" in d:
         d["fine_unseen_shapes"] = tuple(d["fine_unseen_shapes"])
     known = {f.name for f in fields(WorldConfig)}
@@ -296,9 +358,18 @@ def make_world(cfg: WorldConfig = WorldConfig()) -> WorldSplits:
     nv, nt, np_ = cfg.generic_val_combos, cfg.generic_test_combos, cfg.text_pairs
     if nv + nt + np_ > N_COMBOS:
         raise ValueError("WorldConfig asks for more held-out generic combinations than exist")
-    val_c = np.repeat(perm[:nv], cfg.renders_per_combo)
-    test_c = np.repeat(perm[nv:nv + nt], cfg.renders_per_combo)
-    text_c = spread_combinations(perm[nv + nt:], np_, cfg.text_min_distance)
+    if cfg.design == 1:
+        val_u, test_u = perm[:nv], perm[nv:nv + nt]
+        text_c = spread_combinations(perm[nv + nt:], np_, cfg.text_min_distance)
+    elif cfg.design == 2:
+        test_u = perm[:nt]
+        val_u = like_test_combinations(perm[nt:], nv, test_u, int(seeds[7]), exclude=test_u)
+        text_c = clustered_combinations(perm[nt:][::-1], np_, cfg.text_neighbour_rate, np.random.default_rng((int(seeds[7]), 1)),
+                                        exclude=np.concatenate([test_u, val_u]))
+    else:
+        raise ValueError(f"WorldConfig.design must be 1 or 2, got {cfg.design!r}")
+    val_c = np.repeat(val_u, cfg.renders_per_combo)
+    test_c = np.repeat(test_u, cfg.renders_per_combo)
     train_c = rng.integers(0, N_COMBOS, size=cfg.generic_train)
     # fine-grained: class-disjoint train / val / test
     n_cls = cfg.fine_train_classes + cfg.fine_val_classes + cfg.fine_test_classes
@@ -323,11 +394,13 @@ def make_world(cfg: WorldConfig = WorldConfig()) -> WorldSplits:
 
 def _fine_class_split(cfg: WorldConfig, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, val, test) class ids from a permutation of all classes. far: consecutive slices. near: training
-    classes only from the seen shapes; half the validation classes and about 40% of the test classes (more when
-    the seen shapes run out) from the unseen ones."""
+    classes only from the seen shapes, validation and test also from the unseen ones (design 1: half the
+    validation classes and about 40% of the test classes; design 2: `_near_like_test`)."""
     a, b = cfg.fine_train_classes, cfg.fine_val_classes
     if cfg.kind == "far" or not cfg.fine_unseen_shapes:
         return perm[:a], perm[a:a + b], perm[a + b:a + b + cfg.fine_test_classes]
+    if cfg.design == 2:
+        return _near_like_test(cfg, perm)
     unseen = np.isin(shade_table()[0][perm], cfg.fine_unseen_shapes)
     seen_ids, unseen_ids = perm[~unseen], perm[unseen]
     val_u = b // 2
@@ -338,6 +411,38 @@ def _fine_class_split(cfg: WorldConfig, perm: np.ndarray) -> tuple[np.ndarray, n
     sv, st = a + b - val_u, a + b - val_u + cfg.fine_test_classes - test_u
     return (seen_ids[:a], np.concatenate([seen_ids[a:sv], unseen_ids[:val_u]]),
             np.concatenate([seen_ids[sv:st], unseen_ids[val_u:val_u + test_u]]))
+
+
+def _near_like_test(cfg: WorldConfig, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Design 2 of the near world's fine-grained classes: validation drawn like the test, so a validation query
+    meets what a test query meets. Each (shape, colour) group's 8 shades are split in two halves of 4 (in `perm`'s
+    order). Seen shapes: training takes the first halves (then, if it needs more, second halves from the back);
+    validation and then test take second halves, so in both a seen-shape class is retrieved among the other 3
+    shades of its half-group, and training has the group's other 4 shades. Unseen shapes (no training class):
+    validation and then test take whole groups, so such a class meets its 7 sibling shades in both. Both take
+    `fine_unseen_share` of their classes from the unseen shapes (the test more when the seen shapes run out)."""
+    a, b, t = cfg.fine_train_classes, cfg.fine_val_classes, cfg.fine_test_classes
+    shape, colour, _ = shade_table()
+    group = shape * len(COLOURS) + colour
+    rank = np.empty(N_FINE_CLASSES, np.int64)
+    rank[perm] = np.arange(N_FINE_CLASSES)                      # a class's place in perm
+    order = sorted(np.unique(group), key=lambda g: rank[group == g].min())   # groups by their first class in perm
+    halves = {g: np.array(sorted(np.flatnonzero(group == g), key=lambda c: rank[c])) for g in order}
+    unseen_g = [g for g in order if shape[halves[g][0]] in cfg.fine_unseen_shapes]
+    seen_g = [g for g in order if g not in unseen_g]
+    first = np.concatenate([halves[g][:N_SHADES // 2] for g in seen_g])
+    second = np.concatenate([halves[g][N_SHADES // 2:] for g in seen_g])
+    whole = np.concatenate([halves[g] for g in unseen_g]) if unseen_g else np.zeros(0, np.int64)
+    val_u = round(cfg.fine_unseen_share * b)
+    test_u = max(round(cfg.fine_unseen_share * t), a + b + t - val_u - len(first) - len(second))
+    val_s, test_s = b - val_u, t - test_u
+    spare_second = len(second) - val_s - test_s                # second halves neither val nor test takes
+    if val_u + test_u > len(whole) or a > len(first) + max(spare_second, 0) or spare_second < 0:
+        raise ValueError(f"WorldConfig asks for more fine-grained classes than the near world's seen "
+                         f"({len(first) + len(second)}) and unseen ({len(whole)}) shapes give")
+    train = np.concatenate([first, second[len(second) - max(a - len(first), 0):]])[:a]
+    return (train, np.concatenate([second[:val_s], whole[:val_u]]),
+            np.concatenate([second[val_s:val_s + test_s], whole[val_u:val_u + test_u]]))
 
 
 def seen_in_generic_train(world: WorldSplits, split: Split) -> np.ndarray:

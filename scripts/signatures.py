@@ -1,14 +1,16 @@
 """The near world against the targets of a world that forgets the way a real VLM does, on fine-tuning seeds no
 choice ever used (the comparison searched on 0, calibrated on 0-2, tests on 0-7).
 
-  python scripts/signatures.py [--seeds 8 9] [--out runs/signatures]
+  python scripts/signatures.py [--seeds 10 11 12 13 14] [--world near] [--out runs/signatures] [--save FILE]
 
 Per seed: naive fine-tuning at its validation-chosen settings (`toy-naive`), test metrics before and
 after; then the known signatures of real CLIP fine-tuning, measured: WiSE-FT at alpha 0.5 (Wortsman et al. 2022:
 most of the gain with much of the knowledge), the uniform average of two fine-tuning seeds (model soups: the
 average keeps most of the gain), LP-FT's distortion of generic features against naive's (Kumar et al. 2022: less),
 at its preset's settings, read as the teacher agreement of the kept checkpoint (mean cosine to the pretrained embeddings of generic
-validation images). Prints one table, targets against measured; runs are reused from --out.
+validation images). Prints one table, targets against measured; runs are reused from --out. The two-seed
+average pairs each seed with the next one in --seeds (the last with the first). --save writes the table as data (one
+JSON file: the targets, every seed's values, the world, the code version and the runs' identity).
 """
 import argparse
 import json
@@ -32,9 +34,10 @@ TARGETS = {  # (what, the target's test)
 }
 
 
-def run(preset, out, seed):
+def run(preset, out, seed, world):
     if not (Path(out) / "metrics.json").exists():
-        experiment.run_experiment(preset, out, seed=seed, progress=False, resume=(Path(out) / "run").exists())
+        experiment.run_experiment(preset, out, seed=seed, progress=False, resume=(Path(out) / "run").exists(),
+                                  world=world)
     return load_run(out)
 
 
@@ -45,21 +48,28 @@ def merged_metrics(tuned, states, data):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs=2, default=[8, 9])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12, 13, 14])
+    ap.add_argument("--world", default="near", choices=experiment.WORLDS)
     ap.add_argument("--out", default="runs/signatures")
+    ap.add_argument("--save", help="write the table as JSON here (refused if the file exists)")
     args = ap.parse_args()
+    if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
+        ap.error("--seeds: at least two different seeds (the two-seed average pairs them)")
+    if args.save and Path(args.save).exists():
+        ap.error(f"--save {args.save}: the file exists; results files are never overwritten, choose a new name")
+    out = Path(args.out) / args.world
     rows, fine = {}, lambda m: m["in_domain"]["map@20"]
     generic, i2t = (lambda m: m["generic_image"]["map@20"]), (lambda m: m["image_text"]["i2t_r@1"])
-    naive = {s: run("toy-naive", f"{args.out}/toy-naive-s{s}", s) for s in args.seeds}
+    naive = {s: run("toy-naive", out / f"toy-naive-s{s}", s, args.world) for s in args.seeds}
     kept = {s: posthoc.states_of(r.tuned) for s, r in naive.items()}  # (the merges below overwrite the towers)
     for s, (m, tuned, pretrained, data) in naive.items():
         pre, post = m["pretrained"], m["finetuned"]
         gain = fine(post) - fine(pre)
         theta0, theta1 = posthoc.states_of(pretrained), kept[s]
         wise = merged_metrics(tuned, merges.wise_ft(theta0, theta1, 0.5), data)
-        other = kept[[t for t in args.seeds if t != s][0]]
+        other = kept[args.seeds[(args.seeds.index(s) + 1) % len(args.seeds)]]
         soup = merged_metrics(tuned, merges.average_states([theta1, other]), data)
-        lpft = run("toy-lp-ft", f"{args.out}/toy-lp-ft-s{s}", s).metrics
+        lpft = run("toy-lp-ft", out / f"toy-lp-ft-s{s}", s, args.world).metrics
         rows[s] = {"pretrained fine mAP@20": fine(pre), "naive gain": gain, "naive fine val (kept)": m["val"]["fine_map@20"],
                    "generic mAP@20 lost": 1 - generic(post) / generic(pre), "i2t R@1 lost": 1 - i2t(post) / i2t(pre),
                    "WiSE-FT a=0.5: gain kept": (fine(wise) - fine(pre)) / gain,
@@ -72,8 +82,18 @@ def main() -> None:
         values = [rows[s][key] for s in args.seeds]
         print(f"| {key} | {target} | " + " | ".join(f"{v:.3f}" for v in values) +
               f" | {'yes' if all(ok(v) for v in values) else 'no'} |")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "signatures.json").write_text(json.dumps({str(s): r for s, r in rows.items()}, indent=1))
+    m0 = naive[args.seeds[0]].metrics
+    table = {"what": "the near world's signatures on fine-tuning seeds no choice used (scripts/signatures.py)",
+             "world": args.world, "world_config": m0["world"], "seeds": args.seeds,
+             "targets": {k: t for k, (t, _) in TARGETS.items()},
+             "met": {k: all(ok(rows[s][k]) for s in args.seeds) for k, (_, ok) in TARGETS.items()},
+             "values": {str(s): r for s, r in rows.items()},
+             **{k: m0.get(k) for k in ("code", "weights", "threads", "torch", "device_kind")}}
+    (out / "signatures.json").write_text(json.dumps(table, indent=1))
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save).write_text(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {args.save}")
 
 
 if __name__ == "__main__":

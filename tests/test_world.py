@@ -83,3 +83,46 @@ def test_tokenizer_round_trip_and_vocab_matches_model_config():
 def test_impossible_world_config_is_refused():
     with pytest.raises(ValueError, match="fine-grained classes"):
         W.make_world(W.WorldConfig(fine_train_classes=500))
+
+
+@pytest.fixture(scope="module")
+def near():
+    return W.make_world(W.WorldConfig())
+
+
+def test_validation_is_built_like_the_test(near):
+    """Design 2: a validation query meets what a test query meets (near-duplicates in the generic domain, sibling
+    shades and unseen shapes in the fine-grained one); design 1's validation did not (the review's numbers)."""
+    shape, colour, _ = W.shade_table()
+    group = shape * len(W.COLOURS) + colour
+
+    def fine(split, cfg):
+        c = np.unique(split.labels)
+        alone = np.array([(group[c] == group[x]).sum() == 1 for x in c])
+        return np.isin(shape[c], cfg.fine_unseen_shapes).mean(), alone.mean()
+
+    def generic(split):
+        d = W.one_attribute_neighbours(np.unique(split.labels))
+        return d.mean(), (d > 0).mean()
+
+    cfg = near.config
+    (u_val, alone_val), (u_test, alone_test) = fine(near.fine_val, cfg), fine(near.fine_test, cfg)
+    assert abs(u_val - u_test) < 0.05 and alone_val == 0 and alone_test < 0.01
+    (d_val, n_val), (d_test, n_test) = generic(near.generic_val), generic(near.generic_test)
+    assert abs(d_val - d_test) < 0.1 * d_test and n_val > 0.97 and n_test > 0.97, (d_val, d_test, n_val, n_test)
+    assert len(near.generic_val.labels) >= 1000, "enough validation images that a score is not one query's luck"
+    # the image-text test: >= 1,000 images, captions with many one-word neighbours (not at the ceiling)
+    t = near.text_test
+    assert len(t) >= 1000 and W.one_attribute_neighbours(t.labels).mean() > 8
+    old = W.make_world(W.NEAR_V1)
+    assert fine(old.fine_val, cfg)[1] > 0.3 and generic(old.generic_val)[1] < 0.5   # what design 1 had
+
+
+def test_design_1_is_the_first_near_world_bit_for_bit():
+    """Runs recorded before `design` existed reopen on the world they were made on (their metrics.json has no
+    "design": config_from_dict reads it as 1). The fingerprints are those of the near world at e4ddccf."""
+    w = W.make_world(W.config_from_dict({**{k: v for k, v in W.NEAR_V1.__dict__.items() if k != "design"}}))
+    assert w.config.design == 1
+    assert {n: getattr(w, n).fingerprint() for n in ("generic_val", "text_test", "fine_val", "fine_test")} == {
+        "generic_val": "b3ebb92a9ad0b806", "text_test": "b49d68e2018b0b68", "fine_val": "6111f2b2922780b7",
+        "fine_test": "df41e39acb97f1e5"}
