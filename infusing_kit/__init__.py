@@ -7,6 +7,7 @@ The modules, from the data to the comparison (each one's docstring says what it 
 
   data       sampling     labelled image sets (memory, folders, CSV, split files); the batches of each step
   world      vocab        the built-in offline world; its vocabulary, captions and tokenizer
+  heldout                 how its held-out generic combinations are drawn (validation built like the test)
   models     towers       open_clip loading and embeddings; one surface over ViT, ConvNeXt and ResNet towers
   pretrain   teacher      the toy VLM (shipped weights); pre-extracted teacher embeddings
   losses     terms        the classifier head; the regularizers as one table (TERMS) ...
@@ -21,8 +22,10 @@ The modules, from the data to the comparison (each one's docstring says what it 
   config     leakage      real runs from a TOML file; leakage checks before any work
   records                 the paper's released records (ArrayRecord, TFRecord), read without TensorFlow
   search     study        Optuna searches on validation; the protocol on a study file
+  choices    calibration  what a finished study chose; the schedule length and seed noise from naive's curves
   spaces     storage      search ranges, extensions, transitions, the constraint rule; SQLite or a shared database
   comparison results      the whole comparison, resumable; registries, paired intervals, tables
+  budget                  a long job's --budget, its resumable state in a tracked folder, values runs share
   figures    explorer     figures shared by notebooks and reports; the widget explorer
   export     distributed  the built-in world as files; data parallel runs under torchrun
   checkpoints identity    files written so that nothing a user made is lost; what a run is (weights, threads, code)

@@ -85,7 +85,8 @@ def _experiment_args(p):
     p.add_argument("--smoke", action="store_true", help="a small world and a short schedule (the same model)")
     p.add_argument("--seed", type=int, default=0, help="the fine-tuning's seed (in the far world also the world's "
                    "and the toy pretraining's)")
-    p.add_argument("--world", default="near", choices=("near", "near-v1", "far"), help="the built-in world (default near; near-v1: its "
+    p.add_argument("--world", default="near", choices=("near", "near-v1", "far"),
+                   help="the built-in world (default near; near-v1: its "
                    "first split design, whose validation is easier than its test)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--registry", help="results file (JSON lines) to append this run to")
@@ -108,9 +109,9 @@ def _study(args):
                     "with test metrics, table (resumable: run it again to continue; several machines: --storage URL)")
 def compare_cmd(args) -> int:
     from .comparison import compare
-    compare(args.out, jobs=args.jobs, device=_device(args), study=_study(args), storage=args.storage,
-            stop_after=args.stop_after)
-    return 0
+    chosen = compare(args.out, jobs=args.jobs, device=_device(args), study=_study(args), storage=args.storage,
+                     stop_after=args.stop_after, budget=args.budget, state=args.state)
+    return 3 if chosen.get("stopped") else 0
 
 
 def _compare_args(p):
@@ -123,6 +124,10 @@ def _compare_args(p):
     p.add_argument("--storage", help="Optuna storage: an SQLite file (default OUT/search.db) or a database URL "
                    "(postgresql://user@host/db) that several machines share")
     p.add_argument("--stop-after", type=int, choices=(1, 2, 3, 4), help="stop after this stage (resume later)")
+    p.add_argument("--budget", type=float, help="minutes after which no new trial or run starts: the call stops at "
+                   "the next clean boundary (exit code 3) and the same command resumes")
+    p.add_argument("--state", help="a tracked folder (e.g. results/in-progress/NAME) that keeps the resumable state "
+                   "between sessions: read into --out when --out has none, written back when the call returns")
 
 
 compare_cmd.setup = _compare_args

@@ -28,69 +28,22 @@ once (each on cpu_count // jobs threads).
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
-import numpy as np
 
+from .budget import CACHE, BudgetSpent, deadline_passed, restore_state, save_state, set_deadline  # noqa: F401
 from .checkpoints import FolderBusyError, atomic_write_text
+from .calibration import FLAT_FRAC, FLAT_TOL, MARGIN, choose_schedule, flat_length, seed_noise  # noqa: F401
 from .experiment import K, run_experiment
 from .identity import check_identity
 from .study import Protocol, Runner, Study
 
 _P = Protocol()
 CALIBRATION_STEPS = _P.calibration_steps  # target steps of the naive learning-rate search (cut down in stage 2)
-FLAT_TOL = 0.03           # fine-grained validation may gain less than this over the last FLAT_FRAC of a schedule
-FLAT_FRAC = 0.2
-MARGIN = 1.25             # schedule = flat length x MARGIN (held-out seeds may learn a little more slowly)
 SEARCH_SEEDS, FINAL_SEEDS, HELDOUT_SEEDS = _P.search_seeds, _P.final_seeds, _P.heldout_seeds  # the built-in study's
 HELDOUT, SECOND_SEARCH, CONSTRAINT = _P.heldout, _P.second_search, _P.constraint
 SOUP_INGREDIENTS, STOCK_SEED = _P.soup_ingredients, _P.stock_seed
-
-
-def flat_length(curve: list[tuple[int, float]], tol: float = FLAT_TOL, frac: float = FLAT_FRAC) -> int | None:
-    """The shortest schedule T (an evaluated step) at which a validation curve [(step, score), ...] is flat:
-    the score gains less than `tol` over the last `frac` of [0, T], and gains less than `tol` after T for the
-    rest of the curve (so a plateau before the take-off does not count). None if no step qualifies."""
-    curve = sorted(curve)
-    steps = [s for s, _ in curve]
-    for i, (t, v) in enumerate(curve):
-        if t <= 0:
-            continue
-        before = [s for s in steps if s <= (1 - frac) * t]
-        if not before:
-            continue
-        start = max(before)
-        ref = dict(curve)[start]
-        window = [x for s, x in curve if start <= s <= t]
-        later = [x for _, x in curve[i:]]
-        if max(window) - ref < tol and max(later) - v < tol:
-            return t
-    return None
-
-
-def choose_schedule(curves: list[list[tuple[int, float]]], eval_every: int, budget: int) -> dict:
-    """Schedule length from the calibration curves of several seeds: the longest flat length x MARGIN, rounded up
-    to a multiple of eval_every (never above the budget). Returns {"steps", "flat", "margin", "all_flat"}."""
-    flats = [flat_length(c) for c in curves]
-    if any(f is None for f in flats):
-        return {"steps": budget, "flat": flats, "margin": MARGIN, "all_flat": False}
-    steps = min(budget, int(math.ceil(max(flats) * MARGIN / eval_every)) * eval_every)
-    return {"steps": steps, "flat": flats, "margin": MARGIN, "all_flat": True}
-
-
-def seed_noise(logs: list[list[dict]], steps: int, select: str = f"mean_map@{K}") -> dict:
-    """From naive's calibration logs (one per seed): at the schedule length, the score a run keeps by `select`
-    (the best validation up to `steps`), per seed, its standard deviation over seeds (the seed noise of a
-    study's objective), and naive's mean fine-grained validation at its kept checkpoint (by fine validation)."""
-    kept, fine = [], []
-    for log in logs:
-        vals = [h for h in log if f"val/{select}" in h and 0 < h["target_step"] <= steps]
-        kept.append(max(h[f"val/{select}"] for h in vals))
-        fine.append(max(h[f"val/fine_map@{K}"] for h in vals))
-    return {"kept": kept, "noise": float(np.std(kept, ddof=1)) if len(kept) > 1 else 0.0,
-            "naive_fine": float(np.mean(fine))}
 
 
 def _log(metrics: dict) -> list[dict]:
@@ -114,7 +67,10 @@ def _one(kw: dict, poll: float = 10.0) -> dict:
     import time
     kw = dict(kw)
     runner, method = kw.pop("runner"), kw.pop("preset")
+    atomic = kw.pop("atomic", False)  # a run of a group that must finish together (post hoc reads its weights)
     out = Path(kw["out_dir"])
+    if not (out / "metrics.json").exists() and not atomic and deadline_passed():
+        return None  # --budget: not started (the same command runs it next time)
     while not (out / "metrics.json").exists():
         try:
             if runner.kind == "builtin":  # (module-level run_experiment: tests replace it)
@@ -129,8 +85,9 @@ def _one(kw: dict, poll: float = 10.0) -> dict:
     return m
 
 
-def run_many(tasks: list[dict], jobs: int, device: str) -> list[dict]:
-    """run_experiment for each task's keyword arguments, `jobs` at a time, reusing finished runs."""
+def run_many(tasks: list[dict], jobs: int, device: str) -> list[dict | None]:
+    """run_experiment for each task's keyword arguments, `jobs` at a time, reusing finished runs; None for a run
+    the --budget did not let start."""
     if jobs <= 1 or len(tasks) <= 1:
         return [_one(t) for t in tasks]
     import multiprocessing as mp
@@ -167,11 +124,26 @@ class Comparison:
         atomic_write_text(json.dumps(self.chosen, indent=1), self.path)
 
     def run(self, tasks: list[dict], what: str) -> list[dict]:
+        """Run the tasks (`run_many`); every finished run's identity is checked and its code version recorded.
+        Raises BudgetSpent when the --budget stopped some from starting (the finished ones are kept)."""
         done = run_many(tasks, self.jobs, self.device)
         for t, m in zip(tasks, done):
+            if m is None:
+                continue
             self.chosen["identity"] = check_identity(self.chosen.get("identity"), m, f"{what} {t['out_dir']}")
+            self.record_code(m.get("code"))
         self.save()
+        if any(m is None for m in done):
+            raise BudgetSpent(f"the --budget ran out with {sum(m is None for m in done)} of {len(tasks)} {what}s "
+                              "not started")
         return done
+
+    def record_code(self, code) -> None:
+        """The code versions that made this comparison's trials and runs (a study may span several; each run and
+        trial records its own)."""
+        codes = self.chosen.setdefault("codes", [])
+        if str(code) not in codes:
+            codes.append(str(code))
 
     def task(self, method: str, seed: int, params: dict, folder: str, test: bool = True, **extra) -> dict:
         return dict(runner=self.runner, preset=method, out_dir=self.runs / folder, seed=seed, device=self.device,
@@ -180,14 +152,19 @@ class Comparison:
 
 def compare(out: str | Path, presets: list[str] | None = None, jobs: int = 1, device: str = "cpu",
             smoke: bool = False, trials: dict | None = None, final_seeds=None, heldout_seeds=None, search_seeds=None,
-            log=print, stop_after: int | None = None, study: Study | None = None, storage=None) -> dict:
+            log=print, stop_after: int | None = None, study: Study | None = None, storage=None,
+            budget: float | None = None, state: str | Path | None = None) -> dict:
     """Run (or resume) a whole comparison into `out`; returns the choices (chosen.json).
 
     study: a study (`study.load_study(FILE)`), or the built-in one (`Study.builtin(smoke, presets)`; its protocol's
     seeds and trial budgets may be changed here with trials, final_seeds, heldout_seeds, search_seeds).
     storage: the Optuna storage (default OUT/search.db; a database URL lets several machines join the comparison:
     each runs the same command, the searches share their trials and the runs their folders under OUT).
-    stop_after: stop after that stage (the same call later resumes)."""
+    stop_after: stop after that stage (the same call later resumes).
+    budget: minutes after which no new trial or run starts; the call returns at the next clean boundary with
+    chosen["stopped"] set, and the same call resumes. state: a folder (e.g. results/in-progress/NAME, tracked by
+    git) that holds the comparison's resumable state between sessions: read into `out` when `out` has none,
+    written back when the call returns (`save_state`, `restore_state`)."""
     from dataclasses import replace
     if study is None:
         p = Study.builtin(smoke).protocol
@@ -196,8 +173,26 @@ def compare(out: str | Path, presets: list[str] | None = None, jobs: int = 1, de
         if trials:
             changes["trials"] = tuple(sorted(trials.items()))
         study = Study.builtin(smoke, presets, protocol=replace(p, **changes))
+    if state is not None and not (Path(out) / "chosen.json").exists() and (Path(state) / "chosen.json").exists():
+        restore_state(state, out)
+        log(f"resumed from the state in {state}")
     c = Comparison(out, study, jobs, device, storage, log)
-    return _stages(c, stop_after)
+    os.environ[CACHE] = str(c.out / "cache")  # values every run of this comparison shares (budget.cached)
+    set_deadline(budget)
+    try:
+        c.chosen.pop("stopped", None)
+        return _stages(c, stop_after)
+    except BudgetSpent as e:
+        c.chosen["stopped"] = str(e)
+        c.save()
+        log(f"stopped: {e}. Everything finished is kept in {c.out}; run the same command to resume.")
+        return c.chosen
+    finally:
+        set_deadline(None)
+        os.environ.pop(CACHE, None)
+        if state is not None:
+            save_state(c.out, state, storage)
+            log(f"state written to {state} (commit it; the same command resumes from it in a fresh checkout)")
 
 
 def _stages(c: Comparison, stop_after: int | None) -> dict:
@@ -245,35 +240,17 @@ def _stages(c: Comparison, stop_after: int | None) -> dict:
     if stop_after == 2:
         return c.chosen
 
-    # 3. searches with the same target steps and naive's learning rates as the base; ablations take their base's choice
-    constraint = (f"fine_map@{K}", f"generic_map@{K}", threshold)
+    # 3-4. the core table first (its searches, then its final runs), then the other methods the same way
+    inert = c.chosen["noise"]["kept"][0] if c.chosen["noise"].get("kept") else None
     names = [m for m in study.methods if m != base_name]
-    studies = [(m, search_seeds[0], m) for m in names if study.methods[m].search] + \
-              [(m, 1, f"{m}@search1") for m in pr.second_search if m in names]
-    for m, seed, key in studies:
-        if key in c.chosen:
+    groups = [[m for m in names if m in pr.core], [m for m in names if m not in pr.core]] if pr.core else [names]
+    for i, group in enumerate(groups):
+        _searches(c, group, base, noise, threshold, inert, kw)
+        if stop_after == 3:
             continue
-        log(f"[3/5] {key}: searching {[f for f, *_ in study.methods[m].search]} on validation (seed {seed})")
-        s = search(m, c.storage, c.runs / "search", trials=pr.trials_of(m), seed=seed, base=base, noise=noise,
-                   constraint=constraint, **kw)
-        cons = s["constraint"]["params"] if s["constraint"] and s["constraint"]["params"] else None
-        c.chosen[key] = {"search": s, "params": {**base, **s["params"]},
-                         "constraint_params": {**base, **cons} if cons is not None else None}
-        c.save()
-    for m in names:
-        pre = study.methods[m]
-        if m in c.chosen or pre.search:
-            continue
-        steps_of = 2 * steps if m == "toy-naive-long" else steps
-        params = {**c.chosen[pre.ablation_of]["params"], **pre.ablation} if pre.ablation_of else {**base,
-                                                                                                 "steps": steps_of}
-        c.chosen[m] = {"search": None, "params": params, "constraint_params": None}
-        c.save()
+        _finals(c, group, first=i == 0)
     if stop_after == 3:
         return c.chosen
-
-    # 4. final runs: test metrics on the final seeds, held-out seeds, post hoc on naive's runs
-    _finals(c, [m for m in study.methods if m != base_name], list(pr.final_seeds), list(pr.heldout_seeds))
 
     # 5. trials and the table
     from .results import load_results, markdown_table, summarise
@@ -287,35 +264,87 @@ def _stages(c: Comparison, stop_after: int | None) -> dict:
     return c.chosen
 
 
-def _finals(c: Comparison, methods: list[str], final_seeds: list[int], heldout_seeds: list[int]) -> None:
+def _searches(c: Comparison, names: list[str], base: dict, noise: float, threshold: float, inert, kw: dict) -> None:
+    """Stage 3 for some methods: each one's search (and second search), then the ablations' settings."""
+    from .search import search
+    study, pr, steps = c.study, c.protocol, base["steps"]
+    constraint = (f"fine_map@{K}", f"generic_map@{K}", threshold)
+    studies = [(m, pr.search_seeds[0], m) for m in names if study.methods[m].search] + \
+              [(m, 1, f"{m}@search1") for m in pr.second_search if m in names]
+    for m, seed, key in studies:
+        if key in c.chosen:
+            continue
+        c.log(f"[3/5] {key}: searching {[f for f, *_ in study.methods[m].search]} on validation (seed {seed})")
+        s = search(m, c.storage, c.runs / "search", trials=pr.trials_of(m), seed=seed, base=base, noise=noise,
+                   constraint=constraint, inert=inert, **kw)
+        for code in s.get("codes", []):
+            c.record_code(code)
+        cons = s["constraint"]["params"] if s["constraint"] and s["constraint"]["params"] else None
+        c.chosen[key] = {"search": s, "params": {**base, **s["params"]},
+                         "constraint_params": {**base, **cons} if cons is not None else None}
+        c.save()
+    for m in names:
+        pre = study.methods[m]
+        if m in c.chosen or pre.search:
+            continue
+        steps_of = 2 * steps if m == "toy-naive-long" else steps
+        params = {**c.chosen[pre.ablation_of]["params"], **pre.ablation} if pre.ablation_of else {**base,
+                                                                                                 "steps": steps_of}
+        c.chosen[m] = {"search": None, "params": params, "constraint_params": None}
+        c.save()
+
+
+def _finals(c: Comparison, methods: list[str], first: bool = True) -> None:
+    """Stage 4 for some methods. The first group also runs the baseline's final runs, the ingredients of merges and
+    every post-hoc row, as one block that finishes once started (post hoc reads those runs' weights, which the
+    resumable state does not keep). Then each trained method on its final seeds (`Protocol.seeds_of`), held-out
+    seeds, its second search's choice on the held-out seeds, and the constraint rule's choice where it differs
+    (on the first `constraint_seeds` final seeds)."""
     ch, pr, M = c.chosen, c.protocol, c.study.methods
-    base_name = pr.baseline
-    trained = [m for m in [base_name, *methods] if not M[m].post_hoc]
+    if first:
+        _baseline_and_post_hoc(c)
     tasks = []
-    for m in trained:
-        role = {"tags": {"role": "baseline"}} if m == base_name else {}
-        for s in final_seeds + (heldout_seeds if m in pr.heldout else []):
-            tasks.append(c.task(m, s, ch[m]["params"], f"final/{m}-s{s}", **role))
+    for m in [m for m in methods if not M[m].post_hoc]:
+        seeds = list(pr.seeds_of(m))
+        for s in seeds + (list(pr.heldout_seeds) if m in pr.heldout else []):
+            tasks.append(c.task(m, s, ch[m]["params"], f"final/{m}-s{s}"))
         cons = ch[m].get("constraint_params")
         if cons is not None and cons != ch[m]["params"]:
-            for s in final_seeds:
+            for s in seeds[:pr.constraint_seeds]:
                 tasks.append(c.task(m, s, cons, f"final/{m}-constraint-s{s}", tags={"rule": "constraint"}))
         if f"{m}@search1" in ch:
-            for s in heldout_seeds:
+            for s in pr.heldout_seeds:
                 tasks.append(c.task(m, s, ch[f"{m}@search1"]["params"], f"final/{m}-search1-s{s}",
                                     tags={"search_seed": 1}))
-    posthoc = [m for m in methods if M[m].post_hoc]
+    c.log(f"[4/5] final runs: {len(tasks)} trained runs of {len(methods)} methods")
+    c.run(tasks, "final run")
+
+
+def _baseline_and_post_hoc(c: Comparison) -> None:
+    ch, pr, M = c.chosen, c.protocol, c.study.methods
+    base_name, final_seeds = pr.baseline, list(pr.final_seeds)
+    posthoc = [m for m in M if M[m].post_hoc]
+    heldout = list(pr.heldout_seeds) if base_name in pr.heldout else []
+    wanted = [f"{base_name}-s{s}" for s in final_seeds + heldout] + [f"{m}-s{s}" for m in posthoc for s in final_seeds]
+    if all((c.runs / "final" / w / "metrics.json").exists() for w in wanted):
+        return
+    from .budget import check_budget
+    check_budget("the baseline's final runs and the post-hoc rows")
     naive = ch[base_name]["params"]
+    role = {"tags": {"role": "baseline"}, "atomic": True}
+    tasks = [c.task(base_name, s, naive, f"final/{base_name}-s{s}", **role)
+             for s in final_seeds + heldout]
     if any(M[m].ingredients == "lrs" for m in posthoc) and "soup_ingredients" not in ch:
         ch["soup_ingredients"] = _next_best_lrs(c.storage, ch[base_name]["search"]["study"], pr.soup_ingredients)
     soup_lrs = ch.get("soup_ingredients", [])
     if any(M[m].ingredients == "seeds" for m in posthoc):  # Model Stock's second fine-tuning seed
-        tasks += [c.task(base_name, s + pr.stock_seed, naive, f"ingredients/stock-s{s + pr.stock_seed}", test=False)
-                  for s in final_seeds]
+        tasks += [c.task(base_name, s + pr.stock_seed, naive, f"ingredients/stock-s{s + pr.stock_seed}", test=False,
+                         atomic=True) for s in final_seeds]
     if any(M[m].ingredients == "lrs" for m in posthoc):
-        tasks += [c.task(base_name, s, {**naive, **lr}, f"ingredients/soup{i}-s{s}", test=False)
+        tasks += [c.task(base_name, s, {**naive, **lr}, f"ingredients/soup{i}-s{s}", test=False, atomic=True)
                   for s in final_seeds for i, lr in enumerate(soup_lrs)]
-    c.log(f"[4/5] final runs: {len(tasks)} trained runs, then {len(posthoc) * len(final_seeds)} post-hoc rows")
+    c.log(f"[4/5] {base_name}'s final runs and the ingredients of merges: {len(tasks)} trained runs, then "
+          f"{len(posthoc) * len(final_seeds)} post-hoc rows (one block)")
     c.run(tasks, "final run")
     post = []
     for m in posthoc:
@@ -324,7 +353,7 @@ def _finals(c: Comparison, methods: list[str], final_seeds: list[int], heldout_s
                      "lrs": [c.runs / "ingredients" / f"soup{i}-s{s}" / "model.pt" for i in range(len(soup_lrs))],
                      None: []}[M[m].ingredients]
             post.append(c.task(m, s, ch[m]["params"], f"final/{m}-s{s}", reuse=c.runs / "final" / f"{base_name}-s{s}",
-                               merge_with=tuple(merge)))
+                               merge_with=tuple(merge), atomic=True))
     c.run(post, "post-hoc row")
 
 

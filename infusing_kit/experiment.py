@@ -203,6 +203,7 @@ def _run_setup(setup, out, device, progress, test, registry, hooks, resume, reus
         if Path(registry).exists() and not os.access(registry, os.W_OK):
             raise PermissionError(f"--registry {registry} is not writable; choose a file you can write to")
     t0 = time.time()
+    code = code_version()  # (read when the run starts)
     cfg, d = setup.train, setup.domains
     known = set(VALIDATION_KEYS)
     if cfg.select not in known:
@@ -212,7 +213,7 @@ def _run_setup(setup, out, device, progress, test, registry, hooks, resume, reus
     vlm = setup.model()
     distributed.broadcast_module(vlm.model)  # under torchrun: every rank starts from rank 0's weights
     identity = run_identity(vlm, device)
-    before = evaluate(vlm, d) if test else None
+    before = _pretrained_test(vlm, d, identity) if test else None
     theta0 = posthoc.states_of(vlm)
     reference = embed_images(vlm, d.generic_val, progress=False)  # for the logged teacher agreement
     if reuse is not None:
@@ -239,7 +240,7 @@ def _run_setup(setup, out, device, progress, test, registry, hooks, resume, reus
                "reused": str(reuse) if reuse is not None else None, "merged": [str(m) for m in merge_with],
                "updates": result.updates,
                "stopped_at": result.updates["target"] if result.updates["target"] < cfg.steps else None,
-               "warnings": result.warnings, "code": code_version(), "processes": distributed.world(), **identity,
+               "warnings": result.warnings, "code": code, "processes": distributed.world(), **identity,
                "train_seconds": round(result.seconds, 1), "seconds": round(time.time() - t0, 1),
                "pretrained": before, "finetuned": after}
     if main:
@@ -251,6 +252,17 @@ def _run_setup(setup, out, device, progress, test, registry, hooks, resume, reus
         from .results import append_result
         append_result(registry, metrics, run_dir=out)
     return metrics
+
+
+def _pretrained_test(vlm: VLM, d: Domains, identity: dict) -> dict:
+    """The starting model's test metrics; inside a comparison computed once per starting weights, threads, device
+    and test data (`budget.cached`), since every final run starts from the same model."""
+    from .budget import CACHE, cached, key_of
+    if not os.environ.get(CACHE):
+        return evaluate(vlm, d)
+    key = key_of("pretrained-test", identity, [s.fingerprint() for s in (d.target_test, d.generic_test, d.text_test)],
+                 d.merged_index)
+    return cached("pretrained-test", key, lambda: evaluate(vlm, d))
 
 
 def _reused(run_dir: Path, cfg: TrainConfig, identity: dict, vlm: VLM):

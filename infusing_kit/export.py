@@ -101,7 +101,10 @@ def study_text(data: str, smoke: bool, methods: list[str] | None = None, protoco
              f"final_seeds = {seeds(p.final_seeds)}", f"heldout_seeds = {seeds(p.heldout_seeds)}",
              f"heldout = {listed(p.heldout)}", f"second_search = {listed(p.second_search)}",
              f"calibration_steps = {budget}", f"constraint = {p.constraint}",
-             f"soup_ingredients = {p.soup_ingredients}", f"stock_seed = {p.stock_seed}"]
+             f"soup_ingredients = {p.soup_ingredients}", f"stock_seed = {p.stock_seed}",
+             f"constraint_seeds = {p.constraint_seeds}", f"other_final_seeds = {seeds(p.other_final_seeds)}"]
+    if p.core is not None:
+        lines.append(f"core = {listed(p.core)}")
     if p.trials:
         lines.append("trials = {" + ", ".join(f'"{m}" = {n}' for m, n in p.trials if m in methods) + "}")
     for m in methods:

@@ -4,6 +4,7 @@ comparison or search refuses to mix runs whose identity differs (`check_identity
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -34,8 +35,11 @@ def run_identity(vlm, device: str) -> dict:
             "device_kind": torch.device(device).type}
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str | None:
-    """The git commit of the kit's code (with '+changes' when its files differ from it), or None outside git."""
+    """The git commit of the kit's code (with '+changes' when its files differ from it), or None outside git. Read
+    once per process (its first call; `run_setup` calls it when a run starts), so a run records the code it
+    started with even if the files change while it runs."""
     import subprocess
     root = Path(__file__).resolve().parents[1]
     try:

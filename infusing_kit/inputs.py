@@ -49,10 +49,21 @@ def _class_emb(vlm, domains, cfg, ctx):
 
 
 def _fisher(vlm, domains, cfg, ctx):
+    """EWC's diagonal Fisher on the first fisher_images generic images; inside a comparison computed once per
+    starting weights, data and threads (`budget.cached`: the same bits every run would compute)."""
+    import os
+
+    from .budget import CACHE, cached, key_of
     from .regularizers import fisher_diagonal
     n = min(ctx.get("fisher_images", 1000), len(domains.generic_train))
     part = domains.generic_train.rows(0, n)
-    return fisher_diagonal(vlm, part, part.labels, _prompts(vlm, domains), progress=ctx.get("progress", False))
+    compute = lambda: fisher_diagonal(vlm, part, part.labels, _prompts(vlm, domains), progress=ctx.get("progress", False))
+    if not os.environ.get(CACHE):
+        return compute()
+    from .pretrain import fingerprint
+    key = key_of("fisher", fingerprint(vlm), part.fingerprint(), domains.generic_prompts, n, torch.get_num_threads(),
+                 str(torch.__version__), str(vlm.device))
+    return cached("fisher", key, compute, save=torch.save, load=lambda p: torch.load(p, weights_only=True))
 
 
 def _random_texts(vlm, domains, cfg, ctx, n: int = 1000, seed: int = 0):

@@ -2,25 +2,30 @@
 
   python -m infusing_kit search --preset toy-paper --storage runs/search.db [--trials N] [--jobs 2] [--final-seeds 0 1 2]
 
-A study explores before it exploits, and never stops silently at the edge of its range:
-1. **Space-filling start.** The first 8 x d trials (d = number of searched fields) are a Latin hypercube over
+A study explores before it exploits, never stops silently at the edge of its range, and spends a fixed budget of
+finished trials (`study_budget`: 12 for one searched field, 20 for two), every phase included:
+1. **Space-filling start.** The first 6 x d trials (d = number of searched fields) are a Latin hypercube over
    the whole range (log scale where the range is), seeded per study: every one-dimensional projection has one
-   point in each of 8 x d equal slices, so no part of a range goes untried.
-2. **Model-based refinement.** Then Optuna's TPE sampler (its own seed per study) proposes 4 x d more. These
-   trials report their running best validation score at every validation, and a median pruner stops those
-   that trail the median of earlier trials at the same step (multi-fidelity: the budget buys more points).
-   Start-up trials are never pruned.
-3. **Edges extend the range.** When the best value of a field is the most extreme value tried on its side and
-   lies in the outer 15% of the range, the range grows on that side (by half its width, log units where the
-   range is log) up to the field's hard limit, and 4 new space-filling points plus 2 x d TPE trials explore
-   it; at most 3 times. A choice still at an edge is reported in the result (`at_edge`), never silent.
-4. **Transitions get points** (one-field searches, given the seed noise of the score): between two neighbouring
-   tried values whose scores differ by more than twice the noise and that lie more than 1/16 of the range apart,
-   the midpoint is tried (up to 6 points, in two rounds): the region where the method changes from "no effect"
-   to "too strong" is mapped, not left between two far-apart trials.
+   point in each of 6 x d equal slices, so no part of a range goes untried.
+2. **Model-based refinement.** Then Optuna's TPE sampler (its own seed per study) proposes more, up to the budget
+   less a reserve (3 points for one field, 2 for two). These trials report their running best validation score
+   at every validation, and a median pruner stops those that trail the median of earlier trials at the same step
+   (multi-fidelity: the budget buys more points). Start-up trials are never pruned.
+3. **Edges extend the range.** When the best value of a field lies in the outer 5% of a log range (15% of a
+   linear one), no tried value beyond it scores more than twice the seed noise below the best, and the score is
+   still rising there (the best beats every tried value in the next quarter of the range inward by more than the
+   noise), the range grows on that side (by half its width, log units where the range is log) up to the field's
+   hard limit, and space-filling points in the new strip (up to 4, from the reserve) explore it; at most 3 times.
+   (What the reserve does not need goes to TPE at the end.)
+   A choice still at an edge is reported in the result (`at_edge`), never silent.
+4. **Transitions get what is left of the budget** (one-field searches, given the seed noise of the score): the
+   midpoint between two neighbouring tried values whose scores differ by more than twice the noise goes where a
+   selection rule decides: first beside the best (the edge of its plateau), then where fine-grained validation
+   crosses the constraint rule's threshold; gaps on the collapsed side of a range get none.
 5. **Flat studies say so.** When every finished trial scores within twice the seed noise of the best, the study
-   is `flat`: no setting of its range changes the score beyond what another fine-tuning seed would, so its
-   "choice" is arbitrary and the report says that instead of crowning it.
+   is `flat`; when the best scores within twice the noise of the range's inert end (`inert`: the baseline's own
+   validation score, what the method gives at strength 0), it has `no_gain`: no setting of its range beats
+   the baseline beyond what another fine-tuning seed would, and the report says that instead of crowning a point.
 Two selection rules read the same trials: the mean of the validations (the study's objective) and a constraint
 rule (`constrained_choice`: the best generic validation among trials whose fine-grained validation reaches a stated
 fraction of naive's).
@@ -43,9 +48,11 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from .budget import BudgetSpent, deadline_passed
+from .choices import summary  # noqa: F401 (search.summary)
 from .experiment import run_experiment
-from .spaces import (MAX_EXTENSIONS, constrained_choice, extend_space, hard_limits, is_flat, is_int, startup_points,
-                     transition_points)
+from .spaces import (MAX_EXTENSIONS, _reserve, extend_space, hard_limits, is_int, startup_count,  # noqa: F401
+                     startup_points, study_budget, transition_points)
 from .storage import is_url, open_storage, open_study, study_seed, trial_rows  # noqa: F401 (trial_rows: search.X)
 from .study import Runner
 
@@ -86,7 +93,7 @@ def _prepare(method: str, storage, runner: Runner, seed: int, base: dict) -> tup
     name, key = study_name(method, runner.smoke, seed, runner), seed_key(method, seed, runner)
     cfg = replace(runner.train_config(method), **base)
     space = _space_of(runner, method, cfg)
-    n_startup = 8 * len(space)
+    n_startup = startup_count(len(space))
     study = open_study(name, open_storage(storage), n_startup, prune_warmup=max(1, int(0.4 * cfg.steps)), key=key)
     attrs = study.user_attrs
     if "base" in attrs and attrs["base"] != base:
@@ -161,6 +168,7 @@ def _objective(runner: Runner, method: str, study_name_: str, out_root: Path, se
         trial.set_user_attr("train", m["train"])
         trial.set_user_attr("updates", m["updates"])
         trial.set_user_attr("best_step", m["best_step"])
+        trial.set_user_attr("code", m.get("code"))  # the code that made it (a study may span several versions)
         if "pruned_at" in trial.user_attrs:
             raise optuna.TrialPruned()
         return m["val"][select]
@@ -204,13 +212,18 @@ def _worker(runner, method, storage, out_root, seed, device, base, space, total,
         return _follow(runner, method, seed, device, base)
     name = study_name(method, runner.smoke, seed, runner)
     cfg = replace(runner.train_config(method), **base)
-    study = open_study(name, open_storage(storage), 8 * len(space), prune_warmup=max(1, int(0.4 * cfg.steps)),
-                        key=seed_key(method, seed, runner))
+    study = open_study(name, open_storage(storage), startup_count(len(space)),
+                       prune_warmup=max(1, int(0.4 * cfg.steps)), key=seed_key(method, seed, runner))
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+    def budget(study, trial):  # --budget: no new trial once the deadline has passed (the running one finishes)
+        if deadline_passed():
+            study.stop()
     try:
-        if len(study.get_trials(deepcopy=False, states=done)) < total:
+        if len(study.get_trials(deepcopy=False, states=done)) < total and not deadline_passed():
             study.optimize(_objective(runner, method, name, Path(out_root), seed, device, base, space),
-                           callbacks=[optuna.study.MaxTrialsCallback(total, states=done)], catch=(FloatingPointError,))
+                           callbacks=[optuna.study.MaxTrialsCallback(total, states=done), budget],
+                           catch=(FloatingPointError,))
     finally:
         distributed.broadcast_object(("done",))
 
@@ -248,6 +261,8 @@ def wait_for_trials(study_name_: str, storage, args: tuple, jobs: int, device: s
                 optuna.storages.fail_stale_trials(study)
         states = [t.state for t in study.get_trials(deepcopy=False)]
         waiting = states.count(optuna.trial.TrialState.WAITING)
+        if waiting and deadline_passed():  # queued points wait for the next call
+            return
         if waiting:
             done = sum(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states)
             _run_workers(args[:-1] + (done + waiting,), jobs, device)
@@ -260,16 +275,18 @@ def wait_for_trials(study_name_: str, storage, args: tuple, jobs: int, device: s
 def search(method: str, storage: str | Path, out_root: str | Path, trials: int | None = None, smoke: bool = False,
            seed: int = 0, device: str = "cpu", jobs: int = 1, base: dict | None = None, n_blocks: int | None = None,
            extend: bool = True, noise: float = 0.0, constraint: tuple | None = None,
-           runner: Runner | None = None) -> dict:
+           runner: Runner | None = None, inert: float | None = None) -> dict:
     """Explore, refine, extend (where the best value sits at an edge) and map transitions; returns the choice.
 
     method: a preset on the built-in world (runner None: Runner("builtin", smoke)), or a method of the study file
     of `runner`. storage: a SQLite file, or a database URL that several machines share (they join the same
     study; each returns once every trial has finished). trials: finished (complete or pruned) trials before the
-    edge check; default 8 x d start-up + 4 x d TPE. base: TrainConfig fields every trial shares (e.g. the schedule
+    whole study, extension and transition points included (default `study_budget(d)`). base: TrainConfig fields every trial shares (e.g. the schedule
     and learning rates chosen for naive). noise: the seed noise of the objective (the spread of one configuration
     over fine-tuning seeds): with it, transitions get points and a flat study is reported as such. constraint:
-    (fine key, generic key, threshold) for the constraint rule. Returns {"method", "params", "value", "trials",
+    (fine key, generic key, threshold) for the constraint rule. inert: the baseline's score on the study's
+    selection key (the range's inert end), for `no_gain`. A --budget deadline (`budget.set_deadline`) stops it
+    between trials with `BudgetSpent`; the same call resumes. Returns {"method", "params", "value", "trials",
     "distinct", "val", "space", "extensions", "at_edge", "flat", "spread", "constraint"}."""
     from . import distributed
     runner = runner or Runner("builtin", smoke)
@@ -283,111 +300,87 @@ def search(method: str, storage: str | Path, out_root: str | Path, trials: int |
             return msg[1]
         try:
             result = _search(method, storage, out_root, trials, seed, device, jobs, base, n_blocks, extend, noise,
-                             constraint, runner)
+                             constraint, runner, inert)
         except BaseException:
             distributed.broadcast_object(("finished", None))
             raise
         distributed.broadcast_object(("finished", result))
         return result
     return _search(method, storage, out_root, trials, seed, device, jobs, base, n_blocks, extend, noise, constraint,
-                   runner)
+                   runner, inert)
 
 
-def _search(method, storage, out_root, trials, seed, device, jobs, base, n_blocks, extend, noise, constraint, runner):
+def _search(method, storage, out_root, trials, seed, device, jobs, base, n_blocks, extend, noise, constraint, runner,
+            inert=None):
     import optuna
     study, cfg = _prepare(method, storage, runner, seed, base)
     d = len(runner.method(method).search)
-    total = trials if trials is not None else 12 * d
-    if total < 8 * d:
-        raise ValueError(f"trials={total} is below the {8 * d} space-filling start-up points of a {d}-field search")
+    total = trials if trials is not None else study_budget(d)
+    if total < startup_count(d):
+        raise ValueError(f"trials={total} is below the {startup_count(d)} space-filling start-up points of a "
+                         f"{d}-field search")
     space = [tuple(s) for s in study.user_attrs["space"]]
-    # points a killed session had queued (start-up or an edge extension) run before anything else is decided
-    queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
-    finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                            optuna.trial.TrialState.PRUNED)))
-    total = max(total, finished + queued)
+    states = lambda *s: len(study.get_trials(deepcopy=False, states=s))
+    T = optuna.trial.TrialState
+    # points a killed session had queued (start-up, an edge extension, a transition) run before anything is decided
+    queued, finished = states(T.WAITING), states(T.COMPLETE, T.PRUNED)
     args = lambda sp, n: (runner, method, str(storage), str(out_root), seed, device, base, sp, n)
-    _run_workers(args(space, total), jobs, device)
-    wait_for_trials(study.study_name, storage, args(space, total), jobs, device)
+
+    def run_to(sp, n):
+        _run_workers(args(sp, n), jobs, device)
+        wait_for_trials(study.study_name, storage, args(sp, n), jobs, device)
+        if deadline_passed():
+            raise BudgetSpent(f"the --budget ran out during study {study.study_name} (its finished trials are kept)")
+
+    run_to(space, max(total - _reserve(d, total), finished + queued))
     while extend:
         study = optuna.load_study(study_name=study.study_name, storage=open_storage(storage))
-        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        finished = [t for t in study.trials if t.state == T.COMPLETE]
         space = [tuple(s) for s in study.user_attrs["space"]]
-        new, grown, stuck = extend_space(space, [t.params for t in finished], study.best_trial.params, cfg.steps,
-                                         n_blocks)
+        n_now = states(T.COMPLETE, T.PRUNED)
         history = study.user_attrs.get("extensions", [])
-        if not grown or len(history) >= MAX_EXTENSIONS:
+        if n_now >= total or len(history) >= MAX_EXTENSIONS:
+            break
+        new, grown, stuck = extend_space(space, [t.params for t in finished], study.best_trial.params, cfg.steps,
+                                         n_blocks, [t.value for t in finished], noise)
+        if not grown:
             break
         study.set_user_attr("space", [list(s) for s in new])
         study.set_user_attr("extensions", history + [grown])
-        for f, lo, hi, log in new:  # 4 space-filling points in each new strip, the other fields at the best values
+        per_strip = max(1, min(4, (total - n_now) // len(grown)))
+        n_new = 0
+        for f, lo, hi, log in new:  # space-filling points in each new strip, the other fields at the best values
             old = next(s for s in space if s[0] == f)
             if (lo, hi) == tuple(old[1:3]):
                 continue
             strip = (lo, old[1], log) if lo < old[1] else (old[2], hi, log)
-            for u in startup_points([(f, *strip)], 4, study_seed(seed_key(method, seed, runner)) + len(study.trials)):
+            for u in startup_points([(f, *strip)], per_strip,
+                                    study_seed(seed_key(method, seed, runner)) + len(study.trials)):
                 study.enqueue_trial({**study.best_trial.params, **u}, user_attrs={"design": "extension"})
-        n_now = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                             optuna.trial.TrialState.PRUNED)))
-        total = n_now + 4 * len(grown) + 2 * d
-        _run_workers(args(new, total), jobs, device)
-        wait_for_trials(study.study_name, storage, args(new, total), jobs, device)
-    for _ in range(2 if noise > 0 else 0):  # points where the score changes (one-field studies)
+                n_new += 1
+        run_to(new, n_now + n_new)
+    for _ in range(2 if noise > 0 else 0):  # points where a selection rule decides (one-field studies)
         study = optuna.load_study(study_name=study.study_name, storage=open_storage(storage))
+        left = total - states(T.COMPLETE, T.PRUNED)
+        if left <= 0:
+            break
         space = [tuple(s) for s in study.user_attrs["space"]]
-        done = [(t.params, t.value) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        queued = {tuple(sorted(t.params.items())) for t in study.trials if t.state == optuna.trial.TrialState.WAITING}
-        points = [p for p in transition_points(space, done, noise) if tuple(sorted(p.items())) not in queued]
+        done = [(t.params, t.value, t.user_attrs.get(constraint[0]) if constraint else None)
+                for t in study.trials if t.state == T.COMPLETE]
+        queued = {tuple(sorted(t.params.items())) for t in study.trials if t.state == T.WAITING}
+        points = [p for p in transition_points(space, done, noise, max_points=left,
+                                               threshold=constraint[2] if constraint else None)
+                  if tuple(sorted(p.items())) not in queued]
         if not points:
             break
         for p in points:
             study.enqueue_trial(p, user_attrs={"design": "transition"})
-        n_now = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                             optuna.trial.TrialState.PRUNED)))
-        _run_workers(args(space, n_now + len(points)), jobs, device)
-        wait_for_trials(study.study_name, storage, args(space, n_now + len(points)), jobs, device)
-    return summary(study.study_name, storage, n_blocks=n_blocks, steps=cfg.steps, noise=noise, constraint=constraint)
-
-
-def summary(name: str, storage: str | Path, n_blocks: int | None = None, steps: int | None = None,
-            noise: float = 0.0, constraint: tuple | None = None) -> dict:
-    """The chosen trial of a study (mean rule; and the constraint rule's, given `constraint`), what was explored,
-    and whether the study is flat within the seed noise."""
-    import optuna
-    study = optuna.load_study(study_name=name, storage=open_storage(storage))
-    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not finished:
-        raise RuntimeError(f"study {name} in {storage} has no finished trial yet")
-    best = study.best_trial
-    space = [tuple(s) for s in study.user_attrs["space"]]
-    steps = steps or best.user_attrs.get("train", {}).get("steps", 1)
-    _, grown, stuck = extend_space(space, [t.params for t in finished], best.params, steps, n_blocks)
-    all_params = [t.params for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
-                                                                optuna.trial.TrialState.PRUNED)]
-    method = study.user_attrs.get("method", name.rsplit("-seed", 1)[0].removesuffix("-smoke"))
-    return {"study": name, "method": method, "preset": method, "params": best.params,
-            "value": best.value, "trials": len(all_params), "complete": len(finished),
-            "distinct": {f: len({round(p[f], 12) for p in all_params if f in p}) for f, *_ in space},
-            "val": {k: v for k, v in best.user_attrs.items() if k not in ("train", "updates", "design", "identity", "worker")},
-            "space": [list(s) for s in space], "extensions": study.user_attrs.get("extensions", []),
-            "at_edge": [g.split(":")[0] for g in grown], "at_hard_limit": stuck,
-            "base": study.user_attrs.get("base", {}), "noise": noise,
-            "flat": is_flat([t.value for t in finished], noise),
-            "spread": float(max(t.value for t in finished) - min(t.value for t in finished)),
-            "constraint": _constraint_summary(finished, constraint)}
-
-
-def _constraint_summary(finished, constraint: tuple | None) -> dict | None:
-    if constraint is None:
-        return None
-    fine, generic, threshold = constraint
-    rows = [{"trial": t.number, "params": t.params, "val": t.user_attrs} for t in finished]
-    best = constrained_choice(rows, fine, generic, threshold)
-    out = {"rule": f"max {generic} subject to {fine} >= {threshold:.4f}", "threshold": threshold}
-    if best is None:
-        return {**out, "params": None, "trial": None, "val": None}
-    return {**out, "params": best["params"], "trial": best["trial"],
-            "val": {k: v for k, v in best["val"].items() if k not in ("train", "updates", "design", "identity", "worker")}}
+        run_to(space, states(T.COMPLETE, T.PRUNED) + len(points))
+    study = optuna.load_study(study_name=study.study_name, storage=open_storage(storage))
+    if states(T.COMPLETE, T.PRUNED) < total:  # what no extension or transition needed goes to TPE
+        run_to([tuple(s) for s in study.user_attrs["space"]], total)
+    return summary(study.study_name, storage, n_blocks=n_blocks, steps=cfg.steps, noise=noise, constraint=constraint,
+                   inert=inert)
 
 
 def final_runs(method: str, params: dict, seeds: list[int], out_root: str | Path, registry: str | Path,

@@ -9,14 +9,18 @@ A study file has the [model] and [data] tables of an experiment config (config.p
   [study]
   baseline = "naive"                  # the method whose search sets the learning rates and the schedule
   methods = ["naive", "paper"]        # the table's rows, each defined below
-  search_seeds = [0, 1, 2]            # seed 0 searches; all calibrate the schedule and the noise
+  search_seeds = [0, 1, 2, 3, 4]      # seed 0 searches; all calibrate the schedule and the noise
   final_seeds = [0, 1, 2, 3, 4]       # test runs of every method
   heldout_seeds = [5, 6, 7]           # test runs no choice saw, of the methods in `heldout`
   heldout = ["naive", "paper"]
   second_search = []                  # methods searched again on seed 1 (do the choices survive?)
   calibration_steps = 600             # target steps of the baseline's learning-rate search
   constraint = 0.95                   # the constraint rule: fine-grained validation >= 0.95 x the baseline's
-  trials = {paper = 24}               # finished trials before the edge check (default 12 per searched field)
+  constraint_seeds = 3                # its choice, where it differs from the mean rule's, on the first 3 final seeds
+  trials = {paper = 24}               # a study's whole budget of finished trials (default 12 for one searched
+                                      # field, 20 for two; edge extensions and transition points included)
+  core = ["naive", "paper"]           # optional: searched and run first, on every final seed; the others after,
+  other_final_seeds = [0, 1, 2]       # on these
 
   [study.method.naive]
   preset = "toy-naive"                # optional: a kit preset as the base (its TrainConfig, search, post hoc)
@@ -39,14 +43,20 @@ from pathlib import Path
 from .presets import PRESETS, Preset
 
 PROTOCOL_KEYS = ("baseline", "methods", "search_seeds", "final_seeds", "heldout_seeds", "heldout", "second_search",
-                 "calibration_steps", "constraint", "trials", "soup_ingredients", "stock_seed", "method")
+                 "calibration_steps", "constraint", "trials", "soup_ingredients", "stock_seed", "core",
+                 "other_final_seeds", "constraint_seeds", "method")
+# The built-in comparison's core table (searched and run first; every final seed): the baseline and its longer
+# schedule, the paper's combination and its l2sp = 0 ablation, distillation (and with its learning rate searched),
+# L2-SP, EWC, LP-FT, and the post-hoc merges WiSE-FT, the uniform soup and Model Stock.
+CORE = ("toy-naive", "toy-naive-long", "toy-paper", "toy-paper-no-l2sp", "toy-distill", "toy-distill-lr", "toy-l2sp",
+        "toy-ewc", "toy-lp-ft", "toy-wise-ft", "toy-soup-uniform", "toy-model-stock")
 SPACE_KEYS = {"field", "low", "high", "log"}
 
 
 @dataclass(frozen=True)
 class Protocol:
     baseline: str = "toy-naive"
-    search_seeds: tuple = (0, 1, 2)
+    search_seeds: tuple = (0, 1, 2, 3, 4)   # 0 searches; all calibrate the schedule and the seed noise
     final_seeds: tuple = (0, 1, 2, 3, 4)
     heldout_seeds: tuple = (5, 6, 7)
     heldout: tuple = ("toy-naive", "toy-paper", "toy-distill", "toy-l2sp", "toy-ewc")
@@ -56,9 +66,17 @@ class Protocol:
     trials: tuple = ()                 # ((method, finished trials), ...)
     soup_ingredients: int = 3
     stock_seed: int = 1000
+    core: tuple | None = None          # methods searched and run first, on every final seed (None: every method)
+    other_final_seeds: tuple = (0, 1, 2)   # the final seeds of the methods outside `core`
+    constraint_seeds: int = 3          # the constraint rule's choice (where it differs) runs on the first N final seeds
 
     def trials_of(self, method: str) -> int | None:
         return dict(self.trials).get(method)
+
+    def seeds_of(self, method: str) -> tuple:
+        """The final seeds of a method: every final seed in the core table, `other_final_seeds` outside it."""
+        return self.final_seeds if self.core is None or method in self.core else \
+            tuple(s for s in self.other_final_seeds if s in self.final_seeds) or self.final_seeds
 
 
 @dataclass(frozen=True)
@@ -131,7 +149,8 @@ class Study:
         if unknown:
             raise ValueError(f"unknown presets {unknown}; choose from {sorted(PRESETS)}")
         if protocol is None:  # smoke: the baseline's search at its own short schedule
-            protocol = Protocol(calibration_steps=PRESETS["toy-naive"].smoke_train.steps) if smoke else Protocol()
+            protocol = Protocol(calibration_steps=PRESETS["toy-naive"].smoke_train.steps, core=CORE) if smoke else \
+                Protocol(core=CORE)
         runner = Runner("builtin", smoke, world, None, tuple(sorted((searches or {}).items())))
         return cls(f"builtin-{world}{'-smoke' if smoke else ''}", runner, {n: runner.method(n) for n in names},
                    protocol)
@@ -160,14 +179,16 @@ def _load_study(path: str, mtime: int) -> Study:
                      "constraint": (float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
                      "trials": (dict, None, "a table method = trials"),
                      "soup_ingredients": (int, lambda v: v >= 1, "an integer >= 1"),
-                     "stock_seed": (int, lambda v: v >= 1, "an integer >= 1"), "method": (dict, None, "tables")},
+                     "stock_seed": (int, lambda v: v >= 1, "an integer >= 1"), "method": (dict, None, "tables"),
+                     "core": names, "other_final_seeds": seeds,
+                     "constraint_seeds": (int, lambda v: v >= 1, "an integer >= 1")},
                 f"{path} [study]", required={"baseline", "methods", "method"})
     where = f"{path} [study]"
     tables = st["method"]
     for name in st["methods"]:
         if name not in tables:
             raise ValueError(f"{where} methods names {name!r}, which has no [study.method.{name}] table")
-    for key in ("heldout", "second_search"):
+    for key in ("heldout", "second_search", "core"):
         bad = [m for m in st.get(key, []) if m not in st["methods"]]
         if bad:
             raise ValueError(f"{where} {key} names {bad}, which are not in methods {st['methods']}")
@@ -207,8 +228,10 @@ def _load_study(path: str, mtime: int) -> Study:
                         heldout=tuple(st.get("heldout", [st["baseline"]])),
                         second_search=tuple(st.get("second_search", [])),
                         trials=tuple(sorted(st.get("trials", {}).items())),
-                        **{k: st[k] for k in ("calibration_steps", "constraint", "soup_ingredients", "stock_seed")
-                           if k in st})
+                        core=tuple(st["core"]) if "core" in st else None,
+                        **{k: tuple(st[k]) for k in ("other_final_seeds",) if k in st},
+                        **{k: st[k] for k in ("calibration_steps", "constraint", "soup_ingredients", "stock_seed",
+                                              "constraint_seeds") if k in st})
     return Study(cfg["name"], Runner("config", False, "near", path), methods, protocol,
                  {k: v for k, v in cfg.items() if k != "study"}, written)
 

@@ -38,7 +38,8 @@ from .data import Split
 from .vocab import (ATTRIBUTES, BACKGROUNDS, COLOURS, N_COMBOS, N_FINE_CLASSES, N_MARK_BITS, N_VALUES,  # noqa: F401
                     POSITIONS, SHAPES, SIZES, TEMPLATES, TEXTURES, ToyTokenizer, attributes_to_combo, caption,
                     combo_to_attributes, parse_caption)  # (the world's vocabulary, read as world.X)
-
+from .heldout import (clustered_combinations, like_test_combinations, one_attribute_neighbours,  # noqa: F401
+                      spread_combinations)
 # ---------------------------------------------------------------------------- rendering
 def _shape_mask(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Boolean masks (N, S, S) for per-image shape ids, offsets from the centre and radii."""
@@ -194,69 +195,6 @@ def render_shades(labels: np.ndarray, seed: int, size: int = 32, jitter: float =
     img = torch.where(mask[:, None], colour[:, :, None, None], bg[:, :, None, None])
     img = img + torch.randn(img.shape, generator=g) * 6
     return img.clamp(0, 255).round().to(torch.uint8)
-
-
-def spread_combinations(candidates: np.ndarray, n: int, min_distance: int) -> np.ndarray:
-    """The first n of `candidates` (in order, greedily) whose attribute tuples pairwise differ in at least
-    `min_distance` of the six attributes. min_distance 1: the first n distinct combinations."""
-    attrs = combo_to_attributes(np.arange(N_COMBOS))
-    chosen: list[int] = []
-    for c in candidates:
-        if not chosen or (attrs[chosen] != attrs[c]).sum(1).min() >= min_distance:
-            chosen.append(int(c))
-            if len(chosen) == n:
-                return np.array(chosen, dtype=np.int64)
-    raise ValueError(f"only {len(chosen)} of the {n} image-text combinations differ in >= {min_distance} attributes; "
-                     "ask for fewer text_pairs or a smaller text_min_distance")
-
-
-def one_attribute_neighbours(combos: np.ndarray) -> np.ndarray:
-    """(N,) for each combination, how many others in `combos` differ from it in exactly one attribute (how many
-    near-duplicates a query meets in a split)."""
-    a = combo_to_attributes(np.asarray(combos))
-    return ((a[:, None, :] != a[None, :, :]).sum(-1) == 1).sum(1)
-
-
-def clustered_combinations(candidates: np.ndarray, n: int, rate: float, rng: np.random.Generator,
-                           exclude=()) -> np.ndarray:
-    """n distinct combinations drawn in clusters, none in `exclude`. Each cluster starts at the next free candidate
-    (in order) and, for each attribute, adds each other value with probability `rate`; the cluster is every
-    combination of the chosen values (a sub-grid, members in random order; the last one is cut at n). Inside a
-    cluster a combination has about rate x 23 one-attribute neighbours, in the attributes' proportions, as a random
-    split of 5,760 x rate combinations would: a small split as dense in near-duplicates as a large one."""
-    used, out = {int(c) for c in np.asarray(exclude).reshape(-1)}, []
-    for anchor in np.asarray(candidates):
-        if len(out) == n:
-            break
-        anchor = int(anchor)
-        if anchor in used:
-            continue
-        at = combo_to_attributes(np.array([anchor]))[0]
-        values = [[int(at[i])] + [int(v) for v in rng.permutation([v for v in range(k) if v != at[i]])
-                                   [:rng.binomial(k - 1, rate)]] for i, k in enumerate(N_VALUES)]
-        grid = np.stack(np.meshgrid(*values, indexing="ij"), -1).reshape(-1, len(N_VALUES))
-        members = [int(c) for c in rng.permutation(attributes_to_combo(grid)) if int(c) not in used and c != anchor]
-        for c in [anchor] + members:
-            if len(out) < n:
-                out.append(c)
-                used.add(c)
-    if len(out) < n:
-        raise ValueError(f"only {len(out)} of {n} held-out generic combinations are free; ask for fewer")
-    return np.array(out, dtype=np.int64)
-
-
-def like_test_combinations(candidates: np.ndarray, n: int, test: np.ndarray, seed: int, exclude=()) -> np.ndarray:
-    """n combinations in clusters (`clustered_combinations`) whose mean number of one-attribute neighbours inside
-    the split is the closest, over a grid of cluster rates, to the test split's: a validation as hard as the test
-    (each query meets as many near-duplicates), at a fraction of its size. Deterministic from seed."""
-    target = one_attribute_neighbours(np.unique(test)).mean()
-    best = None
-    for rate in np.linspace(0.0, 0.5, 26):
-        c = clustered_combinations(candidates, n, float(rate), np.random.default_rng(seed), exclude)
-        gap = abs(one_attribute_neighbours(c).mean() - target)
-        if best is None or gap < best[0] - 1e-9:
-            best = (gap, c)
-    return best[1]
 
 
 # ---------------------------------------------------------------------------- splits

@@ -59,17 +59,17 @@ def fake(monkeypatch):
 
 
 
-PRESETS = ["toy-l2sp", "toy-paper", "toy-paper-no-l2sp", "toy-wise-ft", "toy-model-stock"]
-TRIALS = {"toy-naive": 16, "toy-l2sp": 8, "toy-paper": 16}
+PRESETS = ["toy-l2sp", "toy-paper", "toy-paper-no-l2sp", "toy-wise-ft", "toy-model-stock", "toy-l2-zero"]
+TRIALS = {"toy-naive": 16, "toy-l2sp": 8, "toy-paper": 16, "toy-l2-zero": 8}
 
 
 def test_compare_runs_every_stage_in_order_and_resumes(tmp_path, fake):
     chosen = C.compare(tmp_path / "c", presets=PRESETS, trials=TRIALS, log=lambda *_: None)
     naive_trials = [c for c in fake if c["preset"] == "toy-naive" and not c["test"] and c["overrides"]["steps"] == C.CALIBRATION_STEPS]
-    assert len(naive_trials) >= 16 + 3  # the search, then the calibration on seeds 0-2
+    assert len(naive_trials) >= 16 + 5  # the search, then the calibration on seeds 0-4
     steps = chosen["schedule"]["steps"]
     assert chosen["schedule"]["all_flat"] and 0 < steps < C.CALIBRATION_STEPS and steps % 25 == 0
-    assert len(chosen["noise"]["kept"]) == 3 and chosen["noise"]["noise"] >= 0 and chosen["noise"]["naive_fine"] > 0
+    assert len(chosen["noise"]["kept"]) == 5 and chosen["noise"]["noise"] >= 0 and chosen["noise"]["naive_fine"] > 0
     base = chosen["toy-naive"]["params"]
     assert set(base) == {"lr_backbone", "lr_head", "steps"} and base["steps"] == steps
     # every method: naive's learning rates and target steps (toy-naive-long: twice the steps)
@@ -85,6 +85,11 @@ def test_compare_runs_every_stage_in_order_and_resumes(tmp_path, fake):
     assert seeds("toy-naive", role="baseline") == seeds("toy-l2sp") == seeds("toy-paper") == [0, 1, 2, 3, 4, 5, 6, 7]
     assert seeds("toy-naive-long") == seeds("toy-paper-no-l2sp") == [0, 1, 2, 3, 4]
     assert seeds("toy-paper", search_seed=1) == [5, 6, 7]
+    assert seeds("toy-l2-zero") == [0, 1, 2], "outside the core table: 3 final seeds"
+    assert all(len(seeds(p, rule="constraint")) in (0, 3) for p in PRESETS), "the constraint rule: 3 seeds"
+    # the core table's runs all come before any search of the other methods
+    order = [c["preset"] for c in fake]
+    assert max(i for i, p in enumerate(order) if p == "toy-paper-no-l2sp") < order.index("toy-l2-zero")
     for c in finals:
         if c["tags"].get("rule") == "constraint":
             assert c["overrides"] == chosen[c["preset"]]["constraint_params"] != chosen[c["preset"]]["params"]
@@ -96,7 +101,7 @@ def test_compare_runs_every_stage_in_order_and_resumes(tmp_path, fake):
     assert len(stock) == 5 and all(str(c["merge_with"][0]).endswith(f"stock-s{c['seed'] + C.STOCK_SEED}/model.pt")
                                    for c in stock)
     searches = [c for c in fake if not c["test"] and "ingredients" not in c["out"]]
-    assert all(c["seed"] in (0, 1, 2) for c in searches) and not any(c["seed"] in C.HELDOUT_SEEDS for c in searches)
+    assert all(c["seed"] in C.SEARCH_SEEDS for c in searches) and not any(c["seed"] in C.HELDOUT_SEEDS for c in searches)
     rows = [json.loads(l) for l in (tmp_path / "c" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == len(finals)
     assert (tmp_path / "c" / "trials.jsonl").exists() and (tmp_path / "c" / "chosen.json").exists()
@@ -105,6 +110,35 @@ def test_compare_runs_every_stage_in_order_and_resumes(tmp_path, fake):
     again = C.compare(tmp_path / "c", presets=PRESETS, trials=TRIALS, log=lambda *_: None)
     assert len(fake) == n, "a second call re-ran finished work"
     assert again["toy-l2sp"]["params"] == chosen["toy-l2sp"]["params"]
+
+
+def test_a_budget_stops_at_a_clean_point_and_a_fresh_checkout_resumes_from_the_state(tmp_path, fake):
+    """--budget: no new trial or run starts after the deadline; --state keeps what a fresh checkout needs (no
+    weights), and the comparison finished from it equals one that never stopped."""
+    whole = C.compare(tmp_path / "whole", presets=PRESETS, trials=TRIALS, log=lambda *_: None)
+    n_whole = len(fake)
+    state = tmp_path / "state"
+    from infusing_kit import budget
+    with pytest.MonkeyPatch.context() as mp:  # the deadline passes halfway through (deterministically)
+        passed = lambda: len(fake) >= n_whole + n_whole // 2
+        for module in (S, C, budget):
+            mp.setattr(module, "deadline_passed", passed)
+        first = C.compare(tmp_path / "a", presets=PRESETS, trials=TRIALS, log=lambda *_: None, budget=30, state=state)
+    assert first["stopped"] and (state / "chosen.json").exists() and (state / "search.db").exists()
+    assert not list(state.rglob("*.pt")), "the state holds no weights"
+    n_first = len(fake) - n_whole
+    assert 0 < n_first < n_whole, "the first call should stop early"
+    # a fresh checkout: a new --out, the same --state
+    rest = C.compare(tmp_path / "b", presets=PRESETS, trials=TRIALS, log=lambda *_: None, state=state)
+    assert "stopped" not in rest
+    assert len(fake) - n_whole - n_first < n_whole, "resuming ran everything again"
+    strip = lambda ch: json.loads(json.dumps({k: v for k, v in ch.items() if k not in ("codes", "stopped")}))
+    assert strip(rest) == strip(whole)
+    rows = lambda d: sorted(json.dumps({k: r[k] for k in ("method", "seed", "finetuned", "train")}, sort_keys=True)
+                            for r in map(json.loads, (d / "results.jsonl").read_text().splitlines()))
+    assert rows(tmp_path / "b") == rows(tmp_path / "whole")
+    with pytest.raises(FileExistsError, match="already holds"):
+        C.restore_state(state, tmp_path / "b")
 
 
 def test_a_run_with_other_starting_weights_is_refused(tmp_path, fake):

@@ -39,10 +39,10 @@ def test_search_fills_the_range_uses_validation_only_and_resumes_without_repeats
     lo, hi = 0.1, 1e5
     S.search("toy-l2sp", db, tmp_path / "runs", trials=8, base={"steps": 100})
     assert len(calls) == 8 and not any(c["test"] for c in calls), "a trial evaluated test data"
-    first = sorted(c["overrides"]["l2sp"] for c in calls)
-    # the start-up design: one point in each eighth of the log range
-    slices = sorted(int(8 * (math.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo))) for v in first)
-    assert slices == list(range(8)), first
+    first = sorted(c["overrides"]["l2sp"] for c in calls[:6])
+    # the start-up design: one point in each sixth of the log range
+    slices = sorted(int(6 * (math.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo))) for v in first)
+    assert slices == list(range(6)), first
     assert all(c["overrides"]["steps"] == 100 for c in calls), "the shared base settings were not applied"
     best = S.search("toy-l2sp", db, tmp_path / "runs", trials=12, base={"steps": 100})  # a second session continues
     values = [c["overrides"]["l2sp"] for c in calls]
@@ -54,7 +54,7 @@ def test_search_fills_the_range_uses_validation_only_and_resumes_without_repeats
     assert sorted(r["params"]["l2sp"] for r in rows) == sorted(values)
     assert {r["method"] for r in rows} == {"toy-l2sp"} and all("mean_map@20" in r["val"] for r in rows)
     assert all(r["train"]["steps"] == 100 for r in rows), "trials must keep their whole config"
-    assert sum(r["design"] == "startup" for r in rows) == 8
+    assert sum(r["design"] == "startup" for r in rows) == 6
     with pytest.raises(ValueError, match="base settings"):  # one study, one schedule
         S.search("toy-l2sp", db, tmp_path / "runs", trials=12, base={"steps": 200})
 
@@ -67,16 +67,35 @@ def test_search_fills_the_range_uses_validation_only_and_resumes_without_repeats
 
 def test_a_best_value_at_the_edge_extends_the_range(tmp_path, monkeypatch):
     calls = _fake(monkeypatch, lambda x: 0.9 - abs(math.log10(x) - 6) / 20)  # best at 1e6, above the range [0.1, 1e5]
-    best = S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", trials=8, base={"steps": 100})
-    assert len(best["extensions"]) == 1 and best["space"][0][2] > 1e6, best["extensions"]
-    assert 1e5 < best["params"]["l2sp"] < 1e7 and best["at_edge"] == [] and best["at_hard_limit"] == []
+    best = S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", base={"steps": 100})
+    assert len(best["extensions"]) >= 1 and best["space"][0][2] > 1e6, best["extensions"]
+    assert 1e5 < best["params"]["l2sp"] < 1e7 and best["at_hard_limit"] == []
     assert max(c["overrides"]["l2sp"] for c in calls) > 1e5
+    assert len(calls) == best["trials"] == S.study_budget(1), "extension points come out of the study's budget"
+
+
+def test_a_range_grows_only_where_its_score_is_still_rising():
+    """The edge rule: the best in the outer 5% of a log range, nothing beyond it falling, and the best above every
+    tried value in the next quarter inward by more than the noise (SPD's best sat at 98% of its range, rising)."""
+    space = [("spd", 1e-3, 2.0, True)]
+    u = lambda f: float(math.exp(math.log(1e-3) + f * (math.log(2.0) - math.log(1e-3))))
+    params = [{"spd": u(f)} for f in (0.1, 0.5, 0.8, 0.9, 0.98)]
+    grow = lambda scores, noise=0.003: spaces.extend_space(space, params, params[int(max(range(5), key=lambda i: scores[i]))],
+                                                           200, None, scores, noise)[1]
+    assert grow([0.88, 0.89, 0.895, 0.897, 0.905]), "rising at the edge: the range grows"
+    assert not grow([0.88, 0.89, 0.903, 0.904, 0.905]), "a plateau within the noise: no growth"
+    assert not grow([0.88, 0.89, 0.895, 0.905, 0.899]), "the best is inside (0.9 of the range): no growth"
+    params.append({"spd": u(0.99)})
+    assert not grow([0.88, 0.89, 0.895, 0.897, 0.905, 0.89]), "a value beyond the best falls: no growth"
 
 
 def test_a_choice_stuck_at_a_hard_limit_is_reported(tmp_path, monkeypatch):
     _fake(monkeypatch, lambda x: math.log10(x) / 20)  # keeps rising: the best is always the largest value tried
-    best = S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", trials=8, base={"steps": 100})
-    assert best["space"][0][2] == spaces.DEFAULT_LIMITS[1] and best["at_hard_limit"] == ["l2sp"], best
+    best = S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", trials=16, base={"steps": 100})
+    assert best["space"][0][2] == spaces.DEFAULT_LIMITS[1], best  # the range grew as far as the field allows
+    top = [("l2sp", 0.1, spaces.DEFAULT_LIMITS[1], True)]
+    tried = [{"l2sp": v} for v in (1.0, 1e4, 0.9e8)]
+    assert spaces.extend_space(top, tried, tried[-1], 100, None, [0.1, 0.2, 0.4], 0.01)[2] == ["l2sp"]
 
 
 def test_trailing_trials_are_pruned_but_never_the_startup_design(tmp_path, monkeypatch):
@@ -92,7 +111,7 @@ def test_presets_without_a_search_space_are_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no search space"):
         S.search("toy-wise-ft", tmp_path / "s.db", tmp_path / "runs")
     with pytest.raises(ValueError, match="start-up points"):
-        S.search("toy-paper", tmp_path / "s.db", tmp_path / "runs", trials=10)
+        S.search("toy-paper", tmp_path / "s.db", tmp_path / "runs", trials=10)  # 12 start-up points for 2 fields
 
 
 def test_every_search_space_is_valid():
@@ -152,8 +171,14 @@ def test_transitions_get_points_where_the_score_changes_beyond_the_noise():
     space = [("l2sp", 1e-2, 1e4, True)]
     tried = [({"l2sp": v}, s) for v, s in ((1e-2, 0.80), (1e-1, 0.80), (1.0, 0.81), (1e3, 0.50), (1e4, 0.40))]
     points = spaces.transition_points(space, tried, noise=0.01)
-    # 1 -> 1e3 is the big gap with a jump; 1e3 -> 1e4 jumps by 0.10 > 0.02 too; the flat part gets nothing
+    # beside the best (1.0): 1 -> 1e3 jumps; 1e3 -> 1e4 jumps by 0.10 > 0.02 too, but on the collapsed side
+    assert [round(math.log10(p["l2sp"]), 6) for p in points] == [1.5]
+    # where fine-grained validation crosses the constraint rule's threshold (0.7, between 1e3 and 1e4), next
+    fine = dict(zip((1e-2, 1e-1, 1.0, 1e3, 1e4), (0.9, 0.9, 0.88, 0.75, 0.6)))
+    tried3 = [(p, v, fine[p["l2sp"]]) for p, v in tried]
+    points = spaces.transition_points(space, tried3, noise=0.01, threshold=0.7)
     assert [round(math.log10(p["l2sp"]), 6) for p in points] == [1.5, 3.5]
+    assert len(spaces.transition_points(space, tried3, noise=0.01, threshold=0.7, max_points=1)) == 1
     assert spaces.transition_points(space, tried, noise=0.2) == []      # every change within 2 x noise
     assert spaces.transition_points(space + space, tried, noise=0.01) == []  # one-field studies only
 
@@ -171,8 +196,9 @@ def test_a_search_with_a_noise_estimate_maps_the_transition_and_reports_flatness
     calls = _fake(monkeypatch, lambda x: 0.9 if x < 30 else 0.3)  # a step at 30: no effect below, too strong above
     best = S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", trials=8, base={"steps": 100}, extend=False,
                     noise=0.01, constraint=("fine_map@20", "generic_map@20", 0.4))
-    transitions = [c["overrides"]["l2sp"] for c in calls[8:]]
+    transitions = [c["overrides"]["l2sp"] for c in calls[6:]]
     assert transitions, "the jump got no points"
+    assert len(calls) == best["trials"] == 8, "transition points come out of the study's budget"
     assert not best["flat"] and best["spread"] == pytest.approx(0.6)
     assert best["constraint"]["params"] is not None and best["constraint"]["threshold"] == 0.4
     flat = S.search("toy-ewc", tmp_path / "f.db", tmp_path / "runs", trials=8, base={"steps": 100}, extend=False,
