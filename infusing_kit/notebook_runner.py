@@ -41,10 +41,16 @@ def _kernel_config():
     return c
 
 
+CELL_TIMEOUT = 4 * 3600   # seconds: a hung kernel, not a slow machine (`make run` failed at 1,800 s under load)
+
+
 def run_notebook(path: Path, out_dir: Path, smoke: bool, results_dir: Path | None = None,
-                 figures_dir: Path | None = None, timeout: int = 1800, parameters: dict | None = None) -> float:
+                 figures_dir: Path | None = None, timeout: int | None = CELL_TIMEOUT,
+                 parameters: dict | None = None) -> float:
     """Execute one notebook; returns its wall time in seconds. Raises papermill's error on a failing cell.
-    parameters: more values for its `parameters` cell (e.g. CONFIG, the study file it runs on)."""
+    parameters: more values for its `parameters` cell (e.g. CONFIG, the study file it runs on). timeout: seconds a
+    cell may run (None: no limit); the default only catches a hung kernel, since a busy laptop runs a chapter's
+    longest cell (a live search, 10-30 min idle) several times slower and slowness must not become failure."""
     import papermill as pm
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {"SMOKE": smoke, **(parameters or {})}

@@ -128,12 +128,18 @@ def chunks(split: AnySplit, batch_size: int, workers: int | None = None):
 
 
 def file_loader(split: FileSplit, index_lists: list, workers: int | None):
-    """The batches split.take(index_lists[i]), in order, decoded ahead in `workers` DataLoader workers."""
+    """The batches split.take(index_lists[i]), in order, decoded ahead in `workers` DataLoader workers. Under
+    torchrun the workers start from a fork server: a worker forked from a process whose process group runs
+    background threads can inherit a held lock and wait forever (seen: a 2-process run's validation hung with its
+    worker on a futex)."""
     from torch.utils.data import DataLoader
+
+    from . import distributed
     workers = default_workers() if workers is None else workers
     loader = DataLoader(_Take(split, index_lists), batch_size=None, shuffle=False, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                        prefetch_factor=4 if workers else None)
+                        prefetch_factor=4 if workers else None,
+                        multiprocessing_context="forkserver" if workers and distributed.active() else None)
     yield from loader
 
 

@@ -26,7 +26,8 @@ def test_smoke_pretraining_beats_chance_and_is_cached(tmp_path):
     vlm = load_pretrained_toy(cfg.model, cache_dir=tmp_path, cfg=cfg, progress=False)
     path = cache_path(cfg, tmp_path)
     assert path.exists()
-    w = world.make_world(world.WorldConfig(seed=5, **experiment.SMOKE_WORLD))
+    # (design 1: captions of spread-apart scenes; design 2's are one word apart, a test of the full model)
+    w = world.make_world(world.WorldConfig(seed=5, design=1, **experiment.SMOKE_WORLD))
     rec = image_text_recall(embed_images(vlm, w.text_test.images, progress=False),
                             embed_texts(vlm, w.text_test.captions, progress=False), w.text_test.caption_image)
     chance = 2 / len(w.text_test.captions)

@@ -132,4 +132,4 @@ def test_a_worker_killed_mid_trial_has_its_trial_run_again_by_the_other(postgres
     assert by_number[victim.number].state.name == "FAIL", "the killed trial was not failed by its heartbeat"
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert retried and retried[0].state.name == "COMPLETE" and retried[0].params == victim.params
-    assert sum(t.state.name == "COMPLETE" for t in trials) >= 8
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) >= 8  # the study's whole budget
