@@ -25,14 +25,6 @@ AXES = {  # name: (group in metrics.json, key, label)
     "generic": ("generic_image", f"map@{K}", "generic image mAP@20"),
     "i2t": ("image_text", "i2t_r@1", "image->text R@1"),
 }
-# one colour per method, everywhere (Okabe-Ito and Tol's colour-blind-safe palettes)
-COLOURS = {
-    "toy-naive": "#D55E00", "toy-paper": "#0072B2", "toy-l2sp": "#56B4E9", "toy-l2sp-sum": "#88CCEE",
-    "toy-ewc": "#009E73", "toy-l2-zero": "#999999", "toy-distill": "#CC79A7", "toy-distill-cos": "#AA4499",
-    "toy-relational": "#882255", "toy-lwf": "#E69F00", "toy-mix-balanced": "#DDCC77",
-    "toy-mix-proportional": "#999933", "toy-low-lr": "#332288", "toy-lp-ft": "#44AA99", "toy-freeze": "#117733",
-    "toy-wise-ft": "#F0E442", "toy-lora": "#661100", "toy-lines": "#B8860B", "toy-two-seed-merge": "#6A5ACD",
-}
 
 
 def append_result(path: str | Path, metrics: dict, run_dir: str | Path | None = None) -> dict:
