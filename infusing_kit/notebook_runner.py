@@ -6,14 +6,19 @@
 Each notebook runs in a fresh kernel with its `parameters` cell overridden (SMOKE, RESULTS_DIR, FIGURES_DIR);
 executed copies land in --out, the source notebooks stay clean. The kernel draws inline (no MPLBACKEND is
 forced on it), so every figure a chapter shows is in its executed copy; the runner counts them per chapter.
-A failing cell stops the run with that cell's error and the path of the executed copy, which shows
-everything up to the failure. --html renders the executed chapters into a site (one page per chapter,
+Each chapter prints a line before it starts, with the run time its goals cell states ("the notebook runs in
+about 3 min on 2 CPU cores"), and one when it ends. No cell timeout that a slow machine can reach: the default
+limit (CELL_TIMEOUT, 4 h) only catches a hung kernel. A failing cell stops the series with a message naming the
+chapter, the cell and its error, the executed copy (everything up to the failure), and how to continue: the
+chapters share their runs through RESULTS_DIR, so running again (all chapters, or `--from NN`) reuses every run
+already made instead of training it again. --html renders the executed chapters into a site (one page per chapter,
 figures embedded, an index, a syllabus and the reference pages; infusing_kit.site) that opens without Jupyter.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -64,6 +69,27 @@ def run_notebook(path: Path, out_dir: Path, smoke: bool, results_dir: Path | Non
     return time.time() - t0
 
 
+def expected(path: Path) -> str:
+    """The run time a chapter's goals cell states (the parenthesis of its **Time** field), or ''."""
+    from .course import layer
+    m = re.search(r"\(([^)]*runs[^)]*)\)", layer(path)["time"])
+    return m.group(1) if m else ""
+
+
+def failure(path: Path, executed: Path, error: BaseException, results_dir: str | None) -> str:
+    """What to tell the reader when a chapter stops: where, why, and how to continue without losing runs."""
+    where = ""
+    if getattr(error, "cell_index", None) is not None:
+        where = f" at cell {error.cell_index}" + (f" (execution count {error.exec_count})"
+                                                   if getattr(error, "exec_count", None) else "")
+    why = f"{getattr(error, 'ename', type(error).__name__)}: {getattr(error, 'evalue', error)}".strip()
+    why = why.splitlines()[0][:300] if why else type(error).__name__
+    runs = results_dir or "runs/notebooks (the chapters' RESULTS_DIR)"
+    return (f"{path.name} stopped{where}: {why}\n  executed copy up to the failure: {executed}\n  the runs finished "
+            f"so far are kept in {runs}; run the same command again, or add `--from {path.name[:2]}` to start at "
+            "this chapter: finished runs are reused, not trained again")
+
+
 def count_images(executed: Path) -> int:
     """Figures a reader sees in an executed notebook: image outputs of its code cells (widgets' own outputs
     included)."""
@@ -80,18 +106,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "build" / "notebooks"), help="folder for the executed copies")
     ap.add_argument("--smoke", action="store_true", help="SMOKE=True: tiny settings, as in CI")
     ap.add_argument("--only", nargs="*", help="notebook number prefixes to run, e.g. 02 03")
+    ap.add_argument("--from", dest="start", help="start at this chapter number (e.g. 04) and run the ones after it")
     ap.add_argument("--figures", help="FIGURES_DIR for the chapters (default: the notebooks' own, build/figures)")
     ap.add_argument("--results", help="RESULTS_DIR for the chapters (default: the notebooks' own, runs/notebooks)")
     ap.add_argument("--html", help="also render the executed chapters into a static site in this folder")
     args = ap.parse_args(argv)
     paths = notebook_paths(args.only)
+    if args.start:
+        paths = [p for p in paths if p.name[:2] >= args.start.zfill(2)]
     if not paths:
         print(f"no notebooks matched in {NOTEBOOKS}", file=sys.stderr)
         return 1
     total, executed, seconds_by_name = 0.0, [], {}
     for p in paths:
-        print(f"running {p.name} (SMOKE={args.smoke}) ...", flush=True)
-        seconds = run_notebook(p, Path(args.out), args.smoke, results_dir=args.results, figures_dir=args.figures)
+        hint = "" if args.smoke else expected(p)
+        print(f"[{len(executed) + 1}/{len(paths)}] running {p.name} (SMOKE={args.smoke}"
+              + (f"; {hint}" if hint else "") + ") ...", flush=True)
+        try:
+            seconds = run_notebook(p, Path(args.out), args.smoke, results_dir=args.results, figures_dir=args.figures)
+        except Exception as e:  # papermill's cell error, a timeout, a dead kernel: say where and how to go on
+            print(failure(p, Path(args.out) / p.name, e, args.results), file=sys.stderr, flush=True)
+            return 1
         total += seconds
         seconds_by_name[p.name] = seconds
         executed.append(Path(args.out) / p.name)

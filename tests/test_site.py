@@ -287,3 +287,25 @@ def test_an_unmatched_emphasis_marker_is_dropped_not_shown():
     cut = inline_html("a sentence cut inside **bold, with `a*b` in code")
     assert "*" not in cut.replace("<code>a*b</code>", ""), cut
     assert "<code>a*b</code>" in cut
+
+
+def test_make_run_says_each_chapters_expected_time_and_how_to_go_on_after_a_failure(tmp_path, monkeypatch, capsys):
+    from infusing_kit import notebook_runner as nr
+    ch04 = next(p for p in nr.notebook_paths() if p.name.startswith("04"))
+    assert "runs in" in nr.expected(ch04) and "min" in nr.expected(ch04)
+
+    class CellError(Exception):  # papermill's PapermillExecutionError carries these
+        cell_index, exec_count, ename, evalue = 13, 7, "CellTimeoutError", "A cell timed out after 14400 seconds"
+
+    def run(p, out, smoke, **kw):
+        if p.name.startswith("05"):
+            raise CellError()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / p.name).write_text(p.read_text())
+        return 1.0
+    monkeypatch.setattr(nr, "run_notebook", run)
+    assert nr.main(["--out", str(tmp_path), "--from", "04", "--only", "04", "05", "06"]) == 1
+    out, err = capsys.readouterr()
+    assert "[1/3] running 04_" in out and "runs in" in out and "06_" not in out
+    assert "05_" in err and "cell 13" in err and "CellTimeoutError" in err and "--from 05" in err
+    assert "reused" in err
