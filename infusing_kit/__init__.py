@@ -30,7 +30,7 @@ The modules, from the data to the comparison (each one's docstring says what it 
   export     distributed  the built-in world as files; data parallel runs under torchrun
   checkpoints identity    files written so that nothing a user made is lost; what a run is (weights, threads, code)
   chapters   notebook_runner  a chapter's runs, on the built-in world or your study file; the chapters headless
-                          (papermill) and the course site
+  site                    (papermill); the static course site (chapters, index, syllabus, reference pages)
   course                  the chapters' teaching layer (goals, questions, exercises), clean copies, the syllabus
   __main__                the command line (`python -m infusing_kit --help`)
 """
