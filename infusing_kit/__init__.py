@@ -20,7 +20,9 @@ The modules, from the data to the comparison (each one's docstring says what it 
   posthoc    merges       post-hoc methods as one table; their weight-space merges (WiSE-FT, LiNeS, Model Stock, soups)
   presets    experiment   the methods the kit compares (PRESETS); one experiment: model -> fine-tune -> evaluate
   config     leakage      real runs from a TOML file; leakage checks before any work
-  records                 the paper's released records (ArrayRecord, TFRecord), read without TensorFlow
+  precheck   weightfiles  a config's data checked before any work (records decoded, positives); weight files checked
+  records    textprobe    the paper's released records (ArrayRecord, TFRecord), read without TensorFlow; its
+                          image-text test sets with precomputed text embeddings
   search     study        Optuna searches on validation; the protocol on a study file
   choices    calibration  what a finished study chose; the schedule length and seed noise from naive's curves
   spaces     storage      search ranges, extensions, transitions, the constraint rule; SQLite or a shared database
