@@ -20,6 +20,7 @@ The modules, from the data to the comparison (each one's docstring says what it 
   posthoc    merges       post-hoc methods as one table; their weight-space merges (WiSE-FT, LiNeS, Model Stock, soups)
   presets    experiment   the methods the kit compares (PRESETS); one experiment: model -> fine-tune -> evaluate
   config     leakage      real runs from a TOML file; leakage checks before any work
+  resolve                 a config or study file checked and its settings shown, without its data
   records                 the paper's released records (ArrayRecord, TFRecord), read without TensorFlow
   search     study        Optuna searches on validation; the protocol on a study file
   choices    calibration  what a finished study chose; the schedule length and seed noise from naive's curves
