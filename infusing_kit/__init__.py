@@ -23,6 +23,7 @@ The modules, from the data to the comparison (each one's docstring says what it 
   precheck   weightfiles  a config's data checked before any work (records decoded, positives); weight files checked
   records    textprobe    the paper's released records (ArrayRecord, TFRecord), read without TensorFlow; its
                           image-text test sets with precomputed text embeddings
+  resolve                 a config or study file checked and its settings shown, without its data
   search     study        Optuna searches on validation; the protocol on a study file
   choices    calibration  what a finished study chose; the schedule length and seed noise from naive's curves
   spaces     storage      search ranges, extensions, transitions, the constraint rule; SQLite or a shared database
