@@ -20,7 +20,10 @@ The modules, from the data to the comparison (each one's docstring says what it 
   posthoc    merges       post-hoc methods as one table; their weight-space merges (WiSE-FT, LiNeS, Model Stock, soups)
   presets    experiment   the methods the kit compares (PRESETS); one experiment: model -> fine-tune -> evaluate
   config     leakage      real runs from a TOML file; leakage checks before any work
-  records                 the paper's released records (ArrayRecord, TFRecord), read without TensorFlow
+  precheck   weightfiles  a config's data checked before any work (records decoded, positives); weight files checked
+  records    textprobe    the paper's released records (ArrayRecord, TFRecord), read without TensorFlow; its
+                          image-text test sets with precomputed text embeddings
+  resolve                 a config or study file checked and its settings shown, without its data
   search     study        Optuna searches on validation; the protocol on a study file
   choices    calibration  what a finished study chose; the schedule length and seed noise from naive's curves
   spaces     storage      search ranges, extensions, transitions, the constraint rule; SQLite or a shared database
@@ -30,7 +33,7 @@ The modules, from the data to the comparison (each one's docstring says what it 
   export     distributed  the built-in world as files; data parallel runs under torchrun
   checkpoints identity    files written so that nothing a user made is lost; what a run is (weights, threads, code)
   chapters   notebook_runner  a chapter's runs, on the built-in world or your study file; the chapters headless
-                          (papermill) and the course site
+  site                    (papermill); the static course site (chapters, index, syllabus, reference pages)
   course                  the chapters' teaching layer (goals, questions, exercises), clean copies, the syllabus
   __main__                the command line (`python -m infusing_kit --help`)
 """

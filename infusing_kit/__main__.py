@@ -3,6 +3,7 @@ its parser (`COMMANDS`); one wrapper turns any error a user can fix into one lin
 
   python -m infusing_kit experiment --preset toy-naive [--smoke] [--seed N] [--world near|far] --out DIR [--resume]
   python -m infusing_kit experiment --config FILE.toml --out DIR [--resume]      # your model and data
+  python -m infusing_kit check --config FILE.toml [--data]   # a config or study file checked, its settings shown
   python -m infusing_kit compare --out DIR [--presets ...] [--jobs 2] [--smoke]   # the built-in comparison, resumable
   python -m infusing_kit compare --config STUDY.toml --out DIR [--storage URL]   # your study, on one machine or many
   python -m infusing_kit search --preset NAME | --config STUDY.toml --method NAME [--storage DB|URL] [--jobs 2]
@@ -93,6 +94,22 @@ def _experiment_args(p):
 
 
 experiment_cmd.setup = _experiment_args
+
+
+@command("check", "check a config or study file and print its resolved settings as JSON (no data is opened; "
+                  "--data: every file it names must exist)")
+def check_cmd(args) -> int:
+    from .resolve import resolve_file
+    print(json.dumps(resolve_file(args.config, data=args.data), indent=1, default=str))
+    return 0
+
+
+def _check_args(p):
+    p.add_argument("--config", required=True, help="an experiment config or a study file (TOML)")
+    p.add_argument("--data", action="store_true", help="also require every file the config names to exist")
+
+
+check_cmd.setup = _check_args
 
 
 def _study(args):

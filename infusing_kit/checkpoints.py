@@ -5,7 +5,8 @@
 - `RunFolder`: a training run's folder (`log.jsonl`, `last.pt`, `best.pt`). An occupied folder is refused
   unless resuming; a resumed checkpoint must belong to the same run (`identity`: model, initial weights,
   data, config), else a clear error says what differs. A folder whose run was killed before its first
-  checkpoint simply starts again when resuming.
+  checkpoint simply starts again when resuming. `last.pt` and `best.pt` are read with torch's safe loader
+  (`safe_load`: tensors and plain containers only), so a crafted file in a run folder cannot run code on --resume.
 - `tower_fingerprint`: a short hash of a tower's weights (what a checkpoint or teacher belongs to).
 - `FolderLock`: one process per run folder. An exclusive lock (flock) on FOLDER/.lock, held for the run's life and
   released by the operating system when the process ends in any way (a kill -9 leaves no stale lock); a second
@@ -136,7 +137,7 @@ class RunFolder:
         """The checkpoint to continue from (None: start afresh). Refuses one that belongs to another run."""
         if self.path is None or not self.resume or not (self.path / "last.pt").exists():
             return None  # resuming a run killed before its first checkpoint: it simply starts again
-        ckpt = torch.load(self.path / "last.pt", map_location="cpu", weights_only=False)
+        ckpt = safe_load(self.path / "last.pt")
         theirs = ckpt.get("identity", {})
         diff = {k: (theirs.get(k), v) for k, v in identity.items() if theirs.get(k) != v}
         if diff:
@@ -164,8 +165,25 @@ class RunFolder:
     def best_state(self) -> dict | None:
         if self.path is None or not (self.path / "best.pt").exists():
             return None
-        b = torch.load(self.path / "best.pt", map_location="cpu", weights_only=False)
+        b = safe_load(self.path / "best.pt")
         return {"visual": b["visual"], "head": b["head"]}
+
+
+def safe_load(path: Path) -> dict:
+    """A resume file read with torch's safe loader (weights_only=True: tensors, dicts, lists, tuples, strings,
+    numbers; no other object is built, so a crafted file cannot run code). Everything the kit saves is of those
+    types, so every checkpoint it wrote, old ones included, loads; anything else is refused unread."""
+    import pickle
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a checkpoint this kit can load safely ({why[:200]}); it was not used. "
+                         "Delete it to start that run again, or resume from a folder the kit wrote") from None
+    if not isinstance(ckpt, dict) or "visual" not in ckpt:
+        raise ValueError(f"{path} is not a checkpoint this kit wrote (no 'visual' weights); delete it to start that "
+                         "run again")
+    return ckpt
 
 
 def _describe(key: str, theirs, ours) -> str:

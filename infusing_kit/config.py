@@ -11,7 +11,7 @@ complete example, and a minimal one:
             the config's folder, a kit model.pt included; leave it out for random initialisation, seeded);
             image_size = 224 (optional); cache_dir = "..." (optional)
   [data]    root = "/data" (relative paths start here; default: the config's folder); size = 224 (decoded side);
-            allow_leakage = false (true runs even when splits share images or classes: see below)
+            allow_leakage = false (true: no leakage check); label_space = "auto" | "shared" | "per_split" (leakage.py)
   [data.target]   train / val / test = {format = ..., path = ..., ...}         class-disjoint splits
   [data.generic]  train / val / test = {...}; prompts = "classes.txt" or prompt = "a photo of a {}."
   [data.text]     test = {format = "karpathy_json" | "caption_csv" | "text_embeddings", ...} (text_embeddings: the
@@ -20,7 +20,8 @@ complete example, and a minimal one:
   [data] merged_index = true adds the merged-index protocol (every domain's queries against one index).
   [method]  preset = "toy-paper" (optional: its TrainConfig as the base; schedule = "full" | "smoke"),
             any TrainConfig field (steps, lr_backbone, l2sp, distill, sampler, ...),
-            post_hoc = "wise_ft" | "lines" (a post-hoc step chosen on validation; wise_ft = true is the same)
+            post_hoc = "wise_ft" | "lines" (chosen on validation; wise_ft = true is the same; merges of several
+            runs, model_stock and soups, are refused here: they belong to a study's `compare --config`)
 A study file (study.py) has the same [model] and [data] and a [study] table instead of [method].
 
 Formats of a data part: one row of `FORMATS` each, with the keys it takes besides format/path/root.
@@ -50,10 +51,22 @@ _BOOL = (bool, None, "true or false")
 TOP = {"name": _STR, "seed": _NONNEG_INT, "model": None, "data": None, "method": None, "study": None}
 MODEL = {"name": _STR, "pretrained": _STR, "image_size": _POS_INT, "cache_dir": _STR}
 DATA = {"root": _STR, "size": _POS_INT, "allow_leakage": _BOOL, "merged_index": _BOOL, "target": None, "generic": None,
-        "text": None}
+        "text": None, "label_space": (str, lambda v: v in ("auto", "shared", "per_split"),
+                                      "'auto', 'shared' or 'per_split' (leakage.py)")}
 PART = {"format": _STR, "path": _STR, "root": _STR}
-GENERIC = {"prompts": _STR, "prompt": (str, lambda v: "{}" in v, "a string with {} where the class name goes, "
-                                                                    "e.g. 'a photo of a {}.'")}
+
+
+def _template_ok(v: str) -> bool:
+    """A prompt template gives two classes two prompts, and has no field but {} ('{{}}' is a literal, '{x}' no slot)."""
+    try:
+        return v.format("cat") != v.format("dog")
+    except (KeyError, IndexError, ValueError, AttributeError):
+        return False
+
+
+GENERIC = {"prompts": _STR, "prompt": (str, _template_ok, "a string with {} where the class name goes and no other "
+                                                          "{field} (write {{ and }} for literal braces), e.g. 'a "
+                                                          "photo of a {}.'")}
 METHOD = {"preset": _STR, "schedule": (str, lambda v: v in ("full", "smoke"), "'full' or 'smoke'"),
           "wise_ft": _BOOL, "post_hoc": _STR}
 
@@ -103,6 +116,7 @@ def _records(kind: str):
     def read(part, size):
         import json
 
+        from .precheck import verify_records
         from .records import record_split
         files = _record_files(part["path"])
         keys = None
@@ -111,8 +125,10 @@ def _records(kind: str):
             if not isinstance(listed, list):
                 raise ValueError(f"{part['keys']}: keys must be a JSON list of record keys (or of {{\"key\": ...}})")
             keys = [k["key"] if isinstance(k, dict) else k for k in listed]
-        return record_split(files, size, kind, part.get("label", "class_id"), part.get("key", "key"),
-                            part.get("image", "image_bytes"), keys)
+        split = record_split(files, size, kind, part.get("label", "class_id"), part.get("key", "key"),
+                             part.get("image", "image_bytes"), keys)
+        verify_records(split)  # every image decoded now, not in a DataLoader worker mid-training
+        return split
     return Format({"keys": _STR, "label": _STR, "image": _STR, "key": _STR}, read, files=("keys",))
 
 
@@ -121,9 +137,12 @@ FORMATS["tfrecord"] = _records("tfrecord")          # the same records in TFReco
 
 
 def _text_probe(part, size):
-    from .records import text_probe
-    return text_probe(_record_files(part["path"]), part["embeddings"], part["gt"], size, None,
-                      part.get("image", "bytes_image"), part.get("id", "id"))
+    from .precheck import verify_records
+    from .textprobe import text_probe
+    probe = text_probe(_record_files(part["path"]), part["embeddings"], part["gt"], size, None,
+                       part.get("image", "bytes_image"), part.get("id", "id"))
+    verify_records(probe.images)
+    return probe
 
 
 # the paper's image-text test sets: query images in records, precomputed text embeddings and the ground truth
@@ -173,10 +192,16 @@ def load_config(path: str | Path, kind: str = "method") -> dict:
                 d[group][part] = {k: _part(d[group][part][k], root, f"{where} {k}") for k in ("query", "index")}
             else:
                 d[group][part] = _part(d[group][part], root, where)
+    if d.get("merged_index") and d["target"]["test"] == d["generic"]["test"]:
+        raise ValueError(f"{path} [data] merged_index = true, but [data.generic] test is [data.target] test (the same "
+                         f"{d['target']['test'].get('format', 'query/index')} part): the merged index would hold every "
+                         "image twice under two domains' labels. Give the generic domain its own test split, or set "
+                         "merged_index = false")
     if "prompts" in d["generic"]:
         d["generic"]["prompts"] = str(_exists(root / d["generic"]["prompts"], f"{path} [data.generic] prompts"))
     if kind == "method":
         check_method(cfg["method"], f"{path} [method]")
+        _one_run_post_hoc(cfg["method"], f"{path} [method]")
         train_config(cfg, str(path))  # every TrainConfig value checked now (types, ranges, allowed values)
     cfg["name"] = cfg.get("name", path.stem)
     cfg["_path"] = str(path.resolve())
@@ -194,6 +219,18 @@ def check_method(m: dict, where: str) -> None:
         from .posthoc import METHODS
         if m["post_hoc"] not in METHODS:
             raise ValueError(f"{where} post_hoc {m['post_hoc']!r} is unknown; choose one of {sorted(METHODS)}")
+
+
+def _one_run_post_hoc(m: dict, where: str) -> None:
+    """An experiment config trains one run: a merge of several runs (Model Stock, soups) has nothing to merge."""
+    from .posthoc import SEVERAL_RUNS
+    ph = post_hoc_of(m)
+    if ph in SEVERAL_RUNS:
+        source = f"post_hoc = {ph!r}" if "post_hoc" in m else f"preset {m.get('preset')!r} (its post_hoc {ph!r})"
+        raise ValueError(f"{where}: {source} merges several fine-tuned runs, and an experiment config trains one. Make "
+                         "it a method of a study file and run `python -m infusing_kit compare --config STUDY.toml` "
+                         "(which trains the runs it merges), or use `experiment --preset` on the built-in world; in "
+                         "this file choose post_hoc = \"wise_ft\" or \"lines\", or wise_ft = false for none")
 
 
 def train_config(cfg: dict, where: str = "the config", method: dict | None = None) -> TrainConfig:
@@ -231,7 +268,13 @@ def setup_from_config(cfg: dict | str | Path, device: str = "cpu", progress: boo
                       read("generic", "val"), read("generic", "test"), read("text", "test"),
                       _prompts(d["generic"], generic_train, where), d.get("merged_index", False))
     from .leakage import check_domains
-    check_domains(domains, where, allowed=d.get("allow_leakage", False))
+    from .precheck import check_retrieval
+    check_retrieval(domains, d, where)  # before any work: a split no query can be scored on is named now
+    if hasattr(domains.text_test, "text_embeddings"):  # precomputed text embeddings: as wide as the model's images
+        from .textprobe import check_width
+        check_width(domains.text_test, _embed_dim(mc["name"]), mc["name"], f"{where} [data.text.test] "
+                    f"{d['text']['test'].get('embeddings')}")
+    check_domains(domains, where, allowed=d.get("allow_leakage", False), label_space=d.get("label_space", "auto"))
     seed = int(cfg.get("seed", 0))
     model = lambda: load_model(mc["name"], mc.get("pretrained"), device=device, image_size=mc.get("image_size"),
                                cache_dir=mc.get("cache_dir"), seed=seed)
@@ -338,6 +381,11 @@ def _part(part, root: Path, where: str) -> dict:
     if "root" in part:
         out["root"] = str(_exists(root / part["root"], f"{where} root"))
     return out
+
+
+def _embed_dim(name: str) -> int:
+    import open_clip
+    return int((open_clip.get_model_config(name) or {})["embed_dim"])
 
 
 def _model_size(name: str) -> int:

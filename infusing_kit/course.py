@@ -139,30 +139,44 @@ def chapters(notebooks: str | Path = NOTEBOOKS) -> list[Path]:
     return sorted(p for p in Path(notebooks).glob("[0-9][0-9]_*.ipynb"))
 
 
-def syllabus(paths: list[Path], seconds: dict[str, float] | None = None) -> str:
+def _exercise_title(prompt: str) -> str:
+    """An exercise's name: its heading without the '#'s (e.g. 'Exercise 1 · Add'), else its first line."""
+    lines = [l.strip() for l in prompt.splitlines() if l.strip()]
+    head = next((l for l in lines if l.startswith("#")), lines[0] if lines else "Exercise")
+    return head.lstrip("# ").strip()
+
+
+def syllabus(paths: list[Path], seconds: dict[str, float] | None = None, links: dict[str, str] | None = None) -> str:
     """The course plan as markdown: the two-week module day by day (MODULE), then per chapter its goals,
-    prerequisites, study time, questions and exercises; seconds: measured run times per chapter file name (the
-    site's build fills them in), shown next to the study time."""
+    prerequisites, study time and what to assign (its questions and its two exercises, by name); seconds: measured
+    run times per chapter file name (the site's build fills them in), shown next to the study time; links: a URL per
+    chapter file name (the site's pages), which makes every chapter title a link."""
     by_number = {p.name[:2]: p for p in paths}
+    named = lambda p, title: f"[{title}]({links[p.name]})" if links and p.name in links else title
     lines = ["# Syllabus", "",
              "Twelve chapters, each a notebook: read it, run it, answer its questions (answers are collapsed under "
              "each one), then do its two exercises (worked solutions, hidden, run with the chapter). "
              "`python -m infusing_kit.course clean` writes copies without prose and solutions for self-testing.",
              "", "## A two-week module", "", "| day | chapters | study time |", "|---|---|---|"]
     for day, numbers in MODULE.items():
-        lays = [layer(by_number[n]) for n in numbers if n in by_number]
+        lays = [(by_number[n], layer(by_number[n])) for n in numbers if n in by_number]
         if lays:
-            names = "; ".join(l["title"] for l in lays)
-            lines.append(f"| {day} | {names} | {sum(l['minutes'] or 0 for l in lays)} min |")
+            names = "; ".join(named(p, l["title"]) for p, l in lays)
+            lines.append(f"| {day} | {names} | {sum(l['minutes'] or 0 for _, l in lays)} min |")
     lines += ["", "Chapter 09 (the protocol) comes on day 3, before the regularizers, which rely on "
               "validation-chosen strengths; chapter 04 opens with a short primer for readers who go in numbering "
-              "order.", ""]
+              "order. Each day, assign the day's chapters and, after them, their questions and exercises (listed "
+              "below with each chapter).", ""]
     for p in paths:
         lay = layer(p)
         ran = f"; runs in {seconds[p.name]:.0f} s on this build" if seconds and p.name in seconds else ""
-        lines += [f"## {lay['title']}", "", f"*{lay['time']}{ran}. {lay['questions']} questions, "
+        lines += [f"## {named(p, lay['title'])}", "", f"*{lay['time']}{ran}. {lay['questions']} questions, "
                   f"{len(lay['exercises'])} exercises.*", "", "You will learn:", ""]
         lines += [f"- {g}" for g in lay["goals"]] + ["", f"Before you start: {lay['prerequisites']}", ""]
+        if lay["questions"] or lay["exercises"]:
+            lines += [f"Assign: its {lay['questions']} questions (answers collapsed under each), then its "
+                      "exercises (worked solutions run with the chapter):", ""]
+            lines += [f"- {_exercise_title(prompt)}" for prompt, _ in lay["exercises"]] + [""]
     return "\n".join(lines)
 
 

@@ -126,6 +126,13 @@ def read_image(path: str | Path | bytes, size: int, name: str | None = None) -> 
     (3, size, size): EXIF orientation applied, shorter side resized to `size` (antialiased), centre crop.
     torchvision.io decodes JPEG/PNG/WebP/GIF; other formats go through PIL."""
     from torchvision.transforms.v2 import functional as TF
+    img = TF.resize(decode_rgb(path, name), size, antialias=True)
+    return TF.center_crop(img, [size, size])
+
+
+def decode_rgb(path: str | Path | bytes, name: str | None = None) -> torch.Tensor:
+    """One image file (or its bytes) at full size as RGB uint8 (3, H, W), EXIF orientation applied: the pixels
+    `read_image` resizes, and what the leakage check hashes (the same picture in another encoding is the same)."""
     encoded = isinstance(path, (bytes, bytearray))
     try:
         from torchvision.io import ImageReadMode, decode_image
@@ -136,9 +143,7 @@ def read_image(path: str | Path | bytes, size: int, name: str | None = None) -> 
         img = _read_with_pil(io.BytesIO(bytes(path)) if encoded else path, name)
     if img.ndim == 4:  # an animated GIF: its first frame
         img = img[0]
-    img = to_uint8(img)
-    img = TF.resize(img, size, antialias=True)
-    return TF.center_crop(img, [size, size])
+    return to_uint8(img)
 
 
 def to_uint8(img: torch.Tensor) -> torch.Tensor:

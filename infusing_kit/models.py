@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal
@@ -103,7 +104,15 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
                 f"downloaded{' (HF_HUB_OFFLINE is set)' if offline else ''}. Pass a local checkpoint file as "
                 f"pretrained=..., run once with internet to fill the Hugging Face cache, or use "
                 f"pretrained=None / the kit's offline toy model pretrain.load_pretrained_toy('toy-clip').") from e
+        if pretrained is not None and Path(str(pretrained)).is_file():
+            from .weightfiles import bad_checkpoint
+            raise bad_checkpoint(pretrained, name, e) from None
         raise ValueError(f"cannot create {name!r} with pretrained={pretrained!r}: {e}") from e
+    except (AssertionError, AttributeError, KeyError, TypeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        if pretrained is None or not Path(str(pretrained)).is_file():
+            raise
+        from .weightfiles import bad_checkpoint  # another model's state dict, or not a state dict at all
+        raise bad_checkpoint(pretrained, name, e) from None
     finally:
         logging.disable(logging.NOTSET)
     cfg = model.visual.preprocess_cfg
@@ -127,11 +136,8 @@ def _load_big_vision(name: str, path, device, image_size, cache_dir, seed) -> VL
     if trunk is None or not hasattr(trunk, "blocks") or not hasattr(trunk, "patch_embed"):
         raise ValueError(f"{path}: a big_vision checkpoint loads into a timm ViT image tower (e.g. ViT-B-16-SigLIP); "
                          f"{name!r} has a {type(vlm.model.visual).__name__} tower")
-    from timm.models.vision_transformer import _load_weights  # timm's converter of big_vision ViT checkpoints
-    try:
-        _load_weights(trunk, str(path))
-    except KeyError as e:
-        raise ValueError(f"{path} is not a big_vision ViT checkpoint for {name!r}: it has no {e}") from None
+    from .weightfiles import load_big_vision  # timm's converter, every key and value checked around it
+    load_big_vision(trunk, path, name)
     warnings.warn(f"{path}: the image tower is the checkpoint's; the text tower of {name} is random (use precomputed "
                   "text embeddings for image-text retrieval)", stacklevel=2)
     vlm.pretrained = str(path)

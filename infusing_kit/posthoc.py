@@ -53,6 +53,7 @@ def _soup_uniform(theta0, thetas, tower):
 
 METHODS: dict[str, Callable] = {"wise_ft": _wise_ft, "lines": _lines, "model_stock": _model_stock,
                                 "soup_uniform": _soup_uniform, "soup_greedy": None}
+SEVERAL_RUNS = ("model_stock", "soup_uniform", "soup_greedy")  # rows that merge other runs: a comparison trains them
 
 
 def choose(method: str, vlm, theta0: dict, thetas: list[dict], validate: Callable, key: str) -> tuple[list[dict], dict]:

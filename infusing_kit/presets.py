@@ -3,7 +3,7 @@
 A preset is a `TrainConfig` on the naive schedule (same target steps, same data, same learning rates unless its
 search says otherwise) plus what the protocol needs around it: the ranges its search explores on validation, an
 optional post-hoc step (`posthoc.METHODS`), which family it belongs to (one colour and marker per family in every
-figure, results.STYLE), and, for ablations, which other preset's chosen strengths it starts from. Whether it uses
+figure, figures.STYLE), and, for ablations, which other preset's chosen strengths it starts from. Whether it uses
 the frozen text tower follows from its terms (`terms.uses_text`).
 
 Strengths (and learning rates) are chosen on validation by `python -m infusing_kit compare` (README, "The

@@ -229,11 +229,16 @@ def write_array_record(path: str | Path, records: list[bytes]) -> None:
 
 
 def array_record_count(path: str | Path) -> int:
-    r = _array_record().ArrayRecordReader(str(path))
+    module = _array_record()
     try:
-        return r.num_records()
-    finally:
-        r.close()
+        r = module.ArrayRecordReader(str(path))
+        try:
+            return r.num_records()
+        finally:
+            r.close()
+    except (RuntimeError, ValueError, OSError) as e:  # Riegeli's own words name no file
+        raise ValueError(f"{path}: not a readable ArrayRecord shard ({str(e) or 'no detail'}); it may be truncated or "
+                         "another format: copy it again from the release") from None
 
 
 # ---------------------------------------------------------------------------- the split
@@ -264,7 +269,7 @@ class RecordSplit:
         return len(self.labels)
 
     def __getstate__(self):  # readers are opened again in each worker process
-        return {k: v for k, v in self.__dict__.items() if k != "_readers"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_readers", "_pixel_hashes")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -333,7 +338,7 @@ def record_split(paths: list[str | Path], size: int, kind: str | None = None, la
             n = array_record_count(p)
             positions = [(j, 0) for j in range(n)]
             reader = _array_record().ArrayRecordReader(p)
-            raw = (reader.read([j])[0] for j in range(n))
+            raw = _read_all(reader, n, p)
         for (pos, length), data in zip(positions, raw):
             rec = parse_example(data)
             if label_feature is not None and not rec.get(label_feature):
@@ -353,39 +358,21 @@ def record_split(paths: list[str | Path], size: int, kind: str | None = None, la
     return RecordSplit(files, where_kind, where, labels, size, names, image_feature)
 
 
+def _read_all(reader, n: int, path: str):
+    for j in range(n):
+        try:
+            yield reader.read([j])[0]
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"{path}: record {j} cannot be read ({str(e) or 'no detail'}); the shard may be truncated "
+                             "or damaged: copy it again") from None
+
+
 def _text(v) -> str:
     """An id as text: bytes decoded, numbers written out (ids are matched as text across files)."""
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def text_probe(paths: list[str | Path], embeddings: str | Path, gt: str | Path, size: int, kind: str | None = None,
-               image_feature: str = "bytes_image", id_feature: str = "id"):
-    """The paper's image-text test set (Flickr30k, MSCOCO) as released: query images in record files (`bytes_image`,
-    `id`), precomputed text embeddings (a NumPy file holding a pickled dict caption id -> embedding, made by the
-    original text tower) and the ground truth (a dict image id -> its caption ids). Returns an
-    `evaluation.TextProbe`: the captions of each image in order, their embeddings and the image each describes.
-    The two .npy files are pickles: load only files you trust (np.load(allow_pickle=True))."""
-    from .evaluation import TextProbe
-    images = record_split(paths, size, kind, label_feature=None, key_feature=id_feature, image_feature=image_feature)
-    load = lambda f, what: _as_dict(np.load(f, allow_pickle=True), f, what)
-    emb, truth = load(embeddings, "caption id -> text embedding"), load(gt, "image id -> caption ids")
-    caption_ids, caption_image = [], []
-    for i, image in enumerate(images.keys):
-        if image not in truth:
-            raise ValueError(f"{gt}: image {image!r} of {paths[0]} has no ground-truth captions")
-        for c in truth[image]:
-            caption_ids.append(_text(c))
-            caption_image.append(i)
-    missing = [c for c in caption_ids if c not in emb]
-    if missing:
-        raise ValueError(f"{embeddings}: {len(missing)} captions of the ground truth have no embedding (first: "
-                         f"{missing[:3]})")
-    vectors = np.stack([np.asarray(emb[c], dtype=np.float32).reshape(-1) for c in caption_ids])
-    return TextProbe(images, vectors, np.asarray(caption_image, dtype=np.int64), caption_ids)
-
-
-def _as_dict(loaded, path, what: str) -> dict:
-    value = loaded.item() if isinstance(loaded, np.ndarray) and loaded.dtype == object and loaded.shape == () else loaded
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a pickled dict ({what}), got {type(value).__name__}")
-    return {_text(k): v for k, v in value.items()}
+def text_probe(*args, **kwargs):
+    """The paper's image-text test set as released (`textprobe.text_probe`, kept here for its first callers)."""
+    from .textprobe import text_probe as probe
+    return probe(*args, **kwargs)

@@ -303,9 +303,10 @@ class WeightAverage:
 
 def adaptive_generic_share(target_losses: list[float], generic_losses: list[float], first: tuple[float, float],
                            previous: float, ema: float = 0.0, low: float = 0.1, high: float = 0.9) -> float:
-    """The adaptive domain sampler's probability of a generic batch for the next window (after the official code's
-    dynamic sampler, which weighs each domain by its training loss): each domain's mean loss over the last window
-    relative to its first window's, r_d = mean(L_d) / L_d(first);  p = r_g / (r_t + r_g), smoothed
+    """The adaptive domain sampler's probability of a generic batch for the next window: the kit's variant of the
+    official code's dynamic sampler (whose own rule, raw classifier losses without clipping, is sampler
+    "adaptive_official", `sampling.official_weights`; docs/method.md section 4). Each domain's mean loss over the
+    last window relative to its first window's, r_d = mean(L_d) / L_d(first);  p = r_g / (r_t + r_g), smoothed
     p <- ema p_prev + (1 - ema) p, clipped to [low, high]. A domain whose loss has fallen less gets more batches."""
     if not target_losses or not generic_losses:
         return previous

@@ -25,14 +25,6 @@ AXES = {  # name: (group in metrics.json, key, label)
     "generic": ("generic_image", f"map@{K}", "generic image mAP@20"),
     "i2t": ("image_text", "i2t_r@1", "image->text R@1"),
 }
-# one colour per method, everywhere (Okabe-Ito and Tol's colour-blind-safe palettes)
-COLOURS = {
-    "toy-naive": "#D55E00", "toy-paper": "#0072B2", "toy-l2sp": "#56B4E9", "toy-l2sp-sum": "#88CCEE",
-    "toy-ewc": "#009E73", "toy-l2-zero": "#999999", "toy-distill": "#CC79A7", "toy-distill-cos": "#AA4499",
-    "toy-relational": "#882255", "toy-lwf": "#E69F00", "toy-mix-balanced": "#DDCC77",
-    "toy-mix-proportional": "#999933", "toy-low-lr": "#332288", "toy-lp-ft": "#44AA99", "toy-freeze": "#117733",
-    "toy-wise-ft": "#F0E442", "toy-lora": "#661100", "toy-lines": "#B8860B", "toy-two-seed-merge": "#6A5ACD",
-}
 
 
 def append_result(path: str | Path, metrics: dict, run_dir: str | Path | None = None) -> dict:
@@ -241,3 +233,105 @@ def points_table(summary: list[dict], paper: bool = True) -> str:
         lines.append(f"| {s['method']} | {s['seeds']} | " + " | ".join(f"{100 * s[f'{a}_mean']:+.1f}" for a in AXES)
                      + " |")
     return "\n".join(lines)
+
+
+# results/current.json names the kit's current committed results, per world and kind: the one place that says
+# which file a chapter, README or script reads. A new comparison writes new files and repoints the manifest; the
+# files it replaces move to results/superseded/ (nothing is rewritten).
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def current(world: str = "near", kind: str = "comparison", manifest: str | Path | None = None) -> Path | None:
+    """The current results file of `kind` ("comparison", "trials", "chosen", ...) for `world` ("near" or "far"),
+    from the manifest (default results/current.json), or None when that world has no current result of that kind
+    (a chapter then shows no table rather than another world's)."""
+    manifest = Path(manifest) if manifest is not None else RESULTS / "current.json"
+    if not manifest.exists():
+        raise FileNotFoundError(f"no results manifest at {manifest}; it names the current registry of each world "
+                                "(see results/README.md)")
+    worlds = json.loads(manifest.read_text())["worlds"]
+    if world not in worlds:
+        raise ValueError(f"{manifest} has no world {world!r}; it has {sorted(worlds)}")
+    name = worlds[world].get(kind)
+    if name is None:
+        return None
+    path = manifest.parent / name
+    if not path.exists():
+        raise FileNotFoundError(f"{manifest} names {name} as the {world} world's current {kind}, but {path} does not "
+                                "exist: restore it, or point the manifest at the file that replaced it")
+    return path
+
+
+def _t_interval(values: list[float], confidence: float = 0.95) -> dict:
+    from scipy import stats
+    v = np.asarray(values, dtype=float)
+    n = len(v)
+    mean = float(v.mean()) if n else float("nan")
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * v.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return {"mean": mean, "low": mean - half, "high": mean + half, "per_seed": v.tolist()}
+
+
+def claim(rows: list[dict], method: str = "toy-paper", baseline: str = "toy-naive", seeds: list[int] | None = None,
+          confidence: float = 0.95) -> dict:
+    """The paper's claim, measured: on the seeds both ran (optionally only `seeds`, e.g. the held-out ones), the
+    share of `baseline`'s fine-grained gain that `method` keeps and the share of each of its drops that `method`
+    leaves, as the ratio of means and with a t-interval over the per-seed ratios; and both methods' changes in
+    points (x 100) beside the paper's Figure 1. Returns {"seeds", "ratios": {name: {...}}, "points": {...},
+    "passed"} with "passed" judged by ACCEPTANCE on the ratio of means."""
+    acc = acceptance(rows, method, baseline, seeds)
+    out = {"method": method, "baseline": baseline, "seeds": acc["seeds"], "ratios": {}}
+    for k in ACCEPTANCE:
+        interval = _t_interval([acc["per_seed"][s][k] for s in acc["seeds"]], confidence)
+        out["ratios"][k] = {**interval, "mean": acc[k], "target": ACCEPTANCE[k]}
+    by = {(label(r), r["seed"]): r for r in rows if r.get("finetuned") and label(r) in (method, baseline)}
+    out["points"] = {m: {a: 100 * float(np.mean([deltas(by[(m, s)])[a] for s in acc["seeds"]])) for a in AXES}
+                     for m in (baseline, method)}
+    out["passed"] = acc["passed"]
+    return out
+
+
+def winners(rows: list[dict], baseline: str = "toy-naive", constraint: float = 0.95) -> dict:
+    """Which method wins on the test sets under each selection rule's own objective, from the rows a comparison
+    ran under that rule: the mean rule maximises the mean of fine-grained and generic mAP@20; the constraint rule
+    maximises generic mAP@20 among the methods whose fine-grained mAP@20 is at least `constraint` x the baseline's
+    (a method without a constraint-rule row competes with its only choice). Each entry: the winner, its score, the
+    runner-up and the paired interval winner minus runner-up (on the seeds both ran), so a win within the seeds'
+    noise says so."""
+    fin = [r for r in rows if r.get("finetuned")]
+    test = lambda r, a: r["finetuned"][AXES[a][0]][AXES[a][1]]  # noqa: E731
+    base = [test(r, "fine") for r in fin if label(r) == baseline]
+    if not base:
+        raise ValueError(f"no finished {baseline} rows: the rules' winners are judged against it")
+    floor = constraint * float(np.mean(base))
+    by_rule = {"mean": {}, "constraint": {}}
+    for r in fin:
+        tags = r.get("tags") or {}
+        if "search_seed" in tags or r["method"] == baseline:
+            continue
+        rule = "constraint" if tags.get("rule") == "constraint" else "mean"
+        by_rule[rule].setdefault(r["method"], []).append(r)
+    for m, rs in by_rule["mean"].items():  # one choice for both rules
+        by_rule["constraint"].setdefault(m, rs)
+    score = {"mean": lambda r: (test(r, "fine") + test(r, "generic")) / 2, "constraint": lambda r: test(r, "generic")}
+    out = {}
+    for rule, methods in by_rule.items():
+        ranked = []
+        for m, rs in methods.items():
+            if rule == "constraint" and np.mean([test(r, "fine") for r in rs]) < floor:
+                continue
+            ranked.append((float(np.mean([score[rule](r) for r in rs])), m, {r["seed"]: score[rule](r) for r in rs}))
+        ranked.sort(reverse=True)
+        if not ranked:
+            out[rule] = {"winner": None}
+            continue
+        entry = {"winner": ranked[0][1], "score": ranked[0][0], "ranking": [(m, s) for s, m, _ in ranked]}
+        if len(ranked) > 1:
+            a, b = ranked[0][2], ranked[1][2]
+            common = sorted(set(a) & set(b))
+            entry["runner_up"] = ranked[1][1]
+            entry["margin"] = _t_interval([a[s] - b[s] for s in common])
+            entry["margin"]["seeds"] = common
+        if rule == "constraint":
+            entry["floor"] = floor
+        out[rule] = entry
+    return out

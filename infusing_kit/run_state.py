@@ -18,7 +18,7 @@ from . import distributed
 from .checkpoints import RunFolder
 from .models import VLM, train_mode
 from .regularizers import Quadratic, WeightAverage, adaptive_generic_share
-from .sampling import AdaptiveState
+from .sampling import AdaptiveState, OfficialAdaptive
 from .terms import StepRule
 from .trainconfig import TrainConfig
 
@@ -77,6 +77,8 @@ class RunState:
         self.average = WeightAverage(cfg.average, anchors.theta0, cfg.average_tau, cfg.average_every) \
             if cfg.average != "none" else None
         self.adaptive = AdaptiveState() if cfg.sampler == "adaptive" else None
+        self.official = OfficialAdaptive(cfg.adaptive_every, cfg.adaptive_ema) \
+            if cfg.sampler == "adaptive_official" else None  # the official code's rule (sampling.OfficialAdaptive)
         self.window: dict = {"target": [], "generic": [], "first": None, "n": {"target": 0, "generic": 0,
                                                                               "backbone": 0}}
         if ckpt is not None:
@@ -91,6 +93,10 @@ class RunState:
             if self.adaptive is not None:
                 self.adaptive.p_generic, self.adaptive.target_done = ckpt["adaptive"]["p"], self.target_step
                 self.window = ckpt["adaptive"]["window"]
+            if self.official is not None:
+                self.official.load_state_dict(ckpt["adaptive_official"]["state"])
+                self.official.target_done = self.target_step
+                self.window = ckpt["adaptive_official"]["window"]
         folder.start_log(self.history)
 
     def log(self, record: dict) -> None:
@@ -106,6 +112,8 @@ class RunState:
             self.average.update(self.anchors.params, self.step)
         if self.adaptive is not None:
             self._adapt(domain, terms, frozen)
+        if self.official is not None:
+            self._observe_official(domain, terms, frozen)
         if is_log:
             self.check_finite()
             values = distributed.mean_over_ranks(torch.stack([v.detach().float() for v in terms.values()]))
@@ -114,6 +122,8 @@ class RunState:
                       "loss": float(sum(terms_now.values())), **terms_now}
             if self.adaptive is not None:
                 record["p_generic"] = self.adaptive.p_generic
+            if self.official is not None:
+                record["p_generic"] = self.official.weights[1]
             self.log(record)
             self.last_losses = {k: v for k, v in record.items() if k not in ("step", "target_step", "domain")}
 
@@ -129,6 +139,15 @@ class RunState:
             self.adaptive.p_generic = adaptive_generic_share(w["target"], w["generic"], w["first"],
                                                              self.adaptive.p_generic, self.cfg.adaptive_ema)
             w["target"], w["generic"] = [], []
+
+    def _observe_official(self, domain: int, terms: dict, frozen: bool) -> None:
+        """adaptive_official: the step's raw classifier loss (the ce term over its weight; a generic batch has
+        none) goes to the sampler's block window; the batch counts as for the adaptive sampler."""
+        w, name = self.window, ("target", "generic")[domain]
+        w["n"][name] += 1
+        w["n"]["backbone"] += not frozen
+        ce = float(terms["ce"].detach()) / self.cfg.ce_weight if "ce" in terms else None
+        self.official.observe(domain, ce)
 
     def counts(self) -> dict[str, int]:
         return dict(self.window["n"])
@@ -187,6 +206,8 @@ class RunState:
             extra["average"] = self.average.state_dict()
         if self.adaptive is not None:
             extra["adaptive"] = {"p": self.adaptive.p_generic, "window": self.window}
+        if self.official is not None:
+            extra["adaptive_official"] = {"state": self.official.state_dict(), "window": self.window}
         self.folder.save("last.pt", {"visual": self.vlm.visual.state_dict(), "head": self.head.state_dict(),
                                      "optimizer": self.opt.state_dict(), "step": self.step,
                                      "target_step": self.target_step, "history": self.history,

@@ -1,7 +1,8 @@
 """Sampling: which domain each training step draws from and which images its batch holds.
 
 `domain_at(step, ...)` says which domain a training step draws from (the samplers of the paper's data mixing:
-round robin, balanced, proportional, adaptive) and `batch_indices` the indices of its batch. Both are pure
+round robin, balanced, proportional, adaptive; `OfficialAdaptive` for the official code's dynamic rule,
+"adaptive_official") and `batch_indices` the indices of its batch. Both are pure
 functions of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would, with any number
 of workers; `batches` is the training stream built from them (in-memory splits indexed directly, file splits
 decoded ahead in DataLoader workers). `chunks` reads a split in order for evaluation, through the same loader.
@@ -17,8 +18,9 @@ import torch
 
 from .data import AnySplit, FileSplit, Split
 
-Sampler = Literal["target_only", "round_robin", "balanced", "proportional", "adaptive"]
-SAMPLERS = ("target_only", "round_robin", "balanced", "proportional", "adaptive")
+Sampler = Literal["target_only", "round_robin", "balanced", "proportional", "adaptive", "adaptive_official"]
+SAMPLERS = ("target_only", "round_robin", "balanced", "proportional", "adaptive", "adaptive_official")
+ADAPTIVE = ("adaptive", "adaptive_official")  # samplers whose schedule depends on the run's losses
 
 
 @dataclass
@@ -39,11 +41,14 @@ def domain_at(step: int, sampler: Sampler, seed: int, sizes: tuple[int, int], p_
 
     round_robin: target, generic, target, ... (the paper); balanced: each with probability 1/2;
     proportional: probability proportional to the datasets' sizes; adaptive: probability `p_generic` (train()
-    adapts it from the training losses, `regularizers.adaptive_generic_share`); target_only: always 0."""
+    adapts it from the training losses, `regularizers.adaptive_generic_share`, the kit's variant); target_only:
+    always 0. adaptive_official draws from an `OfficialAdaptive` state instead (the official code's rule)."""
     if sampler == "target_only":
         return 0
     if sampler == "round_robin":
         return step % 2
+    if sampler == "adaptive_official":
+        raise ValueError("the adaptive_official sampler's domains come from its OfficialAdaptive state")
     if sampler == "adaptive":
         if p_generic is None:
             raise ValueError("the adaptive sampler needs its current p_generic")
@@ -71,7 +76,7 @@ def schedule(sampler: Sampler, seed: int, sizes: tuple[int, int], target_steps: 
 
 
 def batches(domains: tuple, sampler: Sampler, seed: int, batch_size: int, target_steps: int, start: int = 0,
-            workers: int | None = None, adaptive: AdaptiveState | None = None):
+            workers: int | None = None, adaptive: "AdaptiveState | OfficialAdaptive | None" = None):
     """The training stream: (step, domain, idx, uint8 images) from global step `start` on, a pure function of
     (seed, step) (and, for the adaptive sampler, of `adaptive.p_generic` when each step is drawn). In-memory splits
     are indexed directly; file splits are decoded ahead in DataLoader workers (in the main process for the
@@ -79,6 +84,17 @@ def batches(domains: tuple, sampler: Sampler, seed: int, batch_size: int, target
     batch (distributed.batch_slice)."""
     from .distributed import batch_slice
     sizes = (len(domains[0]), len(domains[1]) if domains[1] is not None else 0)
+    if sampler == "adaptive_official":
+        if not isinstance(adaptive, OfficialAdaptive):
+            raise ValueError("sampler='adaptive_official' needs its OfficialAdaptive state")
+        step = start
+        while adaptive.target_done < target_steps:
+            d = adaptive.domain(step, seed)
+            idx = batch_slice(batch_indices(sizes[d], batch_size, seed, step))
+            yield step, d, idx, domains[d].take(idx)
+            adaptive.target_done += d == 0
+            step += 1
+        return
     if sampler == "adaptive":
         if adaptive is None:
             raise ValueError("sampler='adaptive' needs its AdaptiveState")
@@ -101,6 +117,116 @@ def batches(domains: tuple, sampler: Sampler, seed: int, batch_size: int, target
     merged = _Domains(domains)
     for (s, d, idx), images in zip(plan, file_loader(merged, [(d, idx) for _, d, idx in plan], workers)):
         yield s, d, idx, images
+
+
+# ---------------------------------------------------------------------------- the official dynamic rule
+def official_weights(losses, previous, ema: float = 0.0) -> tuple[float, ...]:
+    """The official code's dynamic sampling weights (`sampling_utils.calc_sampling_weights`, github
+    nikosips/infusing), one per domain (target first, as the official dataset order).
+
+    losses[d]: domain d's mean raw classifier loss over the last window, or None for a domain without one (no
+    classifier on its batches, as the generic domain of the paper's method, or no batch drawn in the window).
+    previous: the current weights (summing to 1). With every domain's loss known (the official case):
+        raw_d = L_d / sum_e L_e;   new_d = ema * previous_d + (1 - ema) * raw_d
+    (the official smoothing `do_ema_on_sampler`, decay 0.3 in its config; ema = 0: none), no clipping: a domain
+    whose loss is higher gets more batches. A domain without a loss keeps its previous weight (the official code
+    keeps the old weight of a domain missing from its metrics; on a domain present without a classifier loss it
+    stops with a KeyError), and the domains with a loss share the rest in proportion to their losses. No loss at
+    all, or losses summing to 0: the weights stay."""
+    previous = [float(p) for p in previous]
+    if len(losses) != len(previous):
+        raise ValueError(f"{len(losses)} losses for {len(previous)} domains")
+    have = [d for d, l in enumerate(losses) if l is not None]
+    if any(not np.isfinite(losses[d]) or losses[d] < 0 for d in have):
+        raise ValueError(f"the classifier losses must be finite and >= 0, got {losses}")
+    total = sum(float(losses[d]) for d in have)
+    if not have or total <= 0:
+        return tuple(previous)
+    rest = sum(previous[d] for d in have)  # the share the domains with a loss hold between them
+    new = list(previous)
+    for d in have:
+        new[d] = ema * previous[d] + (1 - ema) * rest * float(losses[d]) / total
+    return tuple(new)
+
+
+def official_counts(weights, period: int) -> list[int]:
+    """Batches of each domain in a block of `period` steps, as the official `_indices_from_weights`: int(period x
+    w_d) (truncated) for every domain but the last, which gets the remainder, so the counts sum to `period`."""
+    counts = [int(period * float(w)) for w in weights[:-1]]
+    return counts + [period - sum(counts)]
+
+
+def official_block(weights, period: int, seed: int, start: int) -> torch.Tensor:
+    """The domains of the `period` steps from global step `start`: exactly `official_counts` of each, in an order
+    shuffled by (seed, start) alone (stream 3 of `step_generator`; a resumed run rebuilds the same block)."""
+    counts = official_counts(weights, period)
+    order = torch.cat([torch.full((c,), d, dtype=torch.long) for d, c in enumerate(counts)])
+    return order[torch.randperm(period, generator=step_generator(seed, start, 3))]
+
+
+@dataclass
+class OfficialAdaptive:
+    """The state of sampler="adaptive_official" (train() feeds it each step's raw classifier loss; resumable).
+
+    Global steps run in blocks of `period` (TrainConfig.adaptive_every; the official update_sampler_every_steps is
+    1000). Each block is a shuffled list holding exactly `official_counts(weights, period)` batches of each domain;
+    at the first step of the next block the weights are recomputed by `official_weights` from the mean classifier
+    loss of each domain's batches in the block just finished (smoothing `ema`: TrainConfig.adaptive_ema; the
+    official do_ema_on_sampler uses 0.3), and the next block is drawn. The first block has weights 1/2, 1/2 (the
+    official balanced start). The generic domain of the kit has no classifier loss, so under this rule it keeps
+    its share of 1/2 (official_weights) and the blocks stay balanced: the rule only moves shares between domains
+    that each have a classifier loss."""
+    period: int = 1000
+    ema: float = 0.0
+    weights: tuple = (0.5, 0.5)
+    block_start: int = 0
+    sums: list = None            # per domain: sum and number of the classifier losses seen in the current block
+    counts: list = None
+    target_done: int = 0
+    _block: torch.Tensor | None = None
+
+    def __post_init__(self):
+        n = len(self.weights)
+        self.sums = [0.0] * n if self.sums is None else list(self.sums)
+        self.counts = [0] * n if self.counts is None else list(self.counts)
+
+    def domain(self, step: int, seed: int) -> int:
+        """The domain of global step `step` (steps are asked for in order; a new block is drawn at its first)."""
+        start = step - step % self.period
+        if start != self.block_start:
+            if start < self.block_start:
+                raise ValueError(f"step {step} lies before the current block (from step {self.block_start})")
+            self.weights = official_weights(self.window_losses(), self.weights, self.ema)
+            self.sums, self.counts = [0.0] * len(self.weights), [0] * len(self.weights)
+            self.block_start, self._block = start, None
+        if self._block is None:
+            self._block = official_block(self.weights, self.period, seed, start)
+            if not bool((self._block == 0).any()):
+                raise ValueError(f"the official rule gave the target domain no batch of {self.period} (weights "
+                                 f"{self.weights}): training could not go on")
+        return int(self._block[step - start])
+
+    def observe(self, domain: int, classifier_loss: float | None) -> None:
+        """One step's raw (unweighted) classifier loss; None: the batch had no classifier."""
+        if classifier_loss is not None:
+            self.sums[domain] += float(classifier_loss)
+            self.counts[domain] += 1
+
+    def window_losses(self) -> list[float | None]:
+        """Each domain's mean classifier loss in the current block (None: none seen), averaged over every process
+        under torchrun (each sees its slice of the batch), so that every rank draws the same next block."""
+        from .distributed import mean_over_ranks
+        both = mean_over_ranks(torch.tensor(self.sums + [float(c) for c in self.counts], dtype=torch.float64))
+        n = len(self.weights)
+        return [float(both[d] / both[n + d]) if both[n + d] > 0 else None for d in range(n)]
+
+    def state_dict(self) -> dict:
+        return {"weights": list(self.weights), "block_start": self.block_start, "sums": list(self.sums),
+                "counts": list(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights, self.block_start = tuple(state["weights"]), int(state["block_start"])
+        self.sums, self.counts, self._block = list(state["sums"]), list(state["counts"]), None
 
 
 class _Domains:

@@ -33,7 +33,7 @@ from .losses import CosineClassifier, classification_loss
 from .models import VLM, param_groups, preprocess, progress_bar, train_mode
 from .regularizers import Quadratic, quadratic_penalty_
 from .run_state import Anchors, RunState, TrainResult, TrainState
-from .sampling import batches, domain_at, step_generator
+from .sampling import ADAPTIVE, batches, domain_at, step_generator
 from .terms import TERMS, TERMS_BY_NAME, TermBatch, active, needed_inputs
 from .towers import layout
 from .trainconfig import TrainConfig
@@ -138,7 +138,8 @@ def _train(vlm, target, cfg, folder, generic, validate, hooks, progress, inputs)
         bar = progress_bar(None, progress and distributed.is_main(), total=cfg.steps, initial=run.target_step,
                            desc="train")
         for step, domain, idx, images in batches((target, generic), cfg.sampler, cfg.seed, cfg.batch_size, cfg.steps,
-                                                 start=run.step, adaptive=run.adaptive):
+                                                 start=run.step,
+                                                 adaptive=run.adaptive if run.official is None else run.official):
             frozen = run.target_step < cfg.lp_ft_steps  # LP-FT: head only, the backbone gets no gradient at all
             if frozen and domain == 1:  # nothing trains on a generic batch then (the head sees target data only)
                 run.step = step + 1
@@ -178,7 +179,7 @@ def _train(vlm, target, cfg, folder, generic, validate, hooks, progress, inputs)
                 break
         bar.close()
         run.load_best()
-        updates = run.counts() if cfg.sampler == "adaptive" else count_updates(cfg, sizes, run.step)
+        updates = run.counts() if cfg.sampler in ADAPTIVE else count_updates(cfg, sizes, run.step)
         result = run.result(time.time() - t0, updates)
     return head, result
 
@@ -200,8 +201,8 @@ def count_updates(cfg: TrainConfig, sizes: tuple[int, int], steps: int) -> dict[
     """Batches of each domain in the first `steps` optimiser steps, and how many of them updated the backbone
     (all but the LP-FT warm-up's). A pure function of the config, like the schedule itself (not for the adaptive
     sampler, whose schedule depends on the losses: train() counts those)."""
-    if cfg.sampler == "adaptive":
-        raise ValueError("the adaptive sampler's batch counts depend on the run: read TrainResult.updates")
+    if cfg.sampler in ADAPTIVE:
+        raise ValueError(f"the {cfg.sampler} sampler's batch counts depend on the run: read TrainResult.updates")
     target = generic = backbone = 0
     for s in range(steps):
         domain = domain_at(s, cfg.sampler, cfg.seed, sizes)

@@ -23,8 +23,10 @@ class TrainConfig:
     steps: int = 300                  # optimiser steps on target batches; generic batches come in addition
     batch_size: int = 128
     sampler: Sampler = "target_only"  # how steps alternate between target and generic data
-    adaptive_every: int = 25          # adaptive sampler: target steps between re-weightings of the two domains
-    adaptive_ema: float = 0.0         # adaptive sampler: smoothing of the generic share (0: none)
+    adaptive_every: int = 25          # adaptive sampler: target steps between re-weightings of the two domains;
+                                      # adaptive_official: global steps per block (the official code: 1000)
+    adaptive_ema: float = 0.0         # adaptive sampler: smoothing of the generic share (0: none); adaptive_official:
+                                      # new = ema x old + (1 - ema) x raw (the official do_ema_on_sampler: 0.3)
     # --- optimiser: AdamW, constant learning rates, no warm-up, no clipping (the paper's setting)
     lr_backbone: float = 1e-5
     lr_head: float = 1e-3

@@ -93,6 +93,23 @@ def test_the_syllabus_plans_every_chapter_and_every_day():
         assert minutes == sum(by_number[n]["minutes"] for n in numbers) > 0, (day, minutes)
 
 
+def test_the_syllabus_links_every_chapter_and_names_what_to_assign():
+    """With links (the site's pages), every chapter title is a link, in the day table and in its own heading; each
+    chapter lists its exercises by name under "Assign"."""
+    links = {p.name: p.stem + ".html" for p in CHAPTERS}
+    text = course.syllabus(CHAPTERS, links=links)
+    for path in CHAPTERS:
+        lay = course.layer(path)
+        assert f"## [{lay['title']}]({path.stem}.html)" in text, lay["title"]
+        assert text.count(f"[{lay['title']}]({path.stem}.html)") == 2, "the heading and the day table"
+        section = text.split(f"## [{lay['title']}]", 1)[1].split("\n## ", 1)[0]
+        assert f"Assign: its {lay['questions']} questions" in section
+        names = [course._exercise_title(prompt) for prompt, _ in lay["exercises"]]
+        assert all(n.startswith("Exercise") and f"- {n}" in section for n in names), (names, section)
+    rows = re.findall(r"^\| (\d+) \| (.+) \| (\d+) min \|$", text, re.M)
+    assert sorted(int(day) for day, _, _ in rows) == sorted(course.MODULE)
+
+
 def test_the_command_line_checks_cleans_and_prints(tmp_path, capsys):
     assert course.main(["check"]) == 0
     assert course.main(["clean", "--out", str(tmp_path)]) == 0

@@ -41,6 +41,10 @@ def test_notebook_runs_in_smoke_mode_and_shows_its_figures(path, shared):
 
 @pytest.mark.slow
 def test_the_course_site_renders_in_a_real_browser(shared, browser):
+    """The site walked by its own links in Chromium: index -> syllabus ("start here") -> every chapter from the
+    syllabus (and back by the chapter's own syllabus link), then first to last by "next", back by "prev", and the
+    reference pages from the contents sidebar. Every page shows the sidebar with its own entry marked; no request
+    leaves the machine."""
     executed = sorted(shared["executed"].glob("*.ipynb"))
     if not executed:  # run alone: execute one drawing chapter first
         run_notebook(PATHS[2], shared["executed"], smoke=True, results_dir=shared["results"],
@@ -48,13 +52,16 @@ def test_the_course_site_renders_in_a_real_browser(shared, browser):
         executed = sorted(shared["executed"].glob("*.ipynb"))
     site = ARTIFACTS / "html"
     index = render_site(executed, site)
+    pages = [p.stem + ".html" for p in executed]
     page = browser.new_page()
     errors, fetched = [], []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("request", lambda r: fetched.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
     page.goto(index.as_uri())
-    links = page.locator("li a")
-    assert links.count() == len(executed)
+    chapters = page.locator("ol.chapters > li > a.chapter")
+    assert [chapters.nth(i).get_attribute("href") for i in range(chapters.count())] == pages
+    summaries = page.locator("ol.chapters").inner_text()
+    assert "$" not in summaries and "*" not in summaries, "an index summary shows raw TeX or markdown"
     drawing = next(p for p in executed if count_images(p) > 0)
     page.goto((site / (drawing.stem + ".html")).as_uri())
     page.wait_for_load_state("load")
@@ -68,36 +75,66 @@ def test_the_course_site_renders_in_a_real_browser(shared, browser):
         page.goto((site / (with_math.stem + ".html")).as_uri())
         assert page.locator("math").count() >= 5
         assert page.evaluate("() => document.querySelector('math').getBoundingClientRect().width") > 0
-    # the site walked by its own links: the index, the first chapter, then "next" to the last and back to the index;
-    # no page shows the building machine's paths (papermill's injected parameters cell keeps only their last part)
+
+    def arrived(name: str) -> None:
+        page.wait_for_load_state("load")
+        assert page.url.rsplit("/", 1)[-1] == name, (page.url, name)
+        sidebar = page.locator("nav.kit-sidebar")  # the contents, every chapter listed, this page marked
+        assert sidebar.is_visible() and sidebar.locator("ul.kit-chapters a").count() == len(pages), name
+        current = sidebar.locator('a[aria-current="page"]')
+        assert current.count() == 1 and current.get_attribute("href") == name, name
+
+    # index -> syllabus -> each chapter, by links; no page shows the building machine's paths or a parameters cell
     page.goto(index.as_uri())
-    assert "$" not in page.locator("ol").inner_text(), "an index summary shows raw TeX"
-    page.locator("li a").first.click()
-    seen = []
-    while True:
+    arrived("index.html")
+    assert "Start here" in page.inner_text("body")
+    page.locator('#start-here a[href="syllabus.html"]').click()
+    arrived("syllabus.html")
+    headings = page.locator("main h2 a")  # each chapter's section links its page
+    assert [headings.nth(i).get_attribute("href") for i in range(headings.count())] == pages
+    collapsed = 0
+    for name in pages:
+        page.locator(f'main h2 a[href="{name}"]').click()
+        arrived(name)
+        assert str(shared["results"].parent) not in page.content(), name
+        assert "SMOKE = True" in page.locator("p.kit-run").first.inner_text(), name  # the values it ran with
+        assert page.locator(".celltag_parameters, .celltag_injected-parameters").count() == 0, name
+        checks = page.locator("details.kit-check")  # pure checks only, collapsed behind their verdict
+        assert all(checks.nth(j).get_attribute("open") is None for j in range(checks.count())), name
+        if checks.count():
+            assert "Check passed" in checks.first.locator("summary").inner_text()
+        collapsed += checks.count()
+        assert page.locator('nav.chapter-nav a[rel="index"]').count() == 2, name
+        page.locator('nav.chapter-nav a[href="syllabus.html"]').first.click()
+        arrived("syllabus.html")
+    assert collapsed >= 1, "no pure check cell collapsed on any page"
+    # first to last by "next", back by "prev"
+    page.locator(f'main h2 a[href="{pages[0]}"]').click()
+    arrived(pages[0])
+    walked = [pages[0]]
+    while page.locator('nav.chapter-nav a[rel="next"]').count():
+        page.locator('nav.chapter-nav a[rel="next"]').first.click()
         page.wait_for_load_state("load")
-        seen.append(page.url.rsplit("/", 1)[-1])
-        assert str(shared["results"].parent) not in page.content(), seen[-1]
-        assert "SMOKE = True" in page.inner_text("body"), seen[-1]  # (the values it ran with are still shown)
-        checks = page.locator("details.kit-check")  # the assertions, collapsed behind their verdict
-        assert checks.count() >= 1 and checks.first.get_attribute("open") is None, seen[-1]
-        assert "Check passed" in checks.first.locator("summary").inner_text()
-        assert page.locator('nav a[rel="index"]').count() == 2, seen[-1]
-        following = page.locator('nav a[rel="next"]')
-        if following.count() == 0:
-            break
-        following.first.click()
-    assert seen == [p.stem + ".html" for p in executed], seen
-    if len(executed) > 1:
-        page.locator('nav a[rel="prev"]').first.click()
-        page.wait_for_load_state("load")
-        assert page.url.endswith(executed[-2].stem + ".html"), page.url
-    page.locator('nav a[rel="index"]').first.click()
-    page.wait_for_load_state("load")
-    assert page.url.endswith("index.html")
-    page.locator('a[href="glossary.html"]').first.click()  # the glossary, from the index
-    page.wait_for_load_state("load")
-    assert page.locator("dt").count() >= 15 and "gain kept" in page.inner_text("body")
+        walked.append(page.url.rsplit("/", 1)[-1])
+        arrived(walked[-1])
+    assert walked == pages, walked
+    if len(pages) > 1:
+        page.locator('nav.chapter-nav a[rel="prev"]').first.click()
+        arrived(pages[-2])
+    # the reference pages, from the contents sidebar, and back to the index
+    for name, shows in (("method.html", "The method"), ("glossary.html", "gain kept"),
+                        ("explorer.html", "make explorer")):
+        page.locator(f'nav.kit-sidebar a[href="{name}"]').click()
+        arrived(name)
+        assert shows in page.inner_text("body"), name
+        if name == "glossary.html":
+            assert page.locator("dt").count() >= 15
+        if name == "method.html":
+            assert page.locator("main table").count() >= 2
+    page.locator('nav.kit-sidebar a[href="index.html"]').click()
+    arrived("index.html")
+    page.screenshot(path=str(ARTIFACTS / "site-index.png"), full_page=False)
+    assert not errors, errors
     assert not fetched, f"the site must open offline; it fetched {fetched}"
 
 
@@ -127,8 +164,9 @@ def test_the_chapters_tell_the_same_story_on_a_study_file(smoke_study, tmp_path)
 
 
 def test_the_site_shows_no_folder_of_the_building_machine(tmp_path):
-    """A chapter page keeps the values papermill injected but cuts the building machine's folders to their last part,
-    in the parameters cell and in every output that prints them; its check cell is collapsed behind a verdict."""
+    """A chapter page hides papermill's injected parameters cell but says which SMOKE it ran with, and cuts the
+    building machine's folders to their last part in every output that prints them; its pure check cell is
+    collapsed behind a verdict, a cell that prints what it checks stays open."""
     import nbformat
     from infusing_kit.notebook_runner import render_site
     root = tmp_path / "build" / "results"
@@ -136,9 +174,13 @@ def test_the_site_shows_no_folder_of_the_building_machine(tmp_path):
     nb.cells = [nbformat.v4.new_markdown_cell("# 99 · A chapter\n\nIt has $x^2$ in its summary."),
                 nbformat.v4.new_code_cell(f'SMOKE = True\nRESULTS_DIR = "{root}"', metadata={"tags": ["injected-parameters"]}),
                 nbformat.v4.new_code_cell("print(RESULTS_DIR)\nassert SMOKE", outputs=[
-                    nbformat.v4.new_output("stream", name="stdout", text=f"{root}/toy-naive-s0\n")])]
+                    nbformat.v4.new_output("stream", name="stdout", text=f"{root}/toy-naive-s0\n")]),
+                nbformat.v4.new_code_cell("assert SMOKE  # the pure check")]
     nbformat.write(nb, tmp_path / "99_chapter.ipynb")
     index = render_site([tmp_path / "99_chapter.ipynb"], tmp_path / "site")
     page = (tmp_path / "site" / "99_chapter.html").read_text()
-    assert str(tmp_path) not in page and ".../results" in page and ".../results/toy-naive-s0" in page
-    assert '<details class="kit-check">' in page and "<math" in index.read_text()
+    assert str(tmp_path) not in page and ".../results/toy-naive-s0" in page
+    assert "celltag_injected-parameters" not in page and "<code>SMOKE = True</code>" in page
+    checks = page.split('<details class="kit-check">')
+    assert len(checks) == 2 and "the pure check" in checks[1] and "toy-naive-s0" in checks[0]
+    assert "<math" in index.read_text()

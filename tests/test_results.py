@@ -10,7 +10,7 @@ from infusing_kit import experiment
 from infusing_kit.presets import CHOSEN_FILE, PENDING, PRESETS
 from infusing_kit.pretrain import fingerprint, load_pretrained_toy
 from infusing_kit.merges import wise_ft
-from infusing_kit.results import dominating, load_trials, summarise
+from infusing_kit.results import claim, current, dominating, load_trials, summarise, winners
 
 ROOT = Path(__file__).resolve().parents[1]
 CHOSEN = ROOT / "results" / CHOSEN_FILE
@@ -99,3 +99,72 @@ def test_wise_ft_curve_endpoints_are_the_two_models():
     want = wise_ft(theta0, theta1, chosen["alpha"])
     vlm.visual.load_state_dict(want)
     assert validate(vlm) == here
+
+
+def test_current_names_existing_files_and_none_for_a_missing_kind(tmp_path):
+    for world in ("near", "far"):  # every file the kit's manifest names is there, outside superseded/
+        names = json.loads((ROOT / "results" / "current.json").read_text())["worlds"][world]
+        for kind in names:
+            assert current(world, kind).parent == ROOT / "results"
+    m = tmp_path / "current.json"
+    (tmp_path / "a.jsonl").write_text("")
+    m.write_text(json.dumps({"worlds": {"near": {"comparison": "a.jsonl", "trials": "gone.jsonl"}}}))
+    assert current("near", "comparison", m) == tmp_path / "a.jsonl"
+    assert current("near", "report", m) is None
+    with pytest.raises(FileNotFoundError, match="gone.jsonl"):
+        current("near", "trials", m)
+    with pytest.raises(ValueError, match="no world 'far'"):
+        current("far", manifest=m)
+
+
+def test_claim_gives_ratios_with_intervals_over_seeds_and_points():
+    rows = [_row("toy-naive", s, 0.30, -0.20, -0.40) for s in (0, 1, 2)]
+    rows += [_row("toy-paper", s, 0.27 + 0.01 * s, -0.02, -0.04) for s in (0, 1, 2)]
+    c = claim(rows)
+    kept = c["ratios"]["gain_kept"]
+    assert kept["mean"] == pytest.approx(0.28 / 0.30) and kept["low"] < kept["mean"] < kept["high"]
+    assert c["ratios"]["generic_drop_left"]["mean"] == pytest.approx(0.1)
+    assert c["points"]["toy-naive"]["fine"] == pytest.approx(30.0) and c["passed"]
+    assert claim(rows, seeds=[1])["seeds"] == [1]
+
+
+def test_each_rule_has_its_winner_and_says_when_the_win_is_within_noise():
+    rows = [_row("toy-naive", s, 0.50, 0.20, 0.1) for s in (0, 1, 2)]
+    rows += [_row("a", s, 0.49, 0.40 + 0.01 * s, 0.1) for s in (0, 1, 2)]   # mean rule: a
+    rows += [_row("b", s, 0.40, 0.45, 0.1) for s in (0, 1, 2)]              # more generic, but below the floor
+    c = _row("b", 0, 0.48, 0.43, 0.1)
+    c["tags"] = {"rule": "constraint"}
+    w = winners(rows + [c])
+    assert w["mean"]["winner"] == "a" and w["mean"]["runner_up"] == "b"
+    assert w["constraint"]["winner"] == "b" and w["constraint"]["floor"] == pytest.approx(0.475)
+    assert w["constraint"]["margin"]["seeds"] == [0]   # b's constraint row ran on seed 0 only
+    assert winners(rows)["constraint"]["winner"] == "a"  # without it, b's mean-rule choice is below the floor
+
+
+def test_finish_comparison_reports_every_table_and_refuses_an_unfinished_one(tmp_path):
+    import importlib.util
+    import subprocess
+    import sys
+    spec = importlib.util.spec_from_file_location("finish", ROOT / "scripts" / "finish_comparison.py")
+    finish = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finish)
+    rows = []
+    for m, fine, gen in (("toy-naive", 0.30, -0.20), ("toy-paper", 0.28, -0.02), ("toy-l2sp", 0.2, -0.1)):
+        for s in (0, 1, 2, 5, 6):
+            r = _row(m, s, fine + 0.002 * s, gen - 0.001 * s, -0.3 if m == "toy-naive" else -0.05)
+            r["val"] = {"fine_map@20": fine + 0.002 * s, "generic_map@20": 0.5 + gen}
+            rows.append(r)
+    chosen = {"study": {"protocol": {"baseline": "toy-naive", "final_seeds": [0, 1, 2], "heldout_seeds": [5, 6]}}}
+    data, md = finish.report(rows, chosen, far=None)
+    assert data["claim"]["held-out seeds"]["seeds"] == [5, 6] and data["claim"]["final seeds"]["seeds"] == [0, 1, 2]
+    assert data["winners"]["mean"]["winner"] == "toy-paper"
+    assert data["rank_correlation"]["over method means"]["mean"] == pytest.approx(1.0)
+    for heading in ("Points beside the paper", "against toy-naive", "against the combination", "claim", "winner",
+                    "Spearman"):
+        assert heading in md
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "chosen.json").write_text(json.dumps({**chosen, "stopped": "the --budget ran out"}))
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "finish_comparison.py"), str(out), "--world", "near",
+                        "--tag", "t", "--results", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 2 and "has not finished" in p.stderr
