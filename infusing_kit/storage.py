@@ -17,6 +17,7 @@ def is_url(storage) -> bool:
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+_CHECKED: set = set()   # SQLite files this process found whole (quick_check once per file)
 
 
 def _shown(url: str) -> str:
@@ -73,15 +74,20 @@ def check_sqlite_file(path: Path, create: bool, read_only: bool = False) -> Path
         if f.read(16) != SQLITE_HEADER:
             raise ValueError(f"{what} is not an SQLite database (no SQLite header); give the path of a storage "
                              "`search` or `compare` wrote, or a new file name")
+    key = (str(path.resolve()), path.stat().st_ino)
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
         try:
-            check = con.execute("PRAGMA quick_check").fetchone()[0]
+            check = "ok" if key in _CHECKED else con.execute("PRAGMA quick_check").fetchone()[0]
         finally:
             con.close()
+    except sqlite3.OperationalError as e:  # busy: another worker is writing (not damage); checked next time
+        check = "busy" if "locked" in str(e) or "busy" in str(e) else str(e)
     except sqlite3.DatabaseError as e:
         check = str(e)
-    if check != "ok":
+    if check == "ok":
+        _CHECKED.add(key)
+    elif check != "busy":
         raise ValueError(f"{what} is damaged (SQLite: {check}), e.g. truncated by a copy or a full disk; restore it "
                          "from a copy (a --state folder's search.db) or its trials (storage.restore_trials from a "
                          "trials.jsonl); nothing was changed")
