@@ -160,7 +160,8 @@ def search_cmd(args) -> int:
     method = args.method if args.config else _known_preset(args.preset)
     if method not in study.methods:
         raise ValueError(f"--method {method!r} is not a method of {args.config}: {list(study.methods)}")
-    best = search(method, args.storage, args.out, trials=args.trials, seed=args.seed, device=_device(args),
+    trials = args.trials if args.trials is not None else study.protocol.trials_of(method)  # a study's [study] trials
+    best = search(method, args.storage, args.out, trials=trials, seed=args.seed, device=_device(args),
                   jobs=args.jobs, runner=runner)
     print(json.dumps(best, indent=1))
     if args.final_seeds:
@@ -174,7 +175,8 @@ def _search_args(p):
     _preset_or_config(p, "a preset of the built-in world", "a study file; with --method")
     p.add_argument("--method", help="the study file's method to search")
     p.add_argument("--trials", type=int, default=None,
-                   help="finished trials before the edge check (default 12 per searched field; at least 8 per field)")
+                   help="the study's whole budget of finished trials (default: the study file's [study] trials for "
+                   "the method, else 12 for one searched field, 20 for two)")
     p.add_argument("--jobs", type=int, default=1, help="trials run at once (worker processes sharing the study)")
     p.add_argument("--storage", default="runs/search.db", help="SQLite file, or a database URL several machines share")
     p.add_argument("--out", default="runs/search", help="folder for the trials' runs (shared by all machines)")
@@ -267,8 +269,11 @@ def report_cmd(args) -> int:
     import matplotlib
     matplotlib.use("Agg")
     from . import figures
-    from .results import baseline_of, load_results, markdown_table, summarise
+    from .results import baseline_of, label, load_results, markdown_table, summarise
     rows = load_results(args.registry, smoke=args.smoke)
+    present = sorted({label(r) for r in rows if r.get("finetuned")})
+    if args.baseline is not None and present and args.baseline not in present:
+        raise ValueError(f"--baseline {args.baseline!r} is not a method of {args.registry}; its methods: {present}")
     summary = summarise(rows, baseline=args.baseline or baseline_of(rows))
     if not summary:
         raise ValueError(f"no finished runs in {args.registry}")
@@ -306,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         more = "" if isinstance(e, (ValueError, FileExistsError, FileNotFoundError, PermissionError)) else \
             " (INFUSING_KIT_TRACEBACK=1 shows where it came from)"
         parser.exit(2, f"{parser.prog} {args.command}: error: {e}{more}\n")
+    except Exception as e:  # a storage's own errors (SQLAlchemy, Optuna): one line too
+        import os
+        if not type(e).__module__.startswith(("sqlalchemy", "optuna")) or os.environ.get("INFUSING_KIT_TRACEBACK"):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        parser.exit(2, f"{parser.prog} {args.command}: error: {type(e).__name__}: {first} (the Optuna storage; "
+                       "INFUSING_KIT_TRACEBACK=1 shows where it came from)\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog} {args.command}: interrupted; run the same command again to continue "
                          "(finished work is kept)\n")

@@ -8,9 +8,10 @@
   checkpoint simply starts again when resuming. `last.pt` and `best.pt` are read with torch's safe loader
   (`safe_load`: tensors and plain containers only), so a crafted file in a run folder cannot run code on --resume.
 - `tower_fingerprint`: a short hash of a tower's weights (what a checkpoint or teacher belongs to).
-- `FolderLock`: one process per run folder. An exclusive lock (flock) on FOLDER/.lock, held for the run's life and
-  released by the operating system when the process ends in any way (a kill -9 leaves no stale lock); a second
-  process is refused at once, told which process holds the folder.
+- `FolderLock`: one process per run folder. An exclusive POSIX lock (lockf) on FOLDER/.lock, held by the run's
+  process for its life and released by the operating system when that process ends in any way (a kill -9 leaves
+  no stale lock, and its DataLoader workers never hold it); a second process is refused at once, told which
+  process holds the folder.
 - Disk full: every write here is to a temporary name first; a write that fails removes its partial file and says
   that the disk is full (or what else failed) and that nothing was replaced.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl")
+LEGACY_KEYS = ("validation",)   # identity keys a checkpoint of an older kit lacks (accepted when absent)
 
 
 def _atomic(path: str | Path, write) -> Path:
@@ -53,29 +55,50 @@ def atomic_write_text(text: str, path: str | Path) -> Path:
 
 class FolderLock:
     """An exclusive lock on folder/.lock for as long as the object lives (or until `release`). Raises
-    `FolderBusyError` at once when another process holds it."""
+    `FolderBusyError` at once when another process holds it.
+
+    A POSIX record lock (fcntl.lockf), which belongs to the process that took it: child processes (DataLoader
+    workers, forked before or after) do not hold it, so a run killed with kill -9 frees its folder at once even
+    while its workers are still exiting (an flock stayed held by them for seconds: "in use by process PID", that
+    PID dead). Within one process a folder is held once (`_HELD`: a POSIX lock does not exclude its own process)."""
+
+    _HELD: set = set()
 
     def __init__(self, folder: str | Path, what: str = "--out"):
         import fcntl
         self.path = Path(folder) / ".lock"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a+")
+        self._key = str(self.path.resolve())
+        self._f = None
+        if self._key in FolderLock._HELD:
+            raise FolderBusyError(f"{what} {folder} is in use by this process (process {os.getpid()}): two runs in "
+                                  "one folder would overwrite each other; choose another folder (nothing was changed)")
+        f = open(self.path, "a+")
         try:
-            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self._f.seek(0)
-            holder = self._f.read().strip() or "another process"
-            self._f.close()
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
             raise FolderBusyError(f"{what} {folder} is in use by {holder}: two runs in one folder would overwrite each "
                                   "other. Wait for it to finish, or choose another folder (nothing was changed)") from None
-        self._f.seek(0)
-        self._f.truncate()
-        self._f.write(f"process {os.getpid()}")
-        self._f.flush()
+        self._f = f
+        FolderLock._HELD.add(self._key)
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}")
+        f.flush()
 
     def release(self) -> None:
-        if not self._f.closed:
-            self._f.close()
+        if self._f is not None and not self._f.closed:
+            self._f.close()  # (closing the file releases the POSIX lock)
+            FolderLock._HELD.discard(self._key)
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 (interpreter shutdown)
+            pass
 
     def __enter__(self):
         return self
@@ -139,7 +162,10 @@ class RunFolder:
             return None  # resuming a run killed before its first checkpoint: it simply starts again
         ckpt = safe_load(self.path / "last.pt")
         theirs = ckpt.get("identity", {})
-        diff = {k: (theirs.get(k), v) for k, v in identity.items() if theirs.get(k) != v}
+        # a checkpoint written before its identity held a key (LEGACY_KEYS) is not refused for it: it resumes, and
+        # its next checkpoint records the key (refusing would strand every run interrupted before the change)
+        diff = {k: (theirs.get(k), v) for k, v in identity.items() if theirs.get(k) != v
+                and not (k in LEGACY_KEYS and k not in theirs)}
         if diff:
             what = "; ".join(_describe(k, a, b) for k, (a, b) in diff.items())
             raise ValueError(f"{self.path / 'last.pt'} belongs to another run: {what}. Resume with the same model, "
@@ -191,5 +217,6 @@ def _describe(key: str, theirs, ours) -> str:
         changed = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
         return f"another TrainConfig {changed}"
     names = {"model": "another model", "weights": "other initial weights", "target": "other target data",
-             "generic": "other generic data", "classes": "another number of target classes"}
+             "generic": "other generic data", "classes": "another number of target classes",
+             "validation": "other validation data"}
     return f"{names.get(key, key)} ({theirs} != {ours})"

@@ -119,6 +119,16 @@ class Comparison:
                              "same study and settings, or choose another --out")
         self.chosen["study"] = {**study.describe(), "methods": sorted(set(self.chosen.get("study", {}).get(
             "methods", [])) | set(study.methods))}
+        from .fingerprint import check, comparison_fingerprint
+        from .storage import check_storage
+        check_storage(self.storage)  # a bad --storage is refused before any run trains
+        fp, old_fp = comparison_fingerprint(study), self.chosen.get("fingerprint")
+        check(old_fp, fp, f"{self.path}", "Resume it with the same model, data and fixed fields, or choose another "
+              "--out (and --storage) for a new comparison")
+        if old_fp is None and old is not None:
+            log(f"{self.path} has no fingerprint (a comparison started before fingerprints were recorded): recorded "
+                "this model's, data's and methods' fixed fields; later changes are refused")
+        self.chosen["fingerprint"] = {**fp, "methods": {**(old_fp or {}).get("methods", {}), **fp["methods"]}}
 
     def save(self) -> None:
         atomic_write_text(json.dumps(self.chosen, indent=1), self.path)
@@ -173,6 +183,7 @@ def compare(out: str | Path, presets: list[str] | None = None, jobs: int = 1, de
         if trials:
             changes["trials"] = tuple(sorted(trials.items()))
         study = Study.builtin(smoke, presets, protocol=replace(p, **changes))
+    study.protocol.check(f"study {study.name}:")
     if state is not None and not (Path(out) / "chosen.json").exists() and (Path(state) / "chosen.json").exists():
         restore_state(state, out)
         log(f"resumed from the state in {state}")

@@ -134,4 +134,7 @@ def validation_fn(data, reference: np.ndarray | None = None):
         if reference is not None:
             out["generic_agreement"] = float((generic * reference).sum(1).mean())
         return out
+    # what it validates on (a run's resume identity: `train` refuses to continue a run on other validation data)
+    validate.data_identity = lambda: {"target_val": d.target_val.fingerprint(),
+                                      "generic_val": d.generic_val.fingerprint()}
     return validate

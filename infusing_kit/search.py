@@ -53,7 +53,8 @@ from .choices import summary  # noqa: F401 (search.summary)
 from .experiment import run_experiment
 from .spaces import (MAX_EXTENSIONS, _reserve, extend_space, hard_limits, is_int, startup_count,  # noqa: F401
                      startup_points, study_budget, transition_points)
-from .storage import is_url, open_storage, open_study, study_seed, trial_rows  # noqa: F401 (trial_rows: search.X)
+from .storage import (fail_dead_trials, is_url, open_storage, open_study, study_seed, trial_rows,  # noqa: F401
+                      worker_tag)
 from .study import Runner
 
 def study_name(method: str, smoke: bool, seed: int, runner: Runner | None = None) -> str:
@@ -103,18 +104,21 @@ def _prepare(method: str, storage, runner: Runner, seed: int, base: dict) -> tup
     if "runner" in attrs and attrs["runner"] != json.loads(json.dumps(runner.describe())):
         raise ValueError(f"study {name} in {storage} belongs to {attrs['runner']}, not {runner.describe()}; use "
                          "another --storage")
+    from .fingerprint import check_study
+    check_study(study, runner, method, base, storage)  # the same model, data and fixed fields, or a clear refusal
     if "space" not in attrs:
         for key, value in (("method", method), ("seed", seed), ("runner", runner.describe()), ("base", base),
                            ("space", [list(s) for s in space]), ("extensions", [])):
             study.set_user_attr(key, value)
         for params in startup_points(space, n_startup, study_seed(key)):
             study.enqueue_trial(params, user_attrs={"design": "startup"})
-    if not is_url(storage) or str(storage).startswith("sqlite"):
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            if t.user_attrs.get("design") in ("startup", "extension", "transition"):
-                study.enqueue_trial(t.params, user_attrs={"design": t.user_attrs["design"]})
+    if _sqlite(storage):  # a dead worker's trial fails (its design point queued again); a live one runs on
+        fail_dead_trials(study)
     return study, cfg
+
+
+def _sqlite(storage) -> bool:
+    return not is_url(storage) or str(storage).startswith("sqlite")
 
 
 def _run(runner: Runner, method: str, out, seed: int, device: str, overrides: dict, hooks: tuple) -> dict:
@@ -132,17 +136,16 @@ def _objective(runner: Runner, method: str, study_name_: str, out_root: Path, se
     select = runner.method(method).train.select
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", worker_tag())  # which machine and process runs it (first: liveness reads it)
         params = {}
         for f, lo, hi, log in space:
-            if is_int(lo, hi, log):
+            if is_int(lo, hi, log, f):
                 params[f] = trial.suggest_int(f, lo, hi)
             else:
                 params[f] = trial.suggest_float(f, lo, hi, log=log)
         startup = trial.user_attrs.get("design") in ("startup", "extension", "transition")
         best = [-math.inf]
         out = Path(out_root) / study_name_.replace(":", "-") / f"trial{trial.number:03d}"
-        import socket
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine and process ran it
         distributed.broadcast_object(("trial", params, str(out)))  # data-parallel trial: every rank trains these
         _record_params(out, params)
 
@@ -254,7 +257,9 @@ def wait_for_trials(study_name_: str, storage, args: tuple, jobs: int, device: s
     import optuna
     while True:
         study = optuna.load_study(study_name=study_name_, storage=open_storage(storage))
-        if is_url(storage) and not str(storage).startswith("sqlite"):
+        if _sqlite(storage):  # a worker that died while we wait: its trial fails and its point is queued again
+            fail_dead_trials(study)
+        else:
             import warnings
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

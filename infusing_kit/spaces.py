@@ -45,11 +45,11 @@ def startup_points(space: list[tuple], n: int, seed: int) -> list[dict]:
     from scipy.stats import qmc
     d = len(space)
     lhs = qmc.LatinHypercube(d, scramble=True, rng=seed, optimization="random-cd" if d > 1 else None)
-    return [{f: from_unit(u[i], lo, hi, log) for i, (f, lo, hi, log) in enumerate(space)} for u in lhs.random(n)]
+    return [{f: from_unit(u[i], lo, hi, log, f) for i, (f, lo, hi, log) in enumerate(space)} for u in lhs.random(n)]
 
 
-def from_unit(u: float, lo, hi, log: bool):
-    if is_int(lo, hi, log):
+def from_unit(u: float, lo, hi, log: bool, field: str | None = None):
+    if is_int(lo, hi, log, field):
         return int(min(hi, math.floor(lo + u * (hi - lo + 1))))
     if log:
         return float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))
@@ -62,8 +62,25 @@ def to_unit(v, lo, hi, log: bool) -> float:
     return (v - lo) / (hi - lo) if hi > lo else 0.5
 
 
-def is_int(lo, hi, log) -> bool:
+def is_int(lo, hi, log, field: str | None = None) -> bool:
+    """Whether a range is searched on integers: by its TrainConfig field's type (`int_field`), never by how its
+    bounds are written ({field = "sparse", low = 0, high = 1} is a float range). Without a field (a range of no
+    TrainConfig field): integer bounds on a linear scale."""
+    if field is not None and field in _field_types():
+        return int_field(field) and not log
     return isinstance(lo, int) and isinstance(hi, int) and not log
+
+
+def int_field(field: str) -> bool:
+    """A TrainConfig field that holds an integer (steps, lp_ft_steps, freeze_blocks, average_every, ...)."""
+    return _field_types().get(field) == "int"
+
+
+def _field_types() -> dict:
+    from dataclasses import fields
+
+    from .trainconfig import TrainConfig
+    return {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in fields(TrainConfig)}
 
 
 def hard_limits(field: str, steps: int, n_blocks: int | None) -> tuple:
@@ -99,7 +116,7 @@ def transition_points(space: list[tuple], trials: list[tuple], noise: float, max
     crossing.sort(key=lambda i: abs(i - best))
     out = []
     for i in (plateau + crossing)[:max_points]:
-        v = from_unit((pts[i][0] + pts[i + 1][0]) / 2, lo, hi, log)
+        v = from_unit((pts[i][0] + pts[i + 1][0]) / 2, lo, hi, log, f)
         if all(v != t[0][f] for t in trials) and {f: v} not in out:
             out.append({f: v})
     return out
@@ -160,7 +177,7 @@ def extend_space(space: list[tuple], trials: list[dict], best: dict, steps: int,
             half = (hi - lo) / 2
             lo2, hi2 = (lo - half, hi) if side == "low" else (lo, hi + half)
         lo2, hi2 = max(lo2, hard_lo), min(hi2, hard_hi)
-        if is_int(lo, hi, log):
+        if is_int(lo, hi, log, f):
             lo2, hi2 = int(math.floor(lo2)), int(math.ceil(hi2))
         new.append((f, lo2, hi2, log))
         grown.append(f"{f}: {side} edge, [{lo:g}, {hi:g}] -> [{lo2:g}, {hi2:g}]")

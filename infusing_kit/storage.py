@@ -16,32 +16,125 @@ def is_url(storage) -> bool:
     return "://" in str(storage)
 
 
-def open_storage(storage: str | Path):
-    """An Optuna storage: a SQLite file (one machine: the default) or a database URL (postgresql://...: many
-    machines). A shared database gets heartbeats, and a trial whose worker died is failed and queued again
-    (RetryHeartbeatStaleTrialCallback) once its heartbeat is GRACE seconds old."""
-    import optuna
-    if is_url(storage):
-        if str(storage).startswith("sqlite"):
-            return sqlite_storage(str(storage).split(":///", 1)[1])
-        import time
-        import warnings
+SQLITE_HEADER = b"SQLite format 3\x00"
+_CHECKED: set = set()   # SQLite files this process found whole (quick_check once per file)
 
-        from sqlalchemy.exc import IntegrityError, ProgrammingError
-        for attempt in range(6):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(
-                        str(storage), heartbeat_interval=HEARTBEAT, grace_period=GRACE,
-                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
-            except (IntegrityError, ProgrammingError):  # another machine is creating the schema at this moment
-                if attempt == 5:
-                    raise
-                time.sleep(0.5 * (attempt + 1))
-    path = Path(storage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return sqlite_storage(path)
+
+def _shown(url: str) -> str:
+    """A database URL as it may be printed (no password)."""
+    try:
+        from sqlalchemy.engine import make_url
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 (not a URL SQLAlchemy parses: print it with any password cut out)
+        import re
+        return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def check_storage(storage, read_only: bool = False):
+    """Check a --storage before any trial trains; returns the SQLite file's Path, or the database URL. One-line
+    errors: a URL no storage takes (postgres://, http://, sqlite:// with two slashes), an SQLite file whose folder
+    does not exist, an empty (0-byte), foreign or damaged file, and a file or folder that cannot be written (an
+    SQLite storage is written even to continue a finished study; read_only: reading its trials is enough)."""
+    s = str(storage)
+    if not is_url(s):
+        return check_sqlite_file(Path(s), create=True, read_only=read_only)
+    scheme = s.split("://", 1)[0].lower()
+    if scheme == "sqlite":
+        if not s.startswith("sqlite:///") or len(s) == len("sqlite:///"):
+            raise ValueError(f"--storage {s}: an SQLite URL has three slashes before a relative path "
+                             "(sqlite:///runs/search.db) and four before an absolute one (sqlite:////data/search.db); "
+                             "or give the file's path itself (runs/search.db)")
+        return check_sqlite_file(Path(s[len("sqlite:///"):]), create=False, read_only=read_only)
+    if scheme == "postgres":
+        raise ValueError(f"--storage {_shown(s)}: write postgresql://... (SQLAlchemy does not take the postgres:// "
+                         "alias)")
+    if not scheme.startswith(("postgresql", "mysql")):
+        raise ValueError(f"--storage {_shown(s)}: {scheme}:// is not a database URL; give an SQLite file (runs/"
+                         "search.db) or a shared database (postgresql://user@host/db)")
+    return s
+
+
+def check_sqlite_file(path: Path, create: bool, read_only: bool = False) -> Path:
+    import sqlite3
+    what = f"--storage {path}"
+    if path.is_dir():
+        raise ValueError(f"{what} is a folder; give the path of an SQLite file in it (e.g. {path / 'search.db'})")
+    folder = path.parent
+    if not path.exists():
+        if not folder.is_dir() and not create:
+            raise ValueError(f"{what}: the folder {folder} does not exist; create it (mkdir -p {folder}) or give "
+                             "another path")
+        if read_only:
+            raise FileNotFoundError(f"no Optuna storage at {path}")
+        return path
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} is an empty file (0 bytes), not an Optuna storage: nothing was started in it. Give "
+                         f"the storage's real path, or remove the empty file (rm {path}) to start a new study there")
+    with open(path, "rb") as f:
+        if f.read(16) != SQLITE_HEADER:
+            raise ValueError(f"{what} is not an SQLite database (no SQLite header); give the path of a storage "
+                             "`search` or `compare` wrote, or a new file name")
+    key = (str(path.resolve()), path.stat().st_ino)
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        try:
+            check = "ok" if key in _CHECKED else con.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.OperationalError as e:  # busy: another worker is writing (not damage); checked next time
+        check = "busy" if "locked" in str(e) or "busy" in str(e) else str(e)
+    except sqlite3.DatabaseError as e:
+        check = str(e)
+    if check == "ok":
+        _CHECKED.add(key)
+    elif check != "busy":
+        raise ValueError(f"{what} is damaged (SQLite: {check}), e.g. truncated by a copy or a full disk; restore it "
+                         "from a copy (a --state folder's search.db) or its trials (storage.restore_trials from a "
+                         "trials.jsonl); nothing was changed")
+    if not read_only and not (os.access(path, os.W_OK) and os.access(folder, os.W_OK)):
+        raise PermissionError(f"{what} cannot be written (a read-only file system or no permission), and an SQLite "
+                              "storage is written even to continue a finished study (its journal goes beside it). "
+                              f"Copy it to a writable folder (cp {path} /tmp/) and pass that copy as --storage")
+    return path
+
+
+def open_storage(storage: str | Path, read_only: bool = False):
+    """An Optuna storage: a SQLite file (one machine: the default) or a database URL (postgresql://...: many
+    machines), checked first (`check_storage`). A shared database gets heartbeats, and a trial whose worker died
+    is failed and queued again (RetryHeartbeatStaleTrialCallback) once its heartbeat is GRACE seconds old.
+    read_only: an SQLite file opened for reading only (trial_rows)."""
+    import optuna
+    checked = check_storage(storage, read_only=read_only)
+    if isinstance(checked, Path):
+        if read_only:
+            return _sqlite_read_only(checked)
+        checked.parent.mkdir(parents=True, exist_ok=True)
+        return sqlite_storage(checked)
+    import time
+    import warnings
+
+    from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    checked, heartbeat_interval=HEARTBEAT, grace_period=GRACE,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+        except (IntegrityError, ProgrammingError):  # another machine is creating the schema at this moment
+            if attempt == 5:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+        except (SQLAlchemyError, ImportError) as e:
+            first = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+            raise ValueError(f"--storage {_shown(checked)}: cannot open the database ({first}); check that the "
+                             "server runs and that host, port, user, password and database name are right") from None
+
+
+def _sqlite_read_only(path: Path):
+    """An SQLite storage opened read-only (immutable: no journal is written; a read-only file system works)."""
+    import optuna
+    return optuna.storages.RDBStorage(f"sqlite:///file:{path.resolve()}?mode=ro&immutable=1&uri=true")
 
 
 def sqlite_storage(path: str | Path):
@@ -104,9 +197,7 @@ def trial_rows(storage: str | Path) -> list[dict]:
     {"study", "method", "seed", "smoke", "trial", "state", "design", "params", "val", "train", "updates"}
     (validation only: trials never see test data). What a study is comes from its user attributes."""
     import optuna
-    if not is_url(storage) and not Path(storage).exists():
-        raise FileNotFoundError(f"no Optuna storage at {storage}")
-    store = open_storage(storage)
+    store = open_storage(storage, read_only=True)
     rows = []
     for s in optuna.get_all_study_summaries(store):
         study = optuna.load_study(study_name=s.study_name, storage=store)
@@ -156,3 +247,75 @@ def restore_trials(rows: list[dict], storage: str | Path, space: list, select: s
             value=r["val"][select] if complete else None,
             state=optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.PRUNED))
     return len(rows)
+
+
+# ---------------------------------------------------------------------------- which running trials are dead (SQLite)
+def worker_tag() -> str:
+    """What a trial records as its worker ("worker" user attribute): host:pid of the process that runs it."""
+    import socket
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_start(pid: int) -> float | None:
+    """When a process started (seconds since the epoch; Linux /proc), or None where that cannot be read."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
+        boot = next(int(l.split()[1]) for l in Path("/proc/stat").read_text().splitlines() if l.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def worker_alive(tag: str, started) -> bool:
+    """Whether the worker `tag` (host:pid) that started a trial at `started` (a datetime) still runs. An SQLite
+    storage is one machine's: a trial of another host was running where the file was copied from (dead). A pid that
+    no longer exists, or that a process started after the trial now holds (the pid was reused), is dead."""
+    import socket
+    host, _, pid = str(tag).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    began = _process_start(int(pid))
+    return not (began is not None and started is not None and began > started.timestamp() + 1)
+
+
+def dead_running_trials(study) -> list:
+    """The study's RUNNING trials whose worker is dead (`worker_alive`); a trial that names no worker yet is a
+    worker's that is just starting it, dead only once it started more than GRACE seconds ago."""
+    import datetime
+
+    import optuna
+    now = datetime.datetime.now()
+    dead = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        tag = t.user_attrs.get("worker")
+        if tag is not None:
+            if not worker_alive(tag, t.datetime_start):
+                dead.append(t)
+        elif t.datetime_start is None or (now - t.datetime_start).total_seconds() > GRACE:
+            dead.append(t)
+    return dead
+
+
+def fail_dead_trials(study) -> int:
+    """On an SQLite storage (one machine): fail the running trials whose worker process is dead, and queue a dead
+    start-up, extension or transition point again (those points are the design; TPE proposes anew). A live
+    worker's trial (another `search` process on the same file, a parallel worker) is never touched. Returns the
+    trials failed."""
+    import optuna
+    n = 0
+    for t in dead_running_trials(study):
+        try:
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            continue  # another process failed (or its worker finished) it first
+        n += 1
+        if t.user_attrs.get("design") in ("startup", "extension", "transition"):  # (its point, asked for or not)
+            study.enqueue_trial(t.params or t.system_attrs.get("fixed_params", {}),
+                                user_attrs={"design": t.user_attrs["design"]})
+    return n

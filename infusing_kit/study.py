@@ -70,6 +70,18 @@ class Protocol:
     other_final_seeds: tuple = (0, 1, 2)   # the final seeds of the methods outside `core`
     constraint_seeds: int = 3          # the constraint rule's choice (where it differs) runs on the first N final seeds
 
+    def check(self, where: str = "the protocol") -> "Protocol":
+        """Refuse a protocol the stages cannot run (an empty or repeated seed list, ...), naming the field."""
+        for key in ("search_seeds", "final_seeds"):
+            if not getattr(self, key):
+                raise ValueError(f"{where} {key} = []: give at least one seed (e.g. {key} = [0]); the first "
+                                 f"{'searches' if key == 'search_seeds' else 'is the first final run'}")
+        for key in ("search_seeds", "final_seeds", "heldout_seeds", "other_final_seeds"):
+            seeds = list(getattr(self, key))
+            if len(set(seeds)) != len(seeds):
+                raise ValueError(f"{where} {key} = {seeds} repeats a seed; list each seed once")
+        return self
+
     def trials_of(self, method: str) -> int | None:
         return dict(self.trials).get(method)
 
@@ -185,6 +197,10 @@ def _load_study(path: str, mtime: int) -> Study:
                 f"{path} [study]", required={"baseline", "methods", "method"})
     where = f"{path} [study]"
     tables = st["method"]
+    if not st["methods"] or len(set(st["methods"])) != len(st["methods"]):
+        raise ValueError(f"{where} methods = {st['methods']}: list each method once, at least one")
+    for name in list(st["methods"]) + [n for n in tables if n not in st["methods"]]:
+        check_method_name(name, where)
     for name in st["methods"]:
         if name not in tables:
             raise ValueError(f"{where} methods names {name!r}, which has no [study.method.{name}] table")
@@ -221,7 +237,8 @@ def _load_study(path: str, mtime: int) -> Study:
         methods[name] = replace(preset, description=f"{name} (study {Path(path).name}; base preset "
                                 f"{t.get('preset', 'toy-naive')})", train=trained, smoke_train=trained,
                                 search=() if ablation_of else space, post_hoc=post_hoc_of(t),
-                                ablation_of=ablation_of, ablation=ablation)
+                                ablation_of=ablation_of, ablation=ablation,
+                                ingredients=_ingredients(preset, post_hoc_of(t), space if not ablation_of else (), w))
         written[name] = t
     protocol = Protocol(baseline=st["baseline"], **{k: tuple(st[k]) for k in ("search_seeds", "final_seeds",
                                                                                "heldout_seeds") if k in st},
@@ -232,25 +249,65 @@ def _load_study(path: str, mtime: int) -> Study:
                         **{k: tuple(st[k]) for k in ("other_final_seeds",) if k in st},
                         **{k: st[k] for k in ("calibration_steps", "constraint", "soup_ingredients", "stock_seed",
                                               "constraint_seeds") if k in st})
+    protocol.check(where)
     return Study(cfg["name"], Runner("config", False, "near", path), methods, protocol,
                  {k: v for k, v in cfg.items() if k != "study"}, written)
 
 
+MERGES = {"model_stock": "seeds", "soup_uniform": "lrs", "soup_greedy": "lrs"}  # post hoc on several runs: theirs
+
+
+def _ingredients(preset, post_hoc, space, where: str) -> str | None:
+    """What a study method's post-hoc merge takes besides its own run (comparison.py makes them): Model Stock a
+    second fine-tuning seed, soups the baseline at other learning rates. A merge of several runs has no search of
+    its own (a trial has no other runs to merge: it would train and then fail)."""
+    if post_hoc in MERGES and space:
+        raise ValueError(f"{where}: post_hoc = {post_hoc!r} merges several runs that the comparison makes; it has no "
+                         "search of its own: set search = [] (its strength is chosen on validation as it merges)")
+    return preset.ingredients if preset.post_hoc == post_hoc else MERGES.get(post_hoc)
+
+
+def check_method_name(name, where: str) -> str:
+    """A method's name is a folder name of its trials and runs (OUT/runs/final/NAME-sSEED): letters, digits, '-', '_'
+    and '.', not only dots (a name like "../../x" would write outside --out)."""
+    import re
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name) or set(name) == {"."}:
+        raise ValueError(f"{where} method name {name!r} is not a safe folder name: use letters, digits, '-', '_' and "
+                         "'.' only (1-100 characters, not only dots), e.g. 'my-method'")
+    return name
+
+
 def _space(search, where: str) -> tuple:
-    from dataclasses import fields
-    from .train import TrainConfig
-    known = {f.name for f in fields(TrainConfig)}
+    """A study file's search ranges, checked: `log` is true or false (a TOML boolean: "no" is not false), a range is
+    searched on integers exactly when its TrainConfig field holds an integer (`spaces.int_field`; integer bounds on
+    a float field are a float range), and an integer field takes integer bounds on a linear scale."""
+    from .spaces import _field_types, int_field
+    types = _field_types()
     if not isinstance(search, list):
         raise ValueError(f"{where} search must be a list of {{field, low, high, log}} tables, got {search!r}")
     out = []
     for s in search:
         if not isinstance(s, dict) or set(s) - SPACE_KEYS or not {"field", "low", "high"} <= set(s):
             raise ValueError(f"{where} search entry {s!r} must be {{field = ..., low = ..., high = ..., log = true}}")
-        if s["field"] not in known:
-            raise ValueError(f"{where} search field {s['field']!r} is not a TrainConfig field")
-        lo, hi, log = s["low"], s["high"], bool(s.get("log", False))
-        if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo < hi) or (log and lo <= 0):
-            raise ValueError(f"{where} search {s['field']}: need low < high (and low > 0 on a log scale), got "
+        f = s["field"]
+        if f not in types:
+            raise ValueError(f"{where} search field {f!r} is not a TrainConfig field")
+        if types[f] not in ("int", "float"):
+            raise ValueError(f"{where} search field {f!r} holds a {types[f]}, not a number: only numeric fields are "
+                             "searched (set it as a fixed field of the method instead)")
+        lo, hi, log = s["low"], s["high"], s.get("log", False)
+        if not isinstance(log, bool):
+            raise ValueError(f"{where} search {f}: log = {log!r} must be true or false (a TOML boolean, unquoted)")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not (number(lo) and number(hi) and lo < hi) or (log and lo <= 0):
+            raise ValueError(f"{where} search {f}: need low < high (and low > 0 on a log scale), got "
                              f"{lo!r}, {hi!r}")
-        out.append((s["field"], lo, hi, log))
+        if int_field(f):
+            if not (isinstance(lo, int) and isinstance(hi, int)) or log:
+                raise ValueError(f"{where} search {f}: {f} is an integer field; give integer bounds on a linear "
+                                 f"scale (low = {int(lo)}, high = {int(hi)}, log = false), got {lo!r}, {hi!r}, "
+                                 f"log = {log}")
+        else:
+            lo, hi = float(lo), float(hi)  # a float field: a float range however its bounds are written
+        out.append((f, lo, hi, log))
     return tuple(out)

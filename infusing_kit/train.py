@@ -124,7 +124,8 @@ def _train(vlm, target, cfg, folder, generic, validate, hooks, progress, inputs)
     head = CosineClassifier(vlm.embed_dim, n_classes, generator=torch.Generator().manual_seed(cfg.seed)).to(vlm.device)
     identity = {"model": vlm.name, "weights": tower_fingerprint(vlm.visual), "target": target.fingerprint(),
                 "generic": generic.fingerprint() if generic is not None and cfg.sampler != "target_only" else None,
-                "classes": n_classes, "config": asdict(cfg), "threads": torch.get_num_threads()}
+                "classes": n_classes, "config": asdict(cfg), "threads": torch.get_num_threads(),
+                "validation": _validation_identity(validate)}
     sizes = (len(target), len(generic) if generic is not None else 0)
     with _handed_back(vlm, cfg):  # the model goes back as it came (trainable set, LoRA merged) whatever happens
         opt = torch.optim.AdamW(param_groups(vlm, head, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay),
@@ -182,6 +183,14 @@ def _train(vlm, target, cfg, folder, generic, validate, hooks, progress, inputs)
         updates = run.counts() if cfg.sampler in ADAPTIVE else count_updates(cfg, sizes, run.step)
         result = run.result(time.time() - t0, updates)
     return head, result
+
+
+def _validation_identity(validate) -> dict | None:
+    """The validation data's fingerprints (`evaluation.validation_fn`), part of a run's resume identity: a run
+    resumed on other validation data would keep a checkpoint chosen on two validation sets. None: a validate
+    function that does not say what it validates on."""
+    of = getattr(validate, "data_identity", None)
+    return of() if callable(of) else None
 
 
 def _optimiser_step(opt: torch.optim.Optimizer, anchors: Anchors) -> None:
