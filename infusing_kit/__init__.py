@@ -27,6 +27,7 @@ The modules, from the data to the comparison (each one's docstring says what it 
   search     study        Optuna searches on validation; the protocol on a study file
   choices    calibration  what a finished study chose; the schedule length and seed noise from naive's curves
   spaces     storage      search ranges, extensions, transitions, the constraint rule; SQLite or a shared database
+  fingerprint             what a study or comparison was made on (model, data, fixed fields): a change is refused
   comparison results      the whole comparison, resumable; registries, paired intervals, tables
   budget                  a long job's --budget, its resumable state in a tracked folder, values runs share
   figures    explorer     figures shared by notebooks and reports; the widget explorer
