@@ -257,14 +257,20 @@ def file_loader(split: FileSplit, index_lists: list, workers: int | None):
     """The batches split.take(index_lists[i]), in order, decoded ahead in `workers` DataLoader workers. Under
     torchrun the workers start from a fork server: a worker forked from a process whose process group runs
     background threads can inherit a held lock and wait forever (seen: a 2-process run's validation hung with its
-    worker on a futex)."""
+    worker on a futex).
+
+    The loader draws its workers' base seed from a generator of its own, never from the process's global torch
+    random state: every DataLoader iterator would otherwise take one number from it (`torch.utils.data`'s
+    `_base_seed`, also with num_workers=0), so a run reading files would leave the global state elsewhere than the
+    same run on in-memory splits, which never creates a loader. Decoding draws nothing at random, so the workers'
+    seeds change no pixel."""
     from torch.utils.data import DataLoader
 
     from . import distributed
     workers = default_workers() if workers is None else workers
     loader = DataLoader(_Take(split, index_lists), batch_size=None, shuffle=False, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                        prefetch_factor=4 if workers else None,
+                        prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0),
                         multiprocessing_context="forkserver" if workers and distributed.active() else None)
     yield from loader
 
