@@ -1,7 +1,8 @@
 """Vision-language models for the kit: any open_clip model, plus the kit's own tiny CPU configs.
 
 - `load_model(name, pretrained)` -> `VLM`: the open_clip model, its tokenizer and preprocessing.
-  `pretrained` is an open_clip tag or file, `None` (random init), or a `model.pt` the kit wrote
+  `pretrained` is an open_clip tag or file, a transformers CLIP / SigLIP checkpoint (`hfweights`), a big_vision
+  `.npz`, `None` (random init), or a `model.pt` the kit wrote
   (`save_finetuned`: a fine-tuned image tower loads back onto its model). The kit's toy VLM pretrained on
   the built-in world comes from `pretrain.load_pretrained_toy`. The tokenizer loads on first use, so a model
   whose tokenizer needs extra packages or a download (SigLIP's) still loads and trains its image tower.
@@ -65,7 +66,8 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
     """Create an open_clip model by name (e.g. "ViT-B-32", "ViT-B-16-SigLIP", "toy-clip").
 
     pretrained: an open_clip tag ("laion2b_s34b_b79k", "webli", ...) or a checkpoint file, None for random
-    weights, or a `model.pt` written by the kit (its fine-tuned image tower, on the model it was trained from).
+    weights, a `model.pt` written by the kit (its fine-tuned image tower, on the model it was trained from), a
+    big_vision `.npz`, or a transformers CLIP / SigLIP folder or .safetensors / .bin file (`hfweights`).
     image_size: overrides the model's input size (e.g. 112 for fast CPU runs of a ViT-B).
     seed: random initialisation (pretrained=None) from this seed, both towers, without touching the global random
     state: the same config gives the same starting model in every process.
@@ -81,6 +83,10 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
     kit = _kit_checkpoint(pretrained)
     if kit is not None:
         return _load_finetuned(kit, name, pretrained, device, image_size, cache_dir)
+    from .hfweights import load_hf, source
+    hf = source(pretrained)  # a transformers CLIP / SigLIP folder or file: converted to open_clip's names
+    if hf is not None:
+        return load_hf(name, pretrained, *hf, device, image_size, cache_dir, seed)
     if str(pretrained or "").endswith(".npz"):
         return _load_big_vision(name, pretrained, device, image_size, cache_dir, seed)
     if pretrained is not None and not Path(str(pretrained)).is_file() and (os.sep in str(pretrained) or
