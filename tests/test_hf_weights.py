@@ -266,3 +266,20 @@ def test_another_family_heads_or_activation_is_refused(tmp_path):
         load_model(CLIP, clip_path)
     with pytest.raises(FileNotFoundError, match="without a transformers checkpoint"):
         load_model(CLIP, str(tmp_path / "siglip"))  # a folder with no weights of its own name
+
+
+def test_a_sharded_checkpoint_loads_and_a_missing_shard_is_named(tmp_path):
+    source = _source(CLIP)
+    sd, folder = hf_clip(source.model), tmp_path / "sharded"
+    folder.mkdir()
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for file, part in shards.items():
+        save_file({k: sd[k] for k in part}, str(folder / file))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, part in shards.items() for k in part}}))
+    (folder / "config.json").write_text(json.dumps(HF_CONFIG[CLIP]))
+    assert_same(source, load_model(CLIP, str(folder)))
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+        load_model(CLIP, str(folder))
