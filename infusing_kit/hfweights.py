@@ -13,7 +13,8 @@
 Refused, file and keys named: a key the model needs that the file lacks, a key of the file the model has no place
 for (the first of each listed; `*.position_ids` buffers are ignored), a tensor of another shape, non-finite values,
 a CLIP file for a SigLIP model or the reverse, and (with config.json) another number of attention heads or another
-activation (transformers' CLIP uses `quick_gelu`: load it as open_clip's `-quickgelu` model). Not checked: that the
+activation (OpenAI's CLIP weights use `quick_gelu`: load them as open_clip's `-quickgelu` model; SigLIP's tanh GELU
+runs as open_clip's exact GELU, as open_clip's own SigLIP weights do). Not checked: that the
 tokenizer's vocabulary is the model's (open_clip's tokenizer of `name` is used; only the vocabulary size is checked)
 and layer-norm epsilons. Normalisation: the folder's preprocessor_config.json (`image_mean`, `image_std`), else
 CLIP's (OpenAI) or SigLIP's (0.5) defaults. The position embedding is resized when `image_size` differs.
@@ -216,7 +217,8 @@ def check_config(config: dict, family: str, model, name: str, path, with_text: b
     for part, module in towers:
         sub = config.get(f"{part}_config") or config.get(f"{part}_config_dict") or \
             (config if config.get("model_type", "").endswith(f"_{part}_model") else {})
-        heads, act = sub.get("num_attention_heads", DEFAULTS[family][part][0]), sub.get("hidden_act", DEFAULTS[family][part][1])
+        default_heads, default_act = DEFAULTS[family][part]  # (save_pretrained leaves default values out)
+        heads, act = sub.get("num_attention_heads", default_heads), sub.get("hidden_act", default_act)
         got_heads, quick = _heads_and_act(module)
         if heads != got_heads:
             raise ValueError(f"{path}: its {part} tower has {heads} attention heads, {name!r}'s has {got_heads}: give "
@@ -225,7 +227,7 @@ def check_config(config: dict, family: str, model, name: str, path, with_text: b
             other = name[:-len("-quickgelu")] if name.endswith("-quickgelu") else f"{name}-quickgelu"
             hint = f"load it as {other!r}" if other in open_clip.list_models() else "use a model with that activation"
             raise ValueError(f"{path}: its {part} tower uses {act}, {name!r}'s uses {'QuickGELU' if quick else 'GELU'}"
-                             f" (transformers' CLIP is trained with quick_gelu): {hint}")
+                             f" (OpenAI's CLIP weights use quick_gelu): {hint}")
 
 
 def convert(model, state: dict, config: dict | None, path, name: str) -> tuple[dict, bool, str]:
@@ -234,8 +236,8 @@ def convert(model, state: dict, config: dict | None, path, name: str) -> tuple[d
     kind = layout(model.visual).kind
     family = TOWERS.get(kind)
     if family is None:
-        raise ValueError(f"{path} is a transformers ViT checkpoint; {name!r} has a {kind} image tower: give an open_clip "
-                         "CLIP ViT (e.g. ViT-B-32-quickgelu) or SigLIP model (e.g. ViT-B-16-SigLIP)")
+        raise ValueError(f"{path} is a transformers ViT checkpoint; {name!r} has a {kind} image tower: give an "
+                         "open_clip CLIP ViT (e.g. ViT-B-32-quickgelu) or SigLIP model (e.g. ViT-B-16-SigLIP)")
     mine = ("siglip" if "vision_model.head.probe" in state or "logit_bias" in state else
             "clip" if "vision_model.embeddings.class_embedding" in state else family)
     if config is not None:
