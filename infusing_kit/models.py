@@ -147,7 +147,19 @@ def _load_big_vision(name: str, path, device, image_size, cache_dir, seed) -> VL
     warnings.warn(f"{path}: the image tower is the checkpoint's; the text tower of {name} is random (use precomputed "
                   "text embeddings for image-text retrieval)", stacklevel=2)
     vlm.pretrained = str(path)
+    vlm.mean, vlm.std = _release_normalisation(name, vlm.mean, vlm.std)
     return vlm
+
+
+def _release_normalisation(name: str, mean, std):
+    """The input normalisation of `name`'s released weights (SigLIP's 0.5 / 0.5, not the OpenAI default that
+    open_clip gives a model made without a pretrained tag), when all its tags agree; else (mean, std) unchanged."""
+    norms = set()
+    for tag in open_clip.list_pretrained_tags_by_model(name):
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        if cfg.get("mean") and cfg.get("std"):
+            norms.add((tuple(cfg["mean"]), tuple(cfg["std"])))
+    return norms.pop() if len(norms) == 1 else (mean, std)
 
 
 FINETUNED_FORMAT = "infusing_kit/finetuned-v1"

@@ -127,6 +127,8 @@ def test_a_big_vision_checkpoint_loads_into_the_siglip_image_tower(tmp_path):
     assert any("text tower" in str(c.message) for c in caught)
     want, got = source.visual.state_dict(), loaded.visual.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    # SigLIP's released weights expect inputs scaled by 0.5 / 0.5, not the OpenAI default of a tag-less model
+    assert loaded.mean == loaded.std == (0.5, 0.5, 0.5) and source.mean != loaded.mean
     assert not torch.equal(load_model("ViT-B-16-SigLIP", None, image_size=32, seed=2).visual.trunk.pos_embed,
                            got["trunk.pos_embed"])  # (a fresh model differs: the load did something)
     np.savez(tmp_path / "other.npz", weights=np.zeros(3))
