@@ -304,6 +304,7 @@ def load_hf(name: str, path, files: list[Path], config_path: Path | None, device
     if left or result.unexpected_keys:  # (the plan covers every key: this would be a bug here)
         raise RuntimeError(f"{path}: keys not loaded into {name!r}: {left[:3]} {result.unexpected_keys[:3]}")
     if not with_text:
+        vlm.random_text = True  # seeded from the config: save_finetuned keeps it
         warnings.warn(f"{path}: the image tower is the checkpoint's; it has no text tower (text_model.*), so the text "
                       f"tower of {name} is random (use precomputed text embeddings for image-text retrieval)",
                       stacklevel=3)

@@ -148,6 +148,7 @@ def _load_big_vision(name: str, path, device, image_size, cache_dir, seed) -> VL
                   "text embeddings for image-text retrieval)", stacklevel=2)
     vlm.pretrained = str(path)
     vlm.mean, vlm.std = _release_normalisation(name, vlm.mean, vlm.std)
+    vlm.random_text = True  # seeded from the config: save_finetuned keeps it
     return vlm
 
 
@@ -171,10 +172,12 @@ def save_finetuned(vlm: VLM, path: str | Path, head: torch.nn.Module | None = No
     text tower too (so no cache is needed to load it)."""
     from .checkpoints import atomic_save
     text = None
-    if vlm.name in TOY_MODELS or vlm.pretrained is None:  # a random text tower cannot be made again: keep it
+    if vlm.name in TOY_MODELS or vlm.pretrained is None or getattr(vlm, "random_text", False):
+        # a random text tower (or a toy model's) cannot be made again from its tag: keep it
         text = {k: v for k, v in vlm.model.state_dict().items() if not k.startswith("visual.")}
     return atomic_save({"format": FINETUNED_FORMAT, "model": vlm.name, "base": vlm.pretrained,
-                        "image_size": vlm.image_size, "visual": vlm.visual.state_dict(), "text": text,
+                        "image_size": vlm.image_size, "mean": list(vlm.mean), "std": list(vlm.std),
+                        "visual": vlm.visual.state_dict(), "text": text,
                         "head": head.state_dict() if head is not None else None, **(extra or {})}, path)
 
 
@@ -199,6 +202,8 @@ def _load_finetuned(ckpt: dict, name: str, path, device, image_size, cache_dir) 
     else:
         vlm = load_model(name, ckpt["base"], "cpu", image_size=size, cache_dir=cache_dir)
         vlm.visual.load_state_dict(ckpt["visual"])
+    if ckpt.get("mean") and ckpt.get("std"):  # the normalisation it was fine-tuned with (files since SigLIP's fix)
+        vlm.mean, vlm.std = tuple(ckpt["mean"]), tuple(ckpt["std"])
     vlm.model.to(device)
     freeze_text_tower(vlm)
     vlm.pretrained = str(path)
