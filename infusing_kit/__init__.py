@@ -21,6 +21,7 @@ The modules, from the data to the comparison (each one's docstring says what it 
   presets    experiment   the methods the kit compares (PRESETS); one experiment: model -> fine-tune -> evaluate
   config     leakage      real runs from a TOML file; leakage checks before any work
   precheck   weightfiles  a config's data checked before any work (records decoded, positives); weight files checked
+  hfweights               transformers' CLIP / SigLIP checkpoints (folder, .safetensors, .bin) in open_clip's names
   records    textprobe    the paper's released records (ArrayRecord, TFRecord), read without TensorFlow; its
                           image-text test sets with precomputed text embeddings
   resolve                 a config or study file checked and its settings shown, without its data

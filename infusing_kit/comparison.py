@@ -294,11 +294,16 @@ def _searches(c: Comparison, names: list[str], base: dict, noise: float, thresho
         c.chosen[key] = {"search": s, "params": {**base, **s["params"]},
                          "constraint_params": {**base, **cons} if cons is not None else None}
         c.save()
+    _settle_unsearched(c, names, base)
+
+
+def _settle_unsearched(c: Comparison, names: list[str], base: dict) -> None:
+    """Settings of methods with nothing to search: naive's (naive-long: twice its steps), or an ablation's."""
     for m in names:
-        pre = study.methods[m]
+        pre = c.study.methods[m]
         if m in c.chosen or pre.search:
             continue
-        steps_of = 2 * steps if m == "toy-naive-long" else steps
+        steps_of = 2 * base["steps"] if m == "toy-naive-long" else base["steps"]
         params = {**c.chosen[pre.ablation_of]["params"], **pre.ablation} if pre.ablation_of else {**base,
                                                                                                  "steps": steps_of}
         c.chosen[m] = {"search": None, "params": params, "constraint_params": None}
@@ -342,6 +347,9 @@ def _baseline_and_post_hoc(c: Comparison) -> None:
     from .budget import check_budget
     check_budget("the baseline's final runs and the post-hoc rows")
     naive = ch[base_name]["params"]
+    # every post-hoc row runs in this block, the core table's or not: those outside it are settled here (they
+    # search nothing; a merge reads naive's runs, whose weights the resumable state does not keep)
+    _settle_unsearched(c, posthoc, naive)
     role = {"tags": {"role": "baseline"}, "atomic": True}
     tasks = [c.task(base_name, s, naive, f"final/{base_name}-s{s}", **role)
              for s in final_seeds + heldout]

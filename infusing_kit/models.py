@@ -1,7 +1,8 @@
 """Vision-language models for the kit: any open_clip model, plus the kit's own tiny CPU configs.
 
 - `load_model(name, pretrained)` -> `VLM`: the open_clip model, its tokenizer and preprocessing.
-  `pretrained` is an open_clip tag or file, `None` (random init), or a `model.pt` the kit wrote
+  `pretrained` is an open_clip tag or file, a transformers CLIP / SigLIP checkpoint (`hfweights`), a big_vision
+  `.npz`, `None` (random init), or a `model.pt` the kit wrote
   (`save_finetuned`: a fine-tuned image tower loads back onto its model). The kit's toy VLM pretrained on
   the built-in world comes from `pretrain.load_pretrained_toy`. The tokenizer loads on first use, so a model
   whose tokenizer needs extra packages or a download (SigLIP's) still loads and trains its image tower.
@@ -65,7 +66,8 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
     """Create an open_clip model by name (e.g. "ViT-B-32", "ViT-B-16-SigLIP", "toy-clip").
 
     pretrained: an open_clip tag ("laion2b_s34b_b79k", "webli", ...) or a checkpoint file, None for random
-    weights, or a `model.pt` written by the kit (its fine-tuned image tower, on the model it was trained from).
+    weights, a `model.pt` written by the kit (its fine-tuned image tower, on the model it was trained from), a
+    big_vision `.npz`, or a transformers CLIP / SigLIP folder or .safetensors / .bin file (`hfweights`).
     image_size: overrides the model's input size (e.g. 112 for fast CPU runs of a ViT-B).
     seed: random initialisation (pretrained=None) from this seed, both towers, without touching the global random
     state: the same config gives the same starting model in every process.
@@ -81,6 +83,10 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
     kit = _kit_checkpoint(pretrained)
     if kit is not None:
         return _load_finetuned(kit, name, pretrained, device, image_size, cache_dir)
+    from .hfweights import load_hf, source
+    hf = source(pretrained)  # a transformers CLIP / SigLIP folder or file: converted to open_clip's names
+    if hf is not None:
+        return load_hf(name, pretrained, *hf, device, image_size, cache_dir, seed)
     if str(pretrained or "").endswith(".npz"):
         return _load_big_vision(name, pretrained, device, image_size, cache_dir, seed)
     if pretrained is not None and not Path(str(pretrained)).is_file() and (os.sep in str(pretrained) or
@@ -141,7 +147,20 @@ def _load_big_vision(name: str, path, device, image_size, cache_dir, seed) -> VL
     warnings.warn(f"{path}: the image tower is the checkpoint's; the text tower of {name} is random (use precomputed "
                   "text embeddings for image-text retrieval)", stacklevel=2)
     vlm.pretrained = str(path)
+    vlm.mean, vlm.std = _release_normalisation(name, vlm.mean, vlm.std)
+    vlm.random_text = True  # seeded from the config: save_finetuned keeps it
     return vlm
+
+
+def _release_normalisation(name: str, mean, std):
+    """The input normalisation of `name`'s released weights (SigLIP's 0.5 / 0.5, not the OpenAI default that
+    open_clip gives a model made without a pretrained tag), when all its tags agree; else (mean, std) unchanged."""
+    norms = set()
+    for tag in open_clip.list_pretrained_tags_by_model(name):
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        if cfg.get("mean") and cfg.get("std"):
+            norms.add((tuple(cfg["mean"]), tuple(cfg["std"])))
+    return norms.pop() if len(norms) == 1 else (mean, std)
 
 
 FINETUNED_FORMAT = "infusing_kit/finetuned-v1"
@@ -153,10 +172,12 @@ def save_finetuned(vlm: VLM, path: str | Path, head: torch.nn.Module | None = No
     text tower too (so no cache is needed to load it)."""
     from .checkpoints import atomic_save
     text = None
-    if vlm.name in TOY_MODELS or vlm.pretrained is None:  # a random text tower cannot be made again: keep it
+    if vlm.name in TOY_MODELS or vlm.pretrained is None or getattr(vlm, "random_text", False):
+        # a random text tower (or a toy model's) cannot be made again from its tag: keep it
         text = {k: v for k, v in vlm.model.state_dict().items() if not k.startswith("visual.")}
     return atomic_save({"format": FINETUNED_FORMAT, "model": vlm.name, "base": vlm.pretrained,
-                        "image_size": vlm.image_size, "visual": vlm.visual.state_dict(), "text": text,
+                        "image_size": vlm.image_size, "mean": list(vlm.mean), "std": list(vlm.std),
+                        "visual": vlm.visual.state_dict(), "text": text,
                         "head": head.state_dict() if head is not None else None, **(extra or {})}, path)
 
 
@@ -181,6 +202,8 @@ def _load_finetuned(ckpt: dict, name: str, path, device, image_size, cache_dir) 
     else:
         vlm = load_model(name, ckpt["base"], "cpu", image_size=size, cache_dir=cache_dir)
         vlm.visual.load_state_dict(ckpt["visual"])
+    if ckpt.get("mean") and ckpt.get("std"):  # the normalisation it was fine-tuned with (files since SigLIP's fix)
+        vlm.mean, vlm.std = tuple(ckpt["mean"]), tuple(ckpt["std"])
     vlm.model.to(device)
     freeze_text_tower(vlm)
     vlm.pretrained = str(path)

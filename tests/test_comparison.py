@@ -59,7 +59,8 @@ def fake(monkeypatch):
 
 
 
-PRESETS = ["toy-l2sp", "toy-paper", "toy-paper-no-l2sp", "toy-wise-ft", "toy-model-stock", "toy-l2-zero"]
+# toy-lines: a post-hoc row outside the core table (its row runs in the first block, with naive's runs it merges)
+PRESETS = ["toy-l2sp", "toy-paper", "toy-paper-no-l2sp", "toy-wise-ft", "toy-model-stock", "toy-l2-zero", "toy-lines"]
 TRIALS = {"toy-naive": 16, "toy-l2sp": 8, "toy-paper": 16, "toy-l2-zero": 8}
 
 
@@ -95,7 +96,7 @@ def test_compare_runs_every_stage_in_order_and_resumes(tmp_path, fake):
             assert c["overrides"] == chosen[c["preset"]]["constraint_params"] != chosen[c["preset"]]["params"]
     # post hoc: naive's final run of the same seed, never trained again; Model Stock adds a second seed's run
     for c in finals:
-        if c["preset"] in ("toy-wise-ft", "toy-model-stock"):
+        if c["preset"] in ("toy-wise-ft", "toy-model-stock", "toy-lines"):
             assert str(c["reuse"]).endswith(f"final/toy-naive-s{c['seed']}")
     stock = [c for c in finals if c["preset"] == "toy-model-stock"]
     assert len(stock) == 5 and all(str(c["merge_with"][0]).endswith(f"stock-s{c['seed'] + C.STOCK_SEED}/model.pt")

@@ -127,6 +127,15 @@ def test_a_big_vision_checkpoint_loads_into_the_siglip_image_tower(tmp_path):
     assert any("text tower" in str(c.message) for c in caught)
     want, got = source.visual.state_dict(), loaded.visual.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    # SigLIP's released weights expect inputs scaled by 0.5 / 0.5, not the OpenAI default of a tag-less model
+    assert loaded.mean == loaded.std == (0.5, 0.5, 0.5) and source.mean != loaded.mean
+    # a fine-tuned copy saved and loaded back is the same model: its random (seeded) text tower and normalisation
+    from infusing_kit.models import save_finetuned
+    seeded = load_model("ViT-B-16-SigLIP", str(tmp_path / "siglip.npz"), image_size=32, seed=7)
+    save_finetuned(seeded, tmp_path / "ft.pt")
+    back = load_model("ViT-B-16-SigLIP", str(tmp_path / "ft.pt"), image_size=32)
+    sd, bd = seeded.model.state_dict(), back.model.state_dict()
+    assert sd.keys() == bd.keys() and all(torch.equal(sd[k], bd[k]) for k in sd) and back.mean == seeded.mean
     assert not torch.equal(load_model("ViT-B-16-SigLIP", None, image_size=32, seed=2).visual.trunk.pos_embed,
                            got["trunk.pos_embed"])  # (a fresh model differs: the load did something)
     np.savez(tmp_path / "other.npz", weights=np.zeros(3))
