@@ -105,9 +105,13 @@ FORMATS = {
                                                                              p.get("root") or Path(p["path"]).parent,
                                                                              p.get("split", "test"))),
 }
+SIDE_FILES = (".json", ".txt", ".md", ".npy", ".csv")  # beside the release's shards (e.g. *_info_data.json)
+
+
 def _record_files(path: str) -> list[str]:
-    p = Path(path)
-    return sorted(str(f) for f in p.iterdir() if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [str(p)]
+    p = Path(path)  # a file, or a folder's files but hidden and side files
+    return sorted(str(f) for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and
+                  f.suffix.lower() not in SIDE_FILES) if p.is_dir() else [str(p)]
 
 
 def _records(kind: str):

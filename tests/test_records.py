@@ -2,6 +2,7 @@
 TFRecord files. Every record the tests write comes back (image bytes, class, key); a config on ArrayRecord shards
 runs the same experiment as the same images in split files."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,3 +200,13 @@ def _png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_a_records_folder_reads_its_shards_not_the_side_files_the_release_keeps_beside_them(tmp_path):
+    from infusing_kit.config import _record_files
+    for name in ("imagenet.train_info_data.json", "sop.array_record-00000-of-00002", "sop.array_record-00001-of-00002",
+                 ".hidden", "README.md"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [Path(f).name for f in _record_files(str(tmp_path))] == ["sop.array_record-00000-of-00002",
+                                                                  "sop.array_record-00001-of-00002"]
+    assert _record_files(str(tmp_path / "one.tfrecord")) == [str(tmp_path / "one.tfrecord")]
