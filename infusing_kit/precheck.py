@@ -27,6 +27,9 @@ def verify_records(split) -> list[str]:
             raise ValueError(f"{path}: record {_index(split.kind, path, pos)} (key {split.name(i)!r}) has no readable "
                              f"image: {str(e).splitlines()[0]}. Replace or remove that record before training") from None
     split._pixel_hashes = out
+    for reader in getattr(split, "_readers", {}).values():  # a DataLoader worker forked later must open its own
+        getattr(reader, "close", lambda: None)()
+    getattr(split, "_readers", {}).clear()
     return out
 
 

@@ -253,6 +253,12 @@ def chunks(split: AnySplit, batch_size: int, workers: int | None = None):
     yield from file_loader(split, order, workers)
 
 
+def _records(split) -> bool:
+    """A records split (ArrayRecord / TFRecord): its C++ readers and their threads must not be forked (a forked
+    worker segfaulted in a full test session); workers start from a fork server and open their own readers."""
+    return getattr(split, "kind", None) in ("array_record", "tfrecord")
+
+
 def file_loader(split: FileSplit, index_lists: list, workers: int | None):
     """The batches split.take(index_lists[i]), in order, decoded ahead in `workers` DataLoader workers. Under
     torchrun the workers start from a fork server: a worker forked from a process whose process group runs
@@ -271,7 +277,8 @@ def file_loader(split: FileSplit, index_lists: list, workers: int | None):
     loader = DataLoader(_Take(split, index_lists), batch_size=None, shuffle=False, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), persistent_workers=False,
                         prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0),
-                        multiprocessing_context="forkserver" if workers and distributed.active() else None)
+                        multiprocessing_context="forkserver" if workers and (distributed.active() or _records(split))
+                        else None)
     yield from loader
 
 
