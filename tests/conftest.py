@@ -116,3 +116,15 @@ def _tiny_train():
 
 
 TINY_TRAIN = _tiny_train()  # a few steps with checkpoints and validations (selection on cheap_validate)
+
+
+@pytest.fixture
+def world(smoke_study, tmp_path):
+    """A private copy of the exported smoke world's split files and configs (images and model shared, read only)."""
+    src, dst = smoke_study.parents[1], tmp_path / "w"
+    dst.mkdir()
+    for name in ("images", "model"):
+        (dst / name).symlink_to(src / name)
+    for name in ("target", "generic", "text", "configs"):
+        shutil.copytree(src / name, dst / name)
+    return dst

@@ -2,12 +2,10 @@
 value and what to do) before any trial trains, or the correct behaviour. Trials and runs are cheap fakes."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -20,16 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = ROOT / "tests" / "data" / "builtin-study-984fcda.json"
 
 
-@pytest.fixture
-def world(smoke_study, tmp_path):
-    """A private copy of the exported smoke world's split files and configs (images and model shared, read only)."""
-    src, dst = smoke_study.parents[1], tmp_path / "w"
-    dst.mkdir()
-    for name in ("images", "model"):
-        (dst / name).symlink_to(src / name)
-    for name in ("target", "generic", "text", "configs"):
-        shutil.copytree(src / name, dst / name)
-    return dst
 
 
 L2SP = '[study.method.toy-l2sp]\npreset = "toy-l2sp"\nschedule = "smoke"'

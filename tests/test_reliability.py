@@ -24,17 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.fixture
-def world(smoke_study, tmp_path):
-    """A private copy of the exported smoke world's configs (the images are shared, read only)."""
-    src = smoke_study.parent.parent
-    dst = tmp_path / "w"
-    dst.mkdir()
-    for name in ("images", "model"):
-        (dst / name).symlink_to(src / name)
-    for name in ("target", "generic", "text", "configs"):
-        shutil.copytree(src / name, dst / name)
-    return dst
 
 
 def _config(world: Path, change: tuple[str, str] | None = None, name: str = "c.toml", base: str = "toy-naive") -> Path:
