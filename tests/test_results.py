@@ -117,6 +117,54 @@ def test_current_names_existing_files_and_none_for_a_missing_kind(tmp_path):
         current("far", manifest=m)
 
 
+def test_a_chapter_reads_its_worlds_current_comparison_and_trains_here_when_there_is_none(tmp_path, monkeypatch):
+    from infusing_kit import chapters, results
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "reg.jsonl").write_text("".join(json.dumps(_row(m, s, 0.5, -0.3, -0.6)) + "\n"
+                                           for m in ("toy-naive", "toy-l2sp", "toy-ewc") for s in (0, 1, 5))
+                           + json.dumps(_row("toy-naive", 7, 0.5, -0.3, -0.6)) + "\n"  # a seed L2-SP never ran
+                           + json.dumps({**_row("toy-l2sp", 0, 0.1, 0, 0), "tags": {"rule": "constraint"}}) + "\n")
+    (res / "tr.jsonl").write_text("".join(json.dumps({"method": "toy-l2sp", "trial": i, "state": st, "params": {"l2sp": i}})
+                                          + "\n" for i, st in enumerate(("complete", "pruned", "complete"))))
+    (res / "far.jsonl").write_text(json.dumps(_row("toy-naive", 0, 0.9, -0.9, -0.9)) + "\n")
+    (res / "current.json").write_text(json.dumps({"worlds": {"near": {"comparison": "reg.jsonl", "trials": "tr.jsonl"},
+                                                             "far": {"comparison": "far.jsonl"}, "empty": {}}}))
+    monkeypatch.setattr(results, "RESULTS", res)
+    got = chapters.compared(["toy-naive", "toy-l2sp"], tmp_path / "runs")
+    assert sorted((r["method"], r["seed"]) for r in got.rows) == [(m, s) for m in ("toy-l2sp", "toy-naive") for s in (0, 1, 5)]
+    assert got.histories == {} and not (tmp_path / "runs").exists()
+    assert got.source == ("the near world's current comparison reg.jsonl (seeds 0, 1, 5, those every method here "
+                          "ran: 6 runs)"), got.source
+    assert [t["trial"] for t in got.trials("toy-l2sp")] == [0, 2] and got.trials("toy-ewc") == []
+    with pytest.raises(ValueError, match="no finished rows for"):  # the far world has no L2-SP: no mixing worlds
+        chapters.compared(["toy-naive", "toy-l2sp"], tmp_path / "runs", world="far")
+    trained = []  # a world with no current comparison, SMOKE, or comparison=None: the presets train here
+    monkeypatch.setattr(chapters, "chapter_rows", lambda presets, root, **kw: trained.append(kw) or ([], {"p": []}))
+    for kw in ({"world": "empty"}, {"smoke": True}, {"comparison": None}):
+        got = chapters.compared(["toy-naive"], tmp_path / "runs", **kw)
+        assert got.source.startswith("trained here") and got.histories == {"p": []}
+        assert trained[-1].get("comparison") is None
+        assert got.trials_path == (None if kw.get("world") == "empty" else res / "tr.jsonl")  # validation only
+    assert "SMOKE" in chapters.compared(["toy-naive"], tmp_path, smoke=True).source
+
+
+def test_rank_correlation_compares_validation_with_test_orders_and_keeps_tagged_variants_apart():
+    from infusing_kit.results import rank_correlation
+
+    def row(method, seed, val, test, **extra):
+        r = _row(method, seed, test, test / 2, 0.0)
+        return {**r, "val": {"fine_map@20": val, "generic_map@20": val / 2}, **extra}
+    same = [row(m, s, v + s / 100, v + s / 100) for m, v in (("a", 0.1), ("b", 0.5), ("c", 0.9)) for s in (0, 1)]
+    rc = rank_correlation(same + [_row("no-val", 0, 0.3, 0.1, 0.0)])  # a row without validation is skipped
+    assert (rc["runs"], rc["methods"]) == (6, 3)
+    assert all(rc[lv][k] == pytest.approx(1.0) for lv in ("over runs", "over method means") for k in ("fine", "mean"))
+    flipped = rank_correlation([row(m, 0, v, 1 - v) for m, v in (("a", 0.1), ("b", 0.5), ("c", 0.9))])
+    assert flipped["over runs"]["mean"] == pytest.approx(-1.0)
+    tagged = rank_correlation(same + [row("a", 0, 0.3, 0.3, tags={"rule": "constraint"})])
+    assert tagged["methods"] == 4  # 'a [constraint rule]' is a method of its own
+
+
 def test_claim_gives_ratios_with_intervals_over_seeds_and_points():
     rows = [_row("toy-naive", s, 0.30, -0.20, -0.40) for s in (0, 1, 2)]
     rows += [_row("toy-paper", s, 0.27 + 0.01 * s, -0.02, -0.04) for s in (0, 1, 2)]
