@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from infusing_kit.results import (RESULTS, claim, load_results, markdown_table, paired, paired_table, points_table,
-                                  summarise, winners)
+                                  rank_correlation, summarise, winners)
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,8 +48,7 @@ def report(rows: list[dict], chosen: dict, far: str | None) -> tuple[dict, str]:
            "paired_vs_baseline": {m: paired(rows, m, baseline) for m in methods if m != baseline},
            "paired_vs_combination": {m: paired(rows, m, "toy-paper") for m in methods if m != "toy-paper"},
            "claim": {}, "winners": winners(rows, baseline, protocol.get("constraint", 0.95)),
-           "rank_correlation": _script("rank_correlation").correlations(
-               [r for r in rows if r.get("finetuned") and r.get("val")])}
+           "rank_correlation": rank_correlation(rows)}
     for name, seeds in (("final seeds", finals), ("held-out seeds", heldout)):
         try:
             out["claim"][name] = claim(rows, "toy-paper", baseline, seeds)

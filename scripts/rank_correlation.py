@@ -16,11 +16,6 @@ from pathlib import Path
 from infusing_kit.results import rank_correlation
 
 
-def correlations(rows: list[dict]) -> dict:
-    """`infusing_kit.results.rank_correlation` (the chapters read it from there)."""
-    return rank_correlation(rows)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("registry")
@@ -35,7 +30,7 @@ def main() -> int:
             if not r.get("smoke") and r.get("finetuned") and r.get("val")]
     if len(rows) < 3:
         ap.error(f"{path}: {len(rows)} final runs with validation and test scores; need at least 3")
-    out = correlations(rows)
+    out = rank_correlation(rows)
     print(f"{out['runs']} runs of {out['methods']} methods ({path})")
     print("| Spearman rho, validation vs test | fine-grained | generic | mean |\n|---|---|---|---|")
     for level in ("over runs", "over method means"):
