@@ -1,4 +1,4 @@
-"""A drill of bad inputs on a user's own data and weights (README, "What the kit refuses"): each is correct
+"""A drill of bad inputs on a user's own data and weights (docs/refusals.md): each is correct
 behaviour or one clear error naming the file, table, key or record, before any training. Every test writes tiny
 files (8-pixel images, a 2-block ViT) and runs in a second or two."""
 import io
@@ -41,18 +41,18 @@ def _classes(root: Path, names, per_class: int = 3) -> Path:
 
 
 def readme_blocks() -> list[str]:
-    return re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return re.findall(r"```toml\n(.*?)```", (ROOT / "docs" / "your-data.md").read_text(), re.S)
 
 
 def readme_minimal() -> str:
-    """README's smallest config ("Your own model and data"), verbatim."""
+    """docs/your-data.md's smallest config ("Your own model and data"), verbatim."""
     block = next(b for b in readme_blocks() if 'name = "my-naive"' in b)
     assert "/data/mine/train" in block and 'format = "image_folder"' in block
     return block
 
 
 def minimal_world(tmp: Path, target=(("a", "b"), ("c", "d"), ("e", "f")), generic_per_class: int = 8) -> Path:
-    """Tiny data at README's minimal paths (under tmp instead of /data) and README's config pointing at it."""
+    """Tiny data at the smallest config's paths (under tmp instead of /data) and that config pointing at it."""
     data = tmp / "data"
     for split, names in zip(("train", "val", "test"), target):
         _classes(data / "mine" / split, names)
@@ -74,7 +74,7 @@ def _edit(path: Path, old: str, new: str, name: str = "edited.toml") -> Path:
     return out
 
 
-# ---------------------------------------------------------------------------- 1. README's configs
+# ---------------------------------------------------------------------------- 1. docs/your-data.md's configs
 def test_readme_minimal_config_passes_config_checks_and_data_loading(tmp_path):
     """Image folders number each split's classes from 0: their ids are not shared classes (names are compared)."""
     setup = setup_from_config(minimal_world(tmp_path))
@@ -99,7 +99,7 @@ def test_folders_sharing_a_class_name_are_refused_and_label_space_per_split_keep
 
 
 def test_every_toml_block_of_the_readme_passes_the_config_checks(tmp_path):
-    """Each README config (paths substituted, the files it names created empty) parses and passes `config`
+    """Each config of docs/your-data.md (paths substituted, the files it names created empty) parses and passes `config`
     checks; the study block is checked with the [model] and [data] tables of the first block."""
     from infusing_kit.study import load_study
     blocks = readme_blocks()

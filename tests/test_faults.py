@@ -1,5 +1,5 @@
 """The fault drill: kill -9 at random points (training through the library and the CLI, teacher extraction,
-a search), then the same command again; and the bad inputs of README's "What the kit refuses, and why".
+a search), then the same command again; and the bad inputs of docs/refusals.md.
 
 Oracle for every kill: the same work done without interruption (weights bitwise equal, metrics equal).
 The kill points are drawn at random (printed, so a failure can be replayed)."""

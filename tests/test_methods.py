@@ -233,7 +233,7 @@ def test_post_hoc_choice_is_the_validation_maximum_and_the_tower_is_left_there(m
 
 # ---------------------------------------------------------------------------- a new term, in the documented places
 def test_a_new_term_added_in_the_documented_places_trains_and_moves_the_weights(monkeypatch):
-    # README "Extending the kit": a pure function, a TrainConfig field, one TERMS row; train() does not change
+    # CONTRIBUTING.md, "Adding things": a pure function, a TrainConfig field, one TERMS row; train() does not change
     import dataclasses
 
     from infusing_kit import terms, train as T

@@ -1,4 +1,4 @@
-"""Reliability on a user's own data (README, "What the kit refuses"): one test per row. The same config gives the
+"""Reliability on a user's own data (docs/refusals.md): one test per row. The same config gives the
 same model; leakage between splits is refused; values of the wrong type are refused naming file, table and key;
 one process per run folder; deep and truncated images; a full disk; bad paths and names refused before any work;
 run folders that hold what a search needs and no more."""
