@@ -40,6 +40,7 @@ from typing import Callable
 
 from . import data as D
 from .experiment import PRESETS, Domains, Setup, check_overrides, run_setup
+from .models import config_embed_dim as _embed_dim, config_image_size as _model_size
 from .train import TrainConfig
 
 # ---------------------------------------------------------------------------- what a file may hold, typed
@@ -386,14 +387,3 @@ def _part(part, root: Path, where: str) -> dict:
         out["root"] = str(_exists(root / part["root"], f"{where} root"))
     return out
 
-
-def _embed_dim(name: str) -> int:
-    import open_clip
-    return int((open_clip.get_model_config(name) or {})["embed_dim"])
-
-
-def _model_size(name: str) -> int:
-    import open_clip
-    cfg = open_clip.get_model_config(name) or {}
-    size = cfg.get("vision_cfg", {}).get("image_size", 224)
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
