@@ -136,6 +136,8 @@ def test_each_test_set_and_the_averages_are_the_numbers_computed_by_hand(world, 
     registry = tmp_path / "results.jsonl"
     for cfg, out in ((with_sets, "run"), (without, "plain")):
         assert main(["experiment", "--config", str(cfg), "--out", str(tmp_path / out), "--registry", str(registry)]) == 0
+    printed = capsys.readouterr().out  # `experiment` prints the sets and the averages beside the three axes
+    assert printed.count('"average_image": {') == 2 and printed.count('"marks": {') == 2
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     assert "tests" not in plain
