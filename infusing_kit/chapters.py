@@ -5,6 +5,12 @@ Every chapter that trains starts with the same call; `CONFIG` is its parameter:
     run = chapters.run("toy-naive", RESULTS_DIR, config=CONFIG, smoke=SMOKE, seed=SEED, device=DEVICE)
     run.metrics, run.tuned, run.pretrained, run.data     # data: experiment.Domains (target_*, generic_*, text_test)
 
+A chapter that compares methods reads them from one world's current comparison (results/current.json), or trains
+them here in SMOKE mode:
+
+    got = chapters.compared(PRESETS, RESULTS_DIR, smoke=SMOKE, seed=SEED, comparison=COMPARISON)
+    got.rows, got.histories, got.source, got.trials("toy-l2sp")
+
 config=None: the preset on the built-in world (`experiment.cached_run`). config=a study file (its `[study]`
 names the methods; `export-world` writes one) or an experiment file (one method): the method of that file that
 plays the preset's part (`method_of`), on its model and data. Runs live in `root` and are reused; an interrupted
@@ -21,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .experiment import Domains, cached_run
+from .experiment import Domains, cached_run, chapter_rows
 from .models import VLM, embed_images, load_model
 
 
@@ -143,3 +149,57 @@ def figure_path(figures_dir: str | Path, name: str, smoke: bool, config: str | P
     """Where a chapter saves a figure: name, '-smoke' in smoke mode and the config's stem on your data (so the
     built-in world's figures are never overwritten)."""
     return f"{figures_dir}/{name}{'-smoke' if smoke else ''}{'' if config is None else '-' + Path(config).stem}"
+
+
+@dataclass
+class Compared:
+    """A chapter's methods on the test sets: registry rows (`results.summarise`, `results.paired_table`), the
+    training histories of runs trained here (none when read from a registry), where the rows came from (printed by
+    the chapter), and the search trials behind the chosen settings (validation only)."""
+    rows: list[dict]
+    histories: dict
+    source: str
+    trials_path: Path | None
+
+    def trials(self, method: str) -> list[dict]:
+        """The complete search trials of `method` (empty when the rows were trained here)."""
+        from .results import load_trials
+        if self.trials_path is None:
+            return []
+        return [t for t in load_trials(self.trials_path, method) if t.get("state", "complete") == "complete"]
+
+
+def compared(presets: list[str], root: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",
+             comparison: str | Path | None = "current", trials: str | Path | None = "current", world: str = "near",
+             progress: bool = True) -> Compared:
+    """The rows a chapter compares. SMOKE, or comparison=None: each preset trained here once (seed `seed`, cached
+    in `root`). Otherwise a comparison registry's rows of those presets (each method's main choice, on the seeds
+    every one of them ran): "current" is `world`'s current comparison (results/current.json names it); a path is
+    that registry. A world without a current comparison trains here too (a one-seed table; `source` says so): a
+    chapter never shows another world's numbers. trials="current": the world's current search trials (validation
+    only, so shown beside runs trained here as well); a path: that trials file; None: no sweeps."""
+    from .results import RESULTS, current, label
+    what = "the comparison registry"
+    if trials == "current":  # the searches are validation only: shown beside runs trained here too
+        trials = current(world, "trials")
+    trials = Path(trials) if trials is not None else None
+    if not smoke and comparison == "current":
+        comparison, what = current(world, "comparison"), f"the {world} world's current comparison"
+    if smoke or comparison is None:
+        rows, histories = chapter_rows(presets, root, smoke=smoke, seed=seed, device=device, progress=progress)
+        return Compared(rows, histories, f"trained here ({'SMOKE schedule, ' if smoke else ''}seed {seed})", trials)
+    comparison = Path(comparison)
+    rows, histories = chapter_rows(presets, root, comparison=comparison)
+    rows = [r for r in rows if label(r) == r["method"]]  # the main choices (a rule's or search seed's variant: 09)
+    seeds = set.intersection(*({r["seed"] for r in rows if r["method"] == p} for p in presets))
+    if not seeds:
+        raise ValueError(f"{comparison}: no seed on which all of {presets} ran; compare them on shared seeds")
+    rows = [r for r in rows if r["seed"] in seeds]  # every method on the same seeds: a fair table
+    name = comparison.name if comparison.parent.resolve() == RESULTS.resolve() else str(comparison)
+    return Compared(rows, histories, f"{what} {name} (seeds {_span(sorted(seeds))}, those every method here ran: "
+                                     f"{len(rows)} runs)", trials)
+
+
+def _span(seeds: list[int]) -> str:
+    return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1 else \
+        ", ".join(map(str, seeds))

@@ -10,6 +10,7 @@ edits (nothing here holds course text):
 * ``kit-exercise`` (markdown) followed by its ``kit-solution`` (code, input hidden in JupyterLab): a worked
   solution that runs, and asserts what it finds, whenever the chapter runs (so ``make test`` executes them all).
 
+`link_terms` links the first use of each glossary term (docs/glossary.md) on a chapter's page to its entry.
 `clean_copy` writes a chapter for self-testing (fastbook's "clean" notebooks): headings, code, questions and
 exercise prompts only; no prose, no answers, no solutions, no outputs. `syllabus` is the course's one-page plan.
 
@@ -29,6 +30,9 @@ GOALS, QUESTIONS, EXERCISE, SOLUTION = "kit-goals", "kit-questions", "kit-exerci
 ANSWER = re.compile(r"<details>\s*<summary>\s*Answer\s*</summary>(.*?)</details>", re.S)
 QUESTION = re.compile(r"^\d+\.\s", re.M)
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+GLOSSARY = NOTEBOOKS.parent / "docs" / "glossary.md"
+# where a glossary link must not go: code, formulas, links, HTML tags, and lines that are headings or HTML blocks
+KEEP = re.compile(r"`[^`]*`|\$\$?[^$]*\$?\$|\[[^\]]*\]\([^)]*\)|<[^>]*>")
 # A two-week module (10 teaching days): the chapters of each day, in order
 MODULE = {1: ["00", "01"], 2: ["02", "03"], 3: ["09"], 4: ["04"], 5: ["05"], 6: ["06"], 7: ["07"], 8: ["08"],
           9: ["10"], 10: ["11"]}
@@ -46,6 +50,39 @@ def _field(goals: str, name: str) -> str:
     """The text after '**name**' in a goals cell, up to the next bold field."""
     m = re.search(rf"\*\*{re.escape(name)}[:.]?\*\*:?\s*(.*?)(?=\n\*\*|\Z)", goals, re.S)
     return m.group(1).strip() if m else ""
+
+
+def anchor(term: str) -> str:
+    """The id of a glossary entry on the site: its term line, lower case, runs of other characters as '-'."""
+    return "term-" + re.sub(r"[^a-z0-9]+", "-", term.lower()).strip("-")
+
+
+def glossary_terms(path: str | Path = GLOSSARY) -> dict[str, str]:
+    """Every word the glossary defines -> its entry's anchor (an entry "a / b" defines a and b)."""
+    lines = Path(path).read_text().splitlines()
+    return {word.strip(): anchor(line) for line, below in zip(lines, lines[1:])
+            if line.strip() and not line.startswith((" ", ":", "#")) and below.startswith(": ")
+            for word in line.split(" / ")}
+
+
+def link_terms(markdown: str, terms: dict[str, str], seen: set[str], page: str = "glossary.html") -> str:
+    """`markdown` with the first use of each term not in `seen` (updated) as a link to its entry: whole words, any
+    case, never inside code, a formula, a link, a heading or a line of HTML (an answer's <details>)."""
+    lines = markdown.split("\n")
+    for term in sorted(terms, key=len, reverse=True):  # "gain kept" before "gain"
+        if term in seen:
+            continue
+        word = re.compile(rf"(?<![\w@/#-]){re.escape(term)}(?![\w@-])", re.I)
+        for i, line in enumerate(lines):
+            if line.lstrip().startswith(("#", "<")) or "<details" in line:
+                continue
+            kept = [m.span() for m in KEEP.finditer(line)]
+            hit = next((m for m in word.finditer(line) if not any(a <= m.start() < b for a, b in kept)), None)
+            if hit:
+                lines[i] = f"{line[:hit.start()]}[{hit.group(0)}]({page}#{terms[term]}){line[hit.end():]}"
+                seen.add(term)
+                break
+    return "\n".join(lines)
 
 
 def layer(path: str | Path) -> dict:

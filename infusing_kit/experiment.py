@@ -326,10 +326,26 @@ def cached_run(preset: str, root: str | Path, smoke: bool = False, seed: int = 0
     notebooks share them instead of training the same model again. An interrupted run there is resumed.
     train_seed: a second fine-tuning of the same pretrained model on the same world (see `toy_setup`)."""
     out = Path(root) / f"{preset}{'-smoke' if smoke else ''}-s{seed}{'' if train_seed is None else f'-ft{train_seed}'}"
+    if (out / "metrics.json").exists():
+        _set_aside_if_stale(out, preset, smoke, seed if train_seed is None else train_seed)
     if not (out / "metrics.json").exists():
         run_experiment(preset, out, smoke=smoke, seed=seed, device=device, progress=progress, registry=registry,
                        resume=(out / "run").exists(), train_seed=train_seed)
     return load_run(out, device, progress)
+
+
+def _set_aside_if_stale(out: Path, preset: str, smoke: bool, seed: int) -> None:
+    """A cached run that trained other settings than the preset now holds (the kit's choices changed since) is moved
+    to OUT.stale-N, never deleted, so the chapter trains the preset as it is instead of showing the old run."""
+    p = PRESETS[preset]
+    want = json.loads(json.dumps(asdict(replace(p.smoke_train if smoke else p.train, seed=seed))))
+    have = json.loads((out / "metrics.json").read_text()).get("train", {})
+    if have == want:
+        return
+    n = next(i for i in range(1, 10_000) if not out.with_name(f"{out.name}.stale-{i}").exists())
+    out.rename(out.with_name(f"{out.name}.stale-{n}"))
+    print(f"{out} trained other settings than {preset} now holds ({', '.join(k for k in want if have.get(k) != want[k])}): "
+          f"moved to {out.name}.stale-{n}; training it again")
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", progress: bool = False):

@@ -258,10 +258,16 @@ def search_sweep(trials: list[dict], method: str, value: float | None = None) ->
             "highlight": near, "chosen": chosen}
 
 
+def _gallery_key(row: dict) -> str:
+    """A run's key in a galleries file: its label (a rule's or search seed's variant apart) and seed."""
+    from .results import label
+    return f"{label(row)}|{row['seed']}"
+
+
 def gallery_of(row: dict, galleries: dict, n_queries: int = 6) -> dict | None:
     """Neighbours of a few fine-grained test queries before and after fine-tuning for a run: from a committed
     gallery, or computed from the run's model.pt (runs made here). None when neither exists."""
-    key = f"{row['method']}|{row['seed']}"
+    key = _gallery_key(row)
     if key in galleries:
         return galleries[key]
     run_dir = Path(row.get("run_dir") or "")
@@ -321,7 +327,7 @@ def make_galleries(rows: list[dict], out: str | Path, seeds=(0,), n_queries: int
     g = {}
     for r in rows:
         if r["seed"] in seeds and r.get("run_dir") and (Path(r["run_dir"]) / "model.pt").exists():
-            g[f"{r['method']}|{r['seed']}"] = gallery_from_run(r["run_dir"], n_queries)
+            g[_gallery_key(r)] = gallery_from_run(r["run_dir"], n_queries)
     Path(out).write_text(json.dumps(g))
     return g
 

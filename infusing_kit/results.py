@@ -337,3 +337,31 @@ def winners(rows: list[dict], baseline: str = "toy-naive", constraint: float = 0
             entry["floor"] = floor
         out[rule] = entry
     return out
+
+
+def rank_correlation(rows: list[dict]) -> dict:
+    """Does validation rank the runs as the test does? Spearman's rho between each final run's kept validation
+    scores (what the selection saw) and its test scores: fine-grained, generic and their mean, over the runs and over
+    the methods' means (a method with its rule's or search seed's tag counts apart, `label`). A validation that stands
+    in for the test gives a high rho on the mean. Rows without test or validation scores are skipped."""
+    from collections import defaultdict
+
+    from scipy.stats import spearmanr
+    keys = {"fine": ("fine_map@20", "in_domain"), "generic": ("generic_map@20", "generic_image")}
+    per_run, by_method = [], defaultdict(list)
+    for r in rows:
+        if not (r.get("finetuned") and r.get("val")):
+            continue
+        s = {}
+        for name, (val_key, group) in keys.items():
+            s[f"val/{name}"], s[f"test/{name}"] = r["val"][val_key], r["finetuned"][group][f"map@{K}"]
+        for split in ("val", "test"):
+            s[f"{split}/mean"] = (s[f"{split}/fine"] + s[f"{split}/generic"]) / 2
+        per_run.append(s)
+        by_method[label(r)].append(s)
+    means = [{k: float(np.mean([s[k] for s in ss])) for k in ss[0]} for ss in by_method.values()]
+    out = {"runs": len(per_run), "methods": len(means)}
+    for level, items in (("over runs", per_run), ("over method means", means)):
+        out[level] = {name: float(spearmanr([s[f"val/{name}"] for s in items], [s[f"test/{name}"] for s in items])
+                                  .statistic) if len(items) > 2 else float("nan") for name in ("fine", "generic", "mean")}
+    return out

@@ -255,7 +255,11 @@ def chunks(split: AnySplit, batch_size: int, workers: int | None = None):
 
 def _records(split) -> bool:
     """A records split (ArrayRecord / TFRecord): its C++ readers and their threads must not be forked (a forked
-    worker segfaulted in a full test session); workers start from a fork server and open their own readers."""
+    worker segfaulted in a full test session); workers start from a fork server and open their own readers. The
+    training loader's `_Domains` counts as records when any of its domains is one (the fix that looked at the split
+    alone left training forked, and CI's full session segfaulted again)."""
+    if isinstance(split, _Domains):
+        return any(_records(d) for d in split.domains if d is not None)
     return getattr(split, "kind", None) in ("array_record", "tfrecord")
 
 

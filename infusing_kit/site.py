@@ -24,7 +24,8 @@ What a chapter page shows of its cells:
 * a pure check cell (`is_pure_check`) is collapsed behind a one-line verdict ("Check passed"): the page exists only
   when every cell ran, so every check on it passed. A cell that asserts *and* teaches (prints, draws, displays)
   stays open;
-* an exercise's worked solution (``kit-solution``) is collapsed behind "Worked solution", under its exercise.
+* an exercise's worked solution (``kit-solution``) is collapsed behind "Worked solution", under its exercise;
+* the first use of each glossary term in the chapter's text links to its entry (`course.link_terms`).
 """
 from __future__ import annotations
 
@@ -303,13 +304,14 @@ def _chapter_page(nb: Path, i: int, chapters: list[dict], exporter) -> str:
     note = _run_values(params)
     hidden = {id(c) for c in params}
     book.cells = [c for c in book.cells if id(c) not in hidden]
+    terms, seen = course.glossary_terms(), set()
     for cell in book.cells:
         for out in cell.get("outputs", []):  # the building machine's folders cut to their last part
             _scrub(out, folders)
         if is_pure_check(cell):  # collapsed behind a verdict (the template)
             cell.metadata.setdefault("tags", []).append(CHECK_TAG)
         if cell.cell_type == "markdown":
-            cell.source = math_to_mathml(cell.source)
+            cell.source = math_to_mathml(course.link_terms(cell.source, terms, seen))
     body, _ = exporter.from_notebook_node(book, resources={"metadata": {"name": nb.stem}, "kit_css": SIDEBAR_STYLE})
     nav, top = _nav(chapters, i), body.index(">", body.index("<body")) + 1  # right after <body ...>, and at the end
     end = body.rindex("</body>")
@@ -332,7 +334,9 @@ def render_site(executed: list[Path], out_dir: Path, seconds: dict[str, float] |
     write = lambda page, title, body, style="": (out_dir / page).write_text(_page(title, body, page, chapters, style))
     write("syllabus.html", "syllabus", markdown_html(course.syllabus(executed, seconds, links=links)))
     write("method.html", "the method", markdown_html((DOCS / "method.md").read_text()))
-    write("glossary.html", "glossary", markdown_html((DOCS / "glossary.md").read_text()),
+    glossary = re.sub(r"<dt>(.*?)</dt>", lambda m: f'<dt id="{course.anchor(html.unescape(m.group(1)))}">{m.group(1)}</dt>',
+                      markdown_html((DOCS / "glossary.md").read_text()))
+    write("glossary.html", "glossary", glossary,
           "dt{font-weight:600;margin-top:.8rem}dd{margin-left:1.5rem}")
     eleven = next((c for c in chapters if c["page"].startswith("11")), None)
     write("explorer.html", "the ablation explorer", _explorer(eleven))

@@ -228,8 +228,8 @@ class WorldConfig:
 # The kit's first world, under which results/toy-*-v2.* were made (its rows predate `kind`: see `config_from_dict`).
 FAR = WorldConfig(kind="far", design=1, generic_val_combos=100, generic_test_combos=200, text_pairs=500,
                   text_min_distance=1, fine_jitter=1.0)
-# The near world as its first comparison (results/toy-*-cpu-v3-partial2.*) and signatures saw it: validation from
-# what training and test left, 250 image-text pairs.
+# The near world as its first comparison (results/superseded/toy-*-cpu-v3-partial2.*) and signatures saw it:
+# validation from what training and test left, 250 image-text pairs.
 NEAR_V1 = WorldConfig(design=1, generic_val_combos=100, text_pairs=250)
 
 

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from infusing_kit.results import (RESULTS, claim, load_results, markdown_table, paired, paired_table, points_table,
-                                  summarise, winners)
+                                  rank_correlation, summarise, winners)
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,8 +35,29 @@ def _script(name: str):
     return mod
 
 
-def report(rows: list[dict], chosen: dict, far: str | None) -> tuple[dict, str]:
-    """Everything the closing note and the chapters quote, as JSON and as markdown."""
+def posthoc_choices(folder: str | Path) -> list[dict]:
+    """What each post-hoc final run chose on validation, from its metrics.json under folder (a comparison's --out or
+    --state: runs/final/*/): the chosen candidate (alpha, LiNeS' alpha and beta, Model Stock's merge and ratio t, a
+    greedy soup's kept ingredients), how many candidates it had, and the runs it merged besides the seed's own
+    training (all start from the pretrained weights)."""
+    out = []
+    for path in sorted(Path(folder).glob("runs/final/*/metrics.json")):
+        m = json.loads(path.read_text())
+        if not m.get("post_hoc"):
+            continue
+        curve = m.get("post_hoc_curve", [])
+        pick = next((r for r in curve if "ingredients" in r), None) or next(
+            (r for r in curve if all(r.get(k) == v for k, v in m["val"].items() if k in r)), {})
+        out.append({"method": m["preset"], "seed": m["seed"], "rule": m.get("tags", {}).get("rule", "mean"),
+                    "chosen": {k: v for k, v in pick.items() if not k.endswith("map@20")},
+                    "candidates": len([r for r in curve if "ingredients" not in r]) or len(curve),
+                    "merged": [Path(x).parent.name for x in m.get("merged", [])]})
+    return out
+
+
+def report(rows: list[dict], chosen: dict, far: str | None, folder: str | Path | None = None) -> tuple[dict, str]:
+    """Everything the closing note and the chapters quote, as JSON and as markdown. folder: the comparison's --out
+    (or --state), for what its post-hoc runs chose."""
     protocol = chosen["study"]["protocol"]
     baseline = protocol.get("baseline", "toy-naive")
     summary = summarise(rows, baseline)
@@ -48,8 +69,7 @@ def report(rows: list[dict], chosen: dict, far: str | None) -> tuple[dict, str]:
            "paired_vs_baseline": {m: paired(rows, m, baseline) for m in methods if m != baseline},
            "paired_vs_combination": {m: paired(rows, m, "toy-paper") for m in methods if m != "toy-paper"},
            "claim": {}, "winners": winners(rows, baseline, protocol.get("constraint", 0.95)),
-           "rank_correlation": _script("rank_correlation").correlations(
-               [r for r in rows if r.get("finetuned") and r.get("val")])}
+           "rank_correlation": rank_correlation(rows)}
     for name, seeds in (("final seeds", finals), ("held-out seeds", heldout)):
         try:
             out["claim"][name] = claim(rows, "toy-paper", baseline, seeds)
@@ -85,6 +105,12 @@ def report(rows: list[dict], chosen: dict, far: str | None) -> tuple[dict, str]:
            "| level | fine-grained | generic | mean |", "|---|---|---|---|"]
     md += [f"| {lv} | {rc[lv]['fine']:.2f} | {rc[lv]['generic']:.2f} | {rc[lv]['mean']:.2f} |"
            for lv in ("over runs", "over method means")]
+    if folder is not None:
+        out["posthoc"] = posthoc_choices(folder)
+        md += ["", "## What each post-hoc run chose on validation (each starts from the pretrained weights)",
+               "| method | seed | chosen | candidates | merged besides the seed's own training |", "|---|---|---|---|---|"]
+        md += [f"| {c['method']} | {c['seed']} | " + ", ".join(f"{k} {v}" for k, v in c["chosen"].items())
+               + f" | {c['candidates']} | {', '.join(c['merged']) or '-'} |" for c in out["posthoc"]]
     if far:
         tw = _script("two_worlds")
         out["two_worlds"] = {"far": far, "summaries": {"far": tw.world_summary(far)}}
@@ -116,7 +142,7 @@ def main() -> int:
     if chosen.get("stopped"):
         ap.error(f"{out} has not finished ({chosen['stopped']}); run its compare command again until it exits 0")
     rows = load_results(out / "results.jsonl", smoke=False)
-    data, md = report(rows, chosen, args.far)
+    data, md = report(rows, chosen, args.far, out)
     print(md)
     stem = f"toy-{{}}-{args.world}-{args.tag}"
     files = {"comparison": results / (stem.format("comparison") + ".jsonl"),

@@ -11,39 +11,9 @@ Rows without test metrics (search trials, smoke rows) are skipped.
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-from scipy.stats import spearmanr
-
-KEYS = {"fine": ("fine_map@20", "in_domain"), "generic": ("generic_map@20", "generic_image")}
-
-
-def scores(row: dict) -> dict:
-    out = {}
-    for name, (val_key, test_key) in KEYS.items():
-        out[f"val/{name}"] = row["val"][val_key]
-        out[f"test/{name}"] = row["finetuned"][test_key]["map@20"]
-    for split in ("val", "test"):
-        out[f"{split}/mean"] = (out[f"{split}/fine"] + out[f"{split}/generic"]) / 2
-    return out
-
-
-def correlations(rows: list[dict]) -> dict:
-    per_run = [scores(r) for r in rows]
-    by_method = defaultdict(list)
-    for r, s in zip(rows, per_run):
-        by_method[r["method"]].append(s)
-    means = [{k: float(np.mean([s[k] for s in ss])) for k in ss[0]} for ss in by_method.values()]
-    out = {"runs": len(per_run), "methods": len(means)}
-    for level, items in (("over runs", per_run), ("over method means", means)):
-        out[level] = {}
-        for name in ("fine", "generic", "mean"):
-            rho = spearmanr([s[f"val/{name}"] for s in items], [s[f"test/{name}"] for s in items]).statistic \
-                if len(items) > 2 else float("nan")
-            out[level][name] = float(rho)
-    return out
+from infusing_kit.results import rank_correlation
 
 
 def main() -> int:
@@ -60,7 +30,7 @@ def main() -> int:
             if not r.get("smoke") and r.get("finetuned") and r.get("val")]
     if len(rows) < 3:
         ap.error(f"{path}: {len(rows)} final runs with validation and test scores; need at least 3")
-    out = correlations(rows)
+    out = rank_correlation(rows)
     print(f"{out['runs']} runs of {out['methods']} methods ({path})")
     print("| Spearman rho, validation vs test | fine-grained | generic | mean |\n|---|---|---|---|")
     for level in ("over runs", "over method means"):

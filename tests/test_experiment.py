@@ -100,3 +100,28 @@ def test_the_shipped_toy_vlm_is_the_default_pretraining():
     assert shipped_path(PretrainConfig()).exists()
     vlm = load_pretrained_toy(cache_dir="/nonexistent-cache-folder", progress=False)
     assert fingerprint(vlm) == "96b818f7003cbb4e"
+
+
+def test_a_cached_run_of_settings_the_preset_no_longer_holds_is_set_aside_and_trained_again(tmp_path, monkeypatch):
+    """A chapter's cached run (experiment.cached_run) trained with a preset's old settings is moved aside, not
+    reused and not deleted; a run of the current settings is reused."""
+    import json
+    from dataclasses import asdict, replace
+    from infusing_kit import experiment
+    current = asdict(replace(experiment.PRESETS["toy-naive"].smoke_train, seed=0))
+    folder = tmp_path / "toy-naive-smoke-s0"
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps({"train": {**current, "lr_backbone": 2 * current["lr_backbone"]}}))
+    trained = []
+
+    def train(preset, out, **kw):  # stands in for a run: writes what a run of the current settings writes
+        trained.append(Path(out).name)
+        Path(out).mkdir()
+        (Path(out) / "metrics.json").write_text(json.dumps({"train": current}))
+    monkeypatch.setattr(experiment, "run_experiment", train)
+    monkeypatch.setattr(experiment, "load_run", lambda out, *a, **k: json.loads((Path(out) / "metrics.json").read_text()))
+    assert experiment.cached_run("toy-naive", tmp_path, smoke=True)["train"] == current
+    old = json.loads((tmp_path / "toy-naive-smoke-s0.stale-1" / "metrics.json").read_text())["train"]
+    assert trained == ["toy-naive-smoke-s0"] and old["lr_backbone"] == 2 * current["lr_backbone"]
+    experiment.cached_run("toy-naive", tmp_path, smoke=True)  # now current: reused
+    assert trained == ["toy-naive-smoke-s0"] and not (tmp_path / "toy-naive-smoke-s0.stale-2").exists()

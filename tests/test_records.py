@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from infusing_kit import records as R
 
@@ -51,6 +52,34 @@ def test_every_record_comes_back_from_both_file_kinds(tmp_path, kind, ext):
     assert chosen.keys == ["k005", "k001"] and chosen.image_bytes(0) == recs[5]["image_bytes"]
     with pytest.raises(ValueError, match="1 keys of the split are in none of the record files"):
         R.record_split(files, size=32, keys=["k001", "nope"])
+
+
+@pytest.mark.parametrize("kind, ext", [("array_record", "array_record"), ("tfrecord", "tfrecord")])
+def test_training_batches_from_records_come_from_fork_server_workers_after_the_main_process_read_them(tmp_path, kind,
+                                                                                                       ext):
+    """CI's full session twice had a training DataLoader worker segfault on ArrayRecord shards: the training stream
+    wraps its domains in one loader dataset, and the fork-server rule looked at the split alone, so training
+    workers were forked with the main process's open readers. Here the main process reads first (as evaluation and
+    the pre-check do), then the training stream decodes in a worker: the same pixels, from a fork-server worker."""
+    from infusing_kit import sampling
+    write = R.write_array_record if kind == "array_record" else R.write_tfrecord
+    import io
+
+    from PIL import Image
+    pngs = []
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    write(tmp_path / f"part.{ext}", [R.encode_example({"image_bytes": b, "class_id": i % 3, "key": f"k{i}"})
+                                     for i, b in enumerate(pngs)])
+    split = R.record_split([tmp_path / f"part.{ext}"], size=32)
+    direct = split.take(list(range(6)))  # opens the reader here, in the main process
+    assert sampling._records(sampling._Domains((split, None)))
+    got = list(sampling.batches((split, None), "target_only", 0, 2, 3, workers=1))
+    assert [s for s, *_ in got] == [0, 1, 2]
+    for _, d, idx, images in got:
+        assert d == 0 and torch.equal(images, direct[idx])
 
 
 def test_a_damaged_tfrecord_file_is_named(tmp_path):

@@ -1,5 +1,6 @@
 """The comparison helpers the chapters call: registry reads, trials files, dominance, WiSE-FT on validation."""
 import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -7,14 +8,15 @@ import torch
 
 from conftest import tiny_world_and_model
 from infusing_kit import experiment
-from infusing_kit.presets import CHOSEN_FILE, PENDING, PRESETS
+from infusing_kit.presets import CHOSEN_FILE, PRESETS
 from infusing_kit.pretrain import fingerprint, load_pretrained_toy
 from infusing_kit.merges import wise_ft
-from infusing_kit.results import claim, current, dominating, load_trials, summarise, winners
+from infusing_kit.results import claim, current, dominating, label, load_results, load_trials, summarise, winners
 
 ROOT = Path(__file__).resolve().parents[1]
 CHOSEN = ROOT / "results" / CHOSEN_FILE
-TRIALS = ROOT / "results" / "toy-trials-cpu-v3-partial2.jsonl"
+TRIALS = ROOT / "results" / "toy-trials-near-cpu-v4.jsonl"
+REGISTRY = ROOT / "results" / "toy-comparison-near-cpu-v4.jsonl"
 
 
 def _row(method, seed, fine, generic, i2t):
@@ -49,9 +51,9 @@ def test_chapter_rows_read_a_registry_without_training(tmp_path):
 
 
 def test_the_presets_are_the_committed_validation_choices():
-    # the near world's comparison chose naive's learning rates and schedule and the strengths of the presets whose
-    # searches have finished (results/toy-chosen-cpu-v3-partial2.json); the presets the chapters train must hold
-    # those choices (to 1%), not values set by hand, and only the presets still searching may differ
+    # the near world's comparison chose naive's learning rates and schedule and every method's strengths
+    # (results/toy-chosen-near-cpu-v4.json); the presets the chapters train hold those choices exactly, and a preset
+    # with a seed trains exactly what the comparison's row of that seed trained
     chosen = json.loads(CHOSEN.read_text())
     naive = PRESETS["toy-naive"].train
     assert chosen["identity"]["weights"] == fingerprint(load_pretrained_toy(progress=False)), \
@@ -60,20 +62,18 @@ def test_the_presets_are_the_committed_validation_choices():
     trials = load_trials(TRIALS)
     assert trials and all(set(t["val"]) >= {"fine_map@20", "generic_map@20", "mean_map@20"} for t in trials)
     done = {m: c for m, c in chosen.items() if m in PRESETS and "params" in c}
-    assert "toy-naive" in done and set(done) | set(PENDING) >= {m for m, p in PRESETS.items() if p.search}
-    assert not set(done) & set(PENDING), "a preset with a committed choice is still marked pending"
+    assert set(done) >= {m for m, p in PRESETS.items() if p.search}, "a searched preset has no committed choice"
     for method, c in done.items():
-        key = "fine_map@20" if method == "toy-naive" else "mean_map@20"  # naive's search objective is fine-grained
-        best = max((t for t in load_trials(TRIALS, method) if t["state"] == "complete"), key=lambda t: t["val"][key])
-        assert best["params"] == c["search"]["params"], method
         for k, v in c["params"].items():
-            assert getattr(PRESETS[method].train, k) == pytest.approx(v, rel=0.01), (method, k)
+            assert getattr(PRESETS[method].train, k) == v, (method, k)
+    rows = [r for r in load_results(REGISTRY, smoke=False) if label(r) == r["method"]]
+    assert {r["method"] for r in rows} == set(PRESETS)
+    for r in rows:  # every main-choice row of the comparison is its preset at that seed, field for field
+        want = json.loads(json.dumps(asdict(replace(PRESETS[r["method"]].train, seed=r["train"]["seed"]))))
+        assert r["train"] == want, (r["method"], r["seed"], {k: (r["train"].get(k), v) for k, v in want.items()
+                                                              if r["train"].get(k) != v})
     for method, preset in PRESETS.items():
         assert preset.train.steps == naive.steps * (2 if method == "toy-naive-long" else 1), method
-        if preset.ablation_of in done:  # an ablation is its preset's choice with one change
-            for k, v in done[preset.ablation_of]["params"].items():
-                if k not in preset.ablation and getattr(preset.train, k) != 0:
-                    assert getattr(preset.train, k) == pytest.approx(v, rel=0.01), (method, k)
     with pytest.raises(ValueError, match="not a trials file"):
         load_trials(ROOT / "results" / "superseded" / "toy-comparison-gpu.jsonl")
 
@@ -115,6 +115,54 @@ def test_current_names_existing_files_and_none_for_a_missing_kind(tmp_path):
         current("near", "trials", m)
     with pytest.raises(ValueError, match="no world 'far'"):
         current("far", manifest=m)
+
+
+def test_a_chapter_reads_its_worlds_current_comparison_and_trains_here_when_there_is_none(tmp_path, monkeypatch):
+    from infusing_kit import chapters, results
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "reg.jsonl").write_text("".join(json.dumps(_row(m, s, 0.5, -0.3, -0.6)) + "\n"
+                                           for m in ("toy-naive", "toy-l2sp", "toy-ewc") for s in (0, 1, 5))
+                           + json.dumps(_row("toy-naive", 7, 0.5, -0.3, -0.6)) + "\n"  # a seed L2-SP never ran
+                           + json.dumps({**_row("toy-l2sp", 0, 0.1, 0, 0), "tags": {"rule": "constraint"}}) + "\n")
+    (res / "tr.jsonl").write_text("".join(json.dumps({"method": "toy-l2sp", "trial": i, "state": st, "params": {"l2sp": i}})
+                                          + "\n" for i, st in enumerate(("complete", "pruned", "complete"))))
+    (res / "far.jsonl").write_text(json.dumps(_row("toy-naive", 0, 0.9, -0.9, -0.9)) + "\n")
+    (res / "current.json").write_text(json.dumps({"worlds": {"near": {"comparison": "reg.jsonl", "trials": "tr.jsonl"},
+                                                             "far": {"comparison": "far.jsonl"}, "empty": {}}}))
+    monkeypatch.setattr(results, "RESULTS", res)
+    got = chapters.compared(["toy-naive", "toy-l2sp"], tmp_path / "runs")
+    assert sorted((r["method"], r["seed"]) for r in got.rows) == [(m, s) for m in ("toy-l2sp", "toy-naive") for s in (0, 1, 5)]
+    assert got.histories == {} and not (tmp_path / "runs").exists()
+    assert got.source == ("the near world's current comparison reg.jsonl (seeds 0, 1, 5, those every method here "
+                          "ran: 6 runs)"), got.source
+    assert [t["trial"] for t in got.trials("toy-l2sp")] == [0, 2] and got.trials("toy-ewc") == []
+    with pytest.raises(ValueError, match="no finished rows for"):  # the far world has no L2-SP: no mixing worlds
+        chapters.compared(["toy-naive", "toy-l2sp"], tmp_path / "runs", world="far")
+    trained = []  # a world with no current comparison, SMOKE, or comparison=None: the presets train here
+    monkeypatch.setattr(chapters, "chapter_rows", lambda presets, root, **kw: trained.append(kw) or ([], {"p": []}))
+    for kw in ({"world": "empty"}, {"smoke": True}, {"comparison": None}):
+        got = chapters.compared(["toy-naive"], tmp_path / "runs", **kw)
+        assert got.source.startswith("trained here") and got.histories == {"p": []}
+        assert trained[-1].get("comparison") is None
+        assert got.trials_path == (None if kw.get("world") == "empty" else res / "tr.jsonl")  # validation only
+    assert "SMOKE" in chapters.compared(["toy-naive"], tmp_path, smoke=True).source
+
+
+def test_rank_correlation_compares_validation_with_test_orders_and_keeps_tagged_variants_apart():
+    from infusing_kit.results import rank_correlation
+
+    def row(method, seed, val, test, **extra):
+        r = _row(method, seed, test, test / 2, 0.0)
+        return {**r, "val": {"fine_map@20": val, "generic_map@20": val / 2}, **extra}
+    same = [row(m, s, v + s / 100, v + s / 100) for m, v in (("a", 0.1), ("b", 0.5), ("c", 0.9)) for s in (0, 1)]
+    rc = rank_correlation(same + [_row("no-val", 0, 0.3, 0.1, 0.0)])  # a row without validation is skipped
+    assert (rc["runs"], rc["methods"]) == (6, 3)
+    assert all(rc[lv][k] == pytest.approx(1.0) for lv in ("over runs", "over method means") for k in ("fine", "mean"))
+    flipped = rank_correlation([row(m, 0, v, 1 - v) for m, v in (("a", 0.1), ("b", 0.5), ("c", 0.9))])
+    assert flipped["over runs"]["mean"] == pytest.approx(-1.0)
+    tagged = rank_correlation(same + [row("a", 0, 0.3, 0.3, tags={"rule": "constraint"})])
+    assert tagged["methods"] == 4  # 'a [constraint rule]' is a method of its own
 
 
 def test_claim_gives_ratios_with_intervals_over_seeds_and_points():
@@ -162,6 +210,22 @@ def test_finish_comparison_reports_every_table_and_refuses_an_unfinished_one(tmp
     for heading in ("Points beside the paper", "against toy-naive", "against the combination", "claim", "winner",
                     "Spearman"):
         assert heading in md
+    runs = tmp_path / "state" / "runs" / "final"
+    for name, m in (("toy-wise-ft-s0", {"post_hoc": "wise_ft", "post_hoc_curve": [
+                        {"alpha": 0.5, "mean_map@20": 0.7}, {"alpha": 0.8, "mean_map@20": 0.8}], "merged": []}),
+                    ("toy-soup-greedy-s1", {"post_hoc": "soup_greedy", "post_hoc_curve": [
+                        {"candidate": 0, "mean_map@20": 0.8}, {"candidate": 1, "mean_map@20": 0.6},
+                        {"ingredients": [0], "mean_map@20": 0.8}], "merged": ["runs/ingredients/soup0-s1/model.pt"]}),
+                    ("toy-naive-s0", {"post_hoc": None})):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.json").write_text(json.dumps(
+            {"preset": name.rsplit("-s", 1)[0], "seed": int(name[-1]), "tags": {}, "val": {"mean_map@20": 0.8}, **m}))
+    data, md = finish.report(rows, chosen, far=None, folder=tmp_path / "state")
+    assert data["posthoc"] == [
+        {"method": "toy-soup-greedy", "seed": 1, "rule": "mean", "chosen": {"ingredients": [0]}, "candidates": 2,
+         "merged": ["soup0-s1"]},
+        {"method": "toy-wise-ft", "seed": 0, "rule": "mean", "chosen": {"alpha": 0.8}, "candidates": 2, "merged": []}]
+    assert "| toy-soup-greedy | 1 | ingredients [0] | 2 | soup0-s1 |" in md
     out = tmp_path / "cmp"
     out.mkdir()
     (out / "chosen.json").write_text(json.dumps({**chosen, "stopped": "the --budget ran out"}))

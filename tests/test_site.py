@@ -178,7 +178,9 @@ def test_the_parameters_cells_are_not_shown(small_site):
 def test_the_reference_pages_render_offline(small_site):
     pages = small_site["pages"]
     assert Page(pages["method.html"]).text.count("L2-SP") >= 2 and "<table>" in pages["method.html"]
-    assert pages["glossary.html"].count("<dt>") >= 15
+    assert pages["glossary.html"].count("<dt id=") >= 15
+    for term, anchor in course.glossary_terms().items():  # every entry a chapter can link to has its id
+        assert f'<dt id="{anchor}">' in pages["glossary.html"], term
     explorer = Page(pages["explorer.html"]).text
     assert "make explorer" in explorer and "Voila" in explorer
     for name, html in pages.items():
@@ -309,3 +311,17 @@ def test_make_run_says_each_chapters_expected_time_and_how_to_go_on_after_a_fail
     assert "[1/3] running 04_" in out and "runs in" in out and "06_" not in out
     assert "05_" in err and "cell 13" in err and "CellTimeoutError" in err and "--from 05" in err
     assert "reused" in err
+
+
+def test_the_first_use_of_each_glossary_term_links_to_its_entry():
+    terms = course.glossary_terms()
+    assert terms["L2-SP"] == "term-l2-sp" and terms["near world"] == terms["far world"] and len(terms) >= 40
+    seen = set()
+    text = ("# EWC and L2-SP\nWe compare L2-SP (`L2-SP` in code, $L2-SP$ in a formula) with EWC; L2-SP again.\n"
+            "<details><summary>Answer</summary>gain kept</details>\nThe gain kept, then the gain.")
+    out = course.link_terms(text, terms, seen)
+    assert out.count("glossary.html#term-l2-sp") == 1 and "We compare [L2-SP](glossary.html#term-l2-sp) (" in out
+    assert "# EWC and L2-SP\n" in out and "with [EWC](glossary.html#term-ewc);" in out  # headings stay as they are
+    assert "`L2-SP` in code, $L2-SP$ in a formula" in out and "gain kept</details>" in out
+    assert "The [gain kept](glossary.html#term-gain-kept), then the [gain](glossary.html#term-gain)." in out
+    assert course.link_terms("EWC and L2-SP", terms, seen) == "EWC and L2-SP"  # once per page
