@@ -17,6 +17,7 @@ The modules, from the data to the comparison (each one's docstring says what it 
   train                   the one training loop
   metrics    drift        retrieval metrics (brute-force tested); where the tower changed, block by block
   evaluation              a run's test and validation metrics (query/gallery, merged index, precomputed text)
+  testsets                a config's extra test sets ([data.tests]) and the mean over datasets (the official average)
   posthoc    merges       post-hoc methods as one table; their weight-space merges (WiSE-FT, LiNeS, Model Stock, soups)
   presets    experiment   the methods the kit compares (PRESETS); one experiment: model -> fine-tune -> evaluate
   config     leakage      real runs from a TOML file; leakage checks before any work

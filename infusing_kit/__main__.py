@@ -66,7 +66,8 @@ def experiment_cmd(args) -> int:
                          "--resume to continue it") from None
     summary = {when: {axis: {k: round(v, 3) for k, v in m[when][axis].items()} for axis in m[when]}
                for when in ("pretrained", "finetuned")}
-    print(json.dumps(summary, indent=1))
+    from .testsets import summary as tests_summary
+    print(json.dumps({**summary, **tests_summary(m)}, indent=1))  # with extra test sets: theirs and the averages
     print(f"wrote {args.out}/metrics.json in {m['seconds']:.0f} s")
     return 0
 
@@ -278,6 +279,10 @@ def report_cmd(args) -> int:
     if not summary:
         raise ValueError(f"no finished runs in {args.registry}")
     print(markdown_table(summary))
+    from .testsets import markdown_table as tests_table
+    extra = tests_table(rows)  # runs with extra test sets ([data.tests]): each set's and each average's change
+    if extra:
+        print("\nTest sets and their averages (fine-tuned minus pretrained, points):\n" + extra)
     suffix = "-smoke" if args.smoke else ""
     paths = figures.save(figures.tradeoff(summary), f"{args.figures}/tradeoff{suffix}")
     paths += figures.save(figures.figure1(summary), f"{args.figures}/figure1{suffix}")

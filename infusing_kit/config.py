@@ -18,6 +18,7 @@ complete example, and a minimal one:
                   paper's query records with precomputed text embeddings and ground truth: no text tower runs)
   A test split of queries against a gallery: test = {query = {format = ...}, index = {format = ...}};
   [data] merged_index = true adds the merged-index protocol (every domain's queries against one index).
+  [data.tests.NAME] kind = "image" | "text" and a data part: extra test sets and their mean (testsets.py).
   [method]  preset = "toy-paper" (optional: its TrainConfig as the base; schedule = "full" | "smoke"),
             any TrainConfig field (steps, lr_backbone, l2sp, distill, sampler, ...),
             post_hoc = "wise_ft" | "lines" (chosen on validation; wise_ft = true is the same; merges of several
@@ -40,6 +41,8 @@ from typing import Callable
 
 from . import data as D
 from .experiment import PRESETS, Domains, Setup, check_overrides, run_setup
+from .models import config_embed_dim as _embed_dim, config_image_size as _model_size
+from .testsets import check_data, check_tests, read_tests
 from .train import TrainConfig
 
 # ---------------------------------------------------------------------------- what a file may hold, typed
@@ -51,7 +54,7 @@ _BOOL = (bool, None, "true or false")
 TOP = {"name": _STR, "seed": _NONNEG_INT, "model": None, "data": None, "method": None, "study": None}
 MODEL = {"name": _STR, "pretrained": _STR, "image_size": _POS_INT, "cache_dir": _STR}
 DATA = {"root": _STR, "size": _POS_INT, "allow_leakage": _BOOL, "merged_index": _BOOL, "target": None, "generic": None,
-        "text": None, "label_space": (str, lambda v: v in ("auto", "shared", "per_split"),
+        "text": None, "tests": None, "label_space": (str, lambda v: v in ("auto", "shared", "per_split"),
                                       "'auto', 'shared' or 'per_split' (leakage.py)")}
 PART = {"format": _STR, "path": _STR, "root": _STR}
 
@@ -196,6 +199,8 @@ def load_config(path: str | Path, kind: str = "method") -> dict:
                 d[group][part] = {k: _part(d[group][part][k], root, f"{where} {k}") for k in ("query", "index")}
             else:
                 d[group][part] = _part(d[group][part], root, where)
+    if "tests" in d:  # extra image-image and image-text test sets, [data.tests.NAME] (testsets.py)
+        d["tests"] = check_tests(d["tests"], root, path, _part)
     if d.get("merged_index") and d["target"]["test"] == d["generic"]["test"]:
         raise ValueError(f"{path} [data] merged_index = true, but [data.generic] test is [data.target] test (the same "
                          f"{d['target']['test'].get('format', 'query/index')} part): the merged index would hold every "
@@ -270,7 +275,7 @@ def setup_from_config(cfg: dict | str | Path, device: str = "cpu", progress: boo
     generic_train = read("generic", "train")
     domains = Domains(read("target", "train"), read("target", "val"), read("target", "test"), generic_train,
                       read("generic", "val"), read("generic", "test"), read("text", "test"),
-                      _prompts(d["generic"], generic_train, where), d.get("merged_index", False))
+                      _prompts(d["generic"], generic_train, where), d.get("merged_index", False), read_tests(cfg))
     from .leakage import check_domains
     from .precheck import check_retrieval
     check_retrieval(domains, d, where)  # before any work: a split no query can be scored on is named now
@@ -279,6 +284,7 @@ def setup_from_config(cfg: dict | str | Path, device: str = "cpu", progress: boo
         check_width(domains.text_test, _embed_dim(mc["name"]), mc["name"], f"{where} [data.text.test] "
                     f"{d['text']['test'].get('embeddings')}")
     check_domains(domains, where, allowed=d.get("allow_leakage", False), label_space=d.get("label_space", "auto"))
+    check_data(domains, d, where, lambda: _embed_dim(mc["name"]))  # the extra test sets (testsets.py)
     seed = int(cfg.get("seed", 0))
     model = lambda: load_model(mc["name"], mc.get("pretrained"), device=device, image_size=mc.get("image_size"),
                                cache_dir=mc.get("cache_dir"), seed=seed)
@@ -386,14 +392,3 @@ def _part(part, root: Path, where: str) -> dict:
         out["root"] = str(_exists(root / part["root"], f"{where} root"))
     return out
 
-
-def _embed_dim(name: str) -> int:
-    import open_clip
-    return int((open_clip.get_model_config(name) or {})["embed_dim"])
-
-
-def _model_size(name: str) -> int:
-    import open_clip
-    cfg = open_clip.get_model_config(name) or {}
-    size = cfg.get("vision_cfg", {}).get("image_size", 224)
-    return int(size[0] if isinstance(size, (list, tuple)) else size)

@@ -99,11 +99,14 @@ def text_side(vlm: VLM, text_test, progress: bool = False) -> np.ndarray:
     return embed_texts(vlm, text_test.captions, progress=progress)
 
 
-def evaluate(vlm: VLM, data, progress: bool = False) -> dict[str, dict]:
+def evaluate(vlm: VLM, data, progress: bool = False, keep: dict | None = None) -> dict[str, dict]:
     """Test metrics on the three axes of the paper's Figure 1 (module docstring). data: Domains (or the world's
-    WorldSplits)."""
+    WorldSplits). keep: a dict that receives the target and generic tests' embeddings ("in_domain", "generic_image")
+    for the extra test sets' merged index (testsets.evaluate_tests)."""
     d = _domains(data)
     fine, generic = _embedded(vlm, d.target_test, progress), _embedded(vlm, d.generic_test, progress)
+    if keep is not None:
+        keep.update(in_domain=fine, generic_image=generic)
     pairs = embed_images(vlm, d.text_test, progress=progress)
     pick = lambda m: {k: m[k] for k in (f"map@{K}", f"mmp@{K}", "r@1", "skipped")}
     out = {"in_domain": pick(retrieval_metrics(*fine, k=K)), "generic_image": pick(retrieval_metrics(*generic, k=K)),

@@ -15,6 +15,7 @@ in_domain: fine-grained test retrieval (class-disjoint from training): map@20, m
 generic_image: generic test image-image retrieval, same keys.
 image_text: image-caption pairs: i2t_r@1/5/10, t2i_r@1/5/10 (captions by the frozen text tower, or precomputed).
 merged (with Domains.merged_index): both retrievals against one merged index (evaluation.evaluate).
+tests (only with extra test sets, a config's [data.tests]): their metrics and the mean over datasets (testsets.py).
 Validation (checkpoint selection, search) uses the target val classes and the generic val images only.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, testsets
 from . import world as W
 from .checkpoints import FolderLock, atomic_write_text, check_writable
 from .identity import check_identity, code_version, run_identity
@@ -92,6 +93,7 @@ class Domains:
     text_test: object
     generic_prompts: list[str] | None = None
     merged_index: bool = False        # test also with the merged-index protocol (evaluation.evaluate)
+    tests: dict = field(default_factory=dict)  # extra test sets: name -> testsets.TestSet (a config's [data.tests])
 
     @classmethod
     def from_world(cls, w: W.WorldSplits) -> "Domains":
@@ -214,6 +216,7 @@ def _run_setup(setup, out, device, progress, test, registry, hooks, resume, reus
     distributed.broadcast_module(vlm.model)  # under torchrun: every rank starts from rank 0's weights
     identity = run_identity(vlm, device)
     before = _pretrained_test(vlm, d, identity) if test else None
+    before_sets = testsets.pretrained_tests(vlm, d, before, identity) if test and d.tests else None
     theta0 = posthoc.states_of(vlm)
     reference = embed_images(vlm, d.generic_val, progress=False)  # for the logged teacher agreement
     if reuse is not None:
@@ -229,7 +232,9 @@ def _run_setup(setup, out, device, progress, test, registry, hooks, resume, reus
         thetas = [posthoc.states_of(vlm)] + [posthoc.load_tower(m) for m in merge_with]
         curve, chosen = posthoc.choose(setup.post_hoc, vlm, theta0, thetas, validation_fn(d), f"mean_map@{K}")
         val = {k: v for k, v in chosen.items() if k in val or k.endswith(f"map@{K}")}
-    after = evaluate(vlm, d) if test else None
+    embedded = {}
+    after = evaluate(vlm, d, keep=embedded) if test else None
+    after_sets = testsets.evaluate_tests(vlm, d, after, embedded=embedded) if test and d.tests else None
     if main and keep_weights:
         save_finetuned(vlm, out / "model.pt", head)  # the kept (or merged) image tower: load_model(name, this file)
     where = torch.device(device)
@@ -242,7 +247,7 @@ def _run_setup(setup, out, device, progress, test, registry, hooks, resume, reus
                "stopped_at": result.updates["target"] if result.updates["target"] < cfg.steps else None,
                "warnings": result.warnings, "code": code, "processes": distributed.world(), **identity,
                "train_seconds": round(result.seconds, 1), "seconds": round(time.time() - t0, 1),
-               "pretrained": before, "finetuned": after}
+               "pretrained": before, "finetuned": after, **testsets.section(d, before_sets, after_sets)}
     if main:
         atomic_write_text(json.dumps(metrics, indent=2), out / "metrics.json")
         if not keep_checkpoints:  # finished: model.pt holds the kept tower and head; the resume files go

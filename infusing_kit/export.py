@@ -1,6 +1,8 @@
 """The built-in world as files: `python -m infusing_kit export-world --out DIR` writes its images, split files,
 caption CSV and the toy VLM as a checkpoint, one experiment config per preset and one study file (the built-in
 comparison as a study). Running them reproduces the built-in runs (tests/test_config.py, tests/test_study.py).
+The configs also name a second generic test domain, `[data.tests.marks]` (`marks_domain`; testsets.py): its metrics
+and the mean over both generic domains and the target's test come beside the built-in run's, which stay the same.
 """
 from __future__ import annotations
 
@@ -58,6 +60,14 @@ def export_world(out: str | Path, seed: int = 0, smoke: bool = False, image_form
             [{"path": p, "class_id": int(c)} for p, c in zip(names[f"generic_{part}"], s.labels)]))
     attrs = W.combo_to_attributes(np.arange(W.N_COMBOS))
     (out / "generic" / "prompts.txt").write_text("".join(W.caption(a) + "\n" for a in attrs))
+    marks = marks_domain(w.config)  # a second generic test domain: new files only, the world's own are as they were
+    (out / "images" / "marks_test").mkdir()
+    items = []
+    for i, (img, c) in enumerate(zip(marks.images, marks.labels)):
+        items.append({"path": f"images/marks_test/{i:05d}.{image_format}", "class_id": int(c)})
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(out / items[-1]["path"], **(
+            {"quality": 95} if image_format == "jpg" else {}))
+    (out / "generic" / "marks-test.json").write_text(json.dumps(items))
     with open(out / "text" / "test.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "caption"])
@@ -87,6 +97,21 @@ schedule = "{"smoke" if smoke else "full"}"
     paths.append(out / "configs" / "study.toml")
     paths[-1].write_text(study_text(data, smoke))
     return paths
+
+
+def marks_domain(cfg):
+    """The exported configs' second generic test domain ([data.tests.marks], image-image retrieval): squares carrying
+    the far world's 16-bit mark patterns (`world.render_fine`), a domain no split of the near world holds, like the
+    paper's other fine-grained test domains beside ImageNet. A quarter of the target test's number of classes (at
+    least 8), `renders_per_combo` images each, drawn from a generator of its own (seeded by the world's seed), so
+    the world's splits keep their bits."""
+    from . import world as W
+    from .data import Split
+    rng = np.random.default_rng((cfg.seed, 35))
+    classes = np.sort(rng.choice(W.N_FINE_CLASSES, max(8, cfg.fine_test_classes // 4), replace=False))
+    labels = np.repeat(classes, cfg.renders_per_combo).astype(np.int64)
+    return Split(W.render_fine(labels, int(rng.integers(2 ** 31)), cfg.image_size, cfg.fine_jitter, cfg.fine_mark_px),
+                 labels)
 
 
 def study_text(data: str, smoke: bool, methods: list[str] | None = None, protocol=None) -> str:
@@ -146,4 +171,10 @@ prompts = "generic/prompts.txt"
 
 [data.text]
 test = {{format = "caption_csv", path = "text/test.csv", root = "."}}
+
+[data.tests.marks]                # a second generic image-image test domain (export.marks_domain, testsets.py)
+kind = "image"
+format = "split_file"
+path = "generic/marks-test.json"
+root = "."
 '''

@@ -227,6 +227,18 @@ def _open_clip_tokenizer(name: str):
                            f"({e}); run once with internet to fill the Hugging Face cache") from e
 
 
+def config_embed_dim(name: str) -> int:
+    """The embedding width of an open_clip model name, from its config (no weights loaded)."""
+    return int((open_clip.get_model_config(name) or {})["embed_dim"])
+
+
+def config_image_size(name: str) -> int:
+    """The image side of an open_clip model name, from its config (224 when it names none)."""
+    cfg = open_clip.get_model_config(name) or {}
+    size = cfg.get("vision_cfg", {}).get("image_size", 224)
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
 def freeze_text_tower(vlm: VLM) -> None:
     """requires_grad=False on everything outside the image tower (text tower, logit scale)."""
     for n, p in vlm.model.named_parameters():

@@ -38,6 +38,8 @@ def append_result(path: str | Path, metrics: dict, run_dir: str | Path | None = 
            "weights": metrics.get("weights"), "threads": metrics.get("threads"), "torch": metrics.get("torch"),
            "tags": metrics.get("tags", {}), "post_hoc": metrics.get("post_hoc"),
            "run_dir": str(run_dir) if run_dir else None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if metrics.get("tests"):  # extra test sets and their averages (testsets.py); rows without them are unchanged
+        row["tests"] = metrics["tests"]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:

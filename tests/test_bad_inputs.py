@@ -115,7 +115,9 @@ def test_every_toml_block_of_the_readme_passes_the_config_checks(tmp_path):
             if not isinstance(parts, dict):
                 continue
             for part in parts.values():
-                for spec in ([part] if "format" in part else part.values()) if isinstance(part, dict) else []:
+                subs = ([part] if "format" in part else [v for v in part.values() if isinstance(v, dict)]
+                        ) if isinstance(part, dict) else []  # ([data.tests.X]: a part, or kind, query and index)
+                for spec in subs:
                     folder = spec["format"] in ("image_folder", "generic_folder", "array_record")
                     target = root / spec["path"]
                     (target.mkdir(parents=True, exist_ok=True) if folder else

@@ -28,6 +28,13 @@ def test_every_paper_file_loads_without_its_data():
         assert r["data"]["target"]["train"]["path"].endswith("array_records/sop/train")
         assert r["data"]["generic"]["train"]["path"].endswith("array_records/our_imagenet_split/train")
         assert r["data"]["text"]["test"]["format"] == "text_embeddings"
+        # the release's final test: cars, sop, inshop, inat, imagenet, food2k; flickr30k, mscoco (docs/paper.md)
+        tests = r["data"]["tests"]
+        assert {n: t["kind"] for n, t in tests.items()} == {"cars": "image", "inshop": "image", "inat": "image",
+                                                              "food2k": "image", "mscoco": "text"}, name
+        assert tests["inshop"]["query"]["path"].endswith("array_records/inshop/test")
+        assert tests["inshop"]["index"]["path"].endswith("array_records/inshop/index")
+        assert tests["mscoco"]["gt"].endswith("text_image/mscoco/mscoco_gt.npy")
         print(name, json.dumps(r, indent=1, default=str)[:2000])
     with pytest.raises(FileNotFoundError, match="does not exist"):  # a run requires the files
         resolve_file(PAPER / "sop-full-method.toml", data=True)
@@ -84,21 +91,24 @@ def test_with_stand_in_files_the_full_check_passes(tmp_path):
     the files passes (nothing is read: load_config only resolves and checks paths)."""
     r = resolve_file(PAPER / "sop-full-method.toml")
     root = r["data"]["root"]
-    for group in ("target", "generic", "text"):
-        for part in r["data"][group].values():
-            for key in ("path", "root", "embeddings", "gt"):
-                if key in part:
-                    p = tmp_path / Path(part[key]).relative_to(root)
-                    if key == "root" or part["format"] == "array_record":
-                        p.mkdir(parents=True, exist_ok=True)
-                    else:
-                        p.parent.mkdir(parents=True, exist_ok=True)
-                        p.touch()
+    parts = [part for group in ("target", "generic", "text") for part in r["data"][group].values()]
+    for t in r["data"]["tests"].values():  # [data.tests.NAME]: one part, or query and index
+        parts += [t["query"], t["index"]] if "query" in t else [t]
+    for part in parts:
+        for key in ("path", "root", "embeddings", "gt"):
+            if key in part:
+                p = tmp_path / Path(part[key]).relative_to(root)
+                if key == "root" or part["format"] == "array_record":
+                    p.mkdir(parents=True, exist_ok=True)
+                else:
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    p.touch()
     text = (PAPER / "sop-full-method.toml").read_text().replace(f'root = "{root}"', f'root = "{tmp_path}"')
     cfg = tmp_path / "sop-full-method.toml"
     cfg.write_text(text)
     full = resolve_file(cfg, data=True)
     assert full["train"] == r["train"] and full["data"]["target"]["train"]["path"] == str(tmp_path / "array_records/sop/train")
+    assert full["data"]["tests"]["inshop"]["index"]["path"] == str(tmp_path / "array_records/inshop/index")
 
 
 def test_global_steps_of_the_fixed_samplers():
