@@ -15,7 +15,7 @@ from infusing_kit.__main__ import main
 from infusing_kit.study import Runner, Study, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAPSHOT = ROOT / "tests" / "data" / "builtin-study-984fcda.json"
+SNAPSHOT = ROOT / "tests" / "data" / "builtin-study-v4.json"  # the presets at the v4 comparison's choices
 
 
 
@@ -71,28 +71,12 @@ def test_2_integer_bounds_on_a_float_field_search_floats_and_the_built_in_spaces
 
 
 def _builtin_snapshot() -> dict:
-    """tests/data/make_builtin_snapshot.py's snapshot, from the current code (int-ness now from the field)."""
-    from dataclasses import asdict
-    kind = lambda f, lo, hi, log: "int" if spaces.is_int(lo, hi, log, f) else "float"
-    out = {}
-    for smoke in (False, True):
-        st = Study.builtin(smoke)
-        d = {"describe": json.loads(json.dumps(st.describe())), "protocol": repr(st.protocol), "methods": {}}
-        for name, m in st.methods.items():
-            cfg = st.runner.train_config(name)
-            space = S._space_of(st.runner, name, cfg)
-            rows = {"search": [[f, repr(lo), repr(hi), log, kind(f, lo, hi, log)] for f, lo, hi, log in m.search],
-                    "space": [[f, repr(lo), repr(hi), log, kind(f, lo, hi, log)] for f, lo, hi, log in space],
-                    "train": {k: repr(v) for k, v in asdict(cfg).items()}}
-            if space:
-                key = S.seed_key(name, 0, st.runner)
-                pts = spaces.startup_points(space, spaces.startup_count(len(space)), S.study_seed(key))
-                rows["startup"] = [{k: repr(v) for k, v in p.items()} for p in pts]
-                rows["from_unit"] = [[repr(spaces.from_unit(u, lo, hi, log, f)) for u in (0.0, 0.37, 0.999)]
-                                     for f, lo, hi, log in space]
-            d["methods"][name] = rows
-        out["smoke" if smoke else "full"] = d
-    return json.loads(json.dumps(out, sort_keys=True))
+    """tests/data/make_builtin_snapshot.py's snapshot, from the current code."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_builtin_snapshot", ROOT / "tests" / "data" / "make_builtin_snapshot.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.snapshot()
 
 
 # ---------------------------------------------------------------------------- 3: search --config takes [study] trials
