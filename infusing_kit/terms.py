@@ -7,8 +7,12 @@ A row says where the term acts (`on`), which inputs train() must be given for it
   pass for every block's features too (student and frozen teacher);
 - "weights": a quadratic 1/2 sum w (theta - c)^2 over the tower (`weights(named_params, cfg, inputs)` per tensor,
   centred on the pretrained weights or on 0), applied at every step as an analytic gradient;
-- "step": a rule applied around each optimiser step (`step(cfg, anchors, inputs)` -> a `StepRule`).
-`text=True` marks a term that uses the frozen text tower (a text-using reference, not the paper's image-only premise).
+- "step": a rule applied around each optimiser step (`step(cfg, anchors, inputs)` -> a `StepRule`);
+- "samples": per-sample weights of the target cross-entropy, `sample_weights(cfg, anchors, idx)` -> (B,) (the loss
+  becomes mean_b w_b CE_b).
+A row of another kind may carry a `step` too: a `StepRule` that keeps a state along training (an averaged
+teacher). `text=True` marks a term that uses the frozen text tower (a text-using reference, not the paper's
+image-only premise).
 
 A new regularizer with existing inputs is: its pure function (regularizers.py), its TrainConfig field, one row here,
 a preset (presets.py) and a test. A new input is one row of `inputs.INPUTS`. Every weight field must be >= 0
@@ -28,7 +32,8 @@ from .regularizers import (embedding_distillation, ldifs, lipsum, lwf_distillati
 @dataclass
 class TermBatch:
     """What a target or generic term sees of one batch: L2-normalised embeddings of the student (B, D, with grad) and
-    of the frozen pretrained model (B, D); block features (lists of (B, tokens, width)) when the term asks for them."""
+    of the frozen pretrained model (B, D); block features (lists of (B, tokens, width)) when the term asks for them;
+    the batch's uint8 images (for a teacher of the term's own)."""
     student: torch.Tensor
     teacher: torch.Tensor | None
     cfg: object
@@ -36,17 +41,19 @@ class TermBatch:
     generator: torch.Generator | None = None
     student_blocks: list | None = None
     teacher_blocks: list | None = None
+    images: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class Term:
     name: str
-    on: Literal["target", "generic", "weights", "step"]
+    on: Literal["target", "generic", "weights", "step", "samples"]
     needs: tuple[str, ...] = ()
     loss: Callable | None = None
     weights: Callable | None = None
     centre: Literal["pretrained", "zero"] = "pretrained"
     step: Callable | None = None
+    sample_weights: Callable | None = None
     features: Literal["embedding", "blocks"] = "embedding"
     text: bool = False
     cite: str = ""
@@ -54,13 +61,24 @@ class Term:
 
 class StepRule:
     """A rule around the optimiser's step: `before(params)` after backward (may change .grad), `after(params, prev)`
-    after the step (may change the weights; prev = the weights before the step when `wants_prev`)."""
+    after the step (may change the weights; prev = the weights before the step when `wants_prev`), `advance(params,
+    step, target_step)` once the run's counters have moved past a backbone update. A rule with a state of its own
+    returns it from `state_dict` (kept in last.pt; None: nothing to keep)."""
     wants_prev = False
 
     def before(self, params: list[torch.Tensor]) -> None:
         pass
 
     def after(self, params: list[torch.Tensor], prev: list[torch.Tensor] | None) -> None:
+        pass
+
+    def advance(self, params: list[torch.Tensor], step: int, target_step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
         pass
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 from .losses import MarginLoss
@@ -107,6 +107,16 @@ class TrainConfig:
 
     def step_terms(self) -> list[str]:
         return [t.name for t in active(self, "step")]
+
+    def sample_terms(self) -> list[str]:
+        """Per-sample weights of the target cross-entropy, those switched on."""
+        return [t.name for t in active(self, "samples")]
+
+
+def with_defaults(recorded: dict) -> dict:
+    """A TrainConfig as an older run recorded it (metrics.json, a checkpoint's identity), completed with the defaults
+    of the fields the kit added since: that run trained with them at their default, which switches them off."""
+    return {**asdict(TrainConfig()), **recorded}
 
 
 # Allowed ranges, checked when a TrainConfig is made (a wrong setting is an error naming the field, never a silent
