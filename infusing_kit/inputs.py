@@ -5,7 +5,7 @@ Two kinds of row:
 - built from the experiment's data before training (`build(vlm, domains, cfg, ctx)`; `prepare_inputs` builds the
   ones a config needs): pre-extracted teacher embeddings, EWC's Fisher, class prompts, random-token texts;
 - built by train() itself from the model it starts from (`in_train=True`; `build(vlm, target, cfg, ctx)`): a frozen
-  copy of the tower, the gradient scores of a sparse update.
+  copy of the tower, the gradient scores of a sparse update, TRACER's averaged teacher.
 A new input is one row here; a term names it in its `needs`.
 """
 from __future__ import annotations
@@ -117,6 +117,12 @@ def _gradient_scores(vlm, target, cfg, ctx, batches: int = 10):
     return scores
 
 
+def _bma_teacher(vlm, target, cfg, ctx):
+    from .teacher import TrajectoryTeacher
+    names = [n for n, p in vlm.visual.named_parameters() if p.requires_grad]
+    return TrajectoryTeacher(vlm, names, cfg.steps, cfg.bma_alpha, cfg.bma_beta)
+
+
 INPUTS = {i.name: i for i in (
     Input("teacher", _teacher, "a teacher: train(..., teacher=extract_teacher(pretrained_model, generic)) or "
                                "teacher='live'"),
@@ -128,6 +134,8 @@ INPUTS = {i.name: i for i in (
                                          "inputs.random_text_embeddings(model))"),
     Input("live_teacher", _live_teacher, "(built by train: a frozen copy of the tower)", in_train=True),
     Input("gradient_scores", _gradient_scores, "(built by train: |gradient| at the start)", in_train=True),
+    Input("bma_teacher", _bma_teacher, "(built by train: a copy of the tower, averaged along training)",
+          in_train=True),
 )}
 
 

@@ -21,6 +21,8 @@ Function space, on L2-normalised embeddings (student s, frozen pretrained teache
       mean_l mean_{b, tokens} || h_l / |h_l| - h0_l / |h0_l| ||^2   (each token's feature unit-normalised)
   Lipsum-FT (Nam et al. 2024), on target batches, with M text embeddings u_j of random token sequences from the
       frozen text tower:  mean_{b, j} (s_b . u_j - t_b . u_j)^2
+  TRACER's teacher (2026; CLIPood's Beta moving average, Shu et al. 2023): embedding distillation as above, the
+      teacher's weights a Beta-weighted average of the trajectory (`WeightAverage`, kind "bma")
 Step rules, applied to each image-tower tensor T after the optimiser's step (theta~: its new value):
   SPD (Tian et al. 2024, "Rethinking weight decay for robust fine-tuning", AdamSPD):
       c_T = -g_T . (theta_T - theta0_T)  (the hyper-gradient of the loss w.r.t. a decay strength; theta before the step)
@@ -31,7 +33,8 @@ Step rules, applied to each image-tower tensor T after the optimiser's step (the
   sparse update (SAFT, Nguyen et al. 2024): only the entries with the largest |gradient| at the start (a fixed
       fraction of the tower, `top_fraction_mask`) ever change
   weight averaging along training: an EMA  a_t = (1 - 1/tau) a_{t-1} + (1/tau) theta_t  (a_0 = theta0), or ZSCL's
-      uniform average of theta0 and the weights every k steps (Zheng et al. 2023); validated and kept instead of theta
+      uniform average of theta0 and the weights every k steps (Zheng et al. 2023); validated and kept instead of theta;
+      or CLIPood's BMA  a = sum_t w_t theta_t / sum_t w_t over theta0 and every update, w_t = `beta_weight`
 Post-hoc weight-space merges (WiSE-FT, LiNeS, Model Stock, soups) are `merges`'s.
 """
 from __future__ import annotations
@@ -267,38 +270,62 @@ def top_fraction_mask(scores: list[Tensor], fraction: float) -> list[Tensor]:
     return out
 
 
+def beta_weight(k: int, steps: int, alpha: float = 0.5, beta: float = 0.5) -> float:
+    """CLIPood's BMA weight (Shu et al., "CLIPood: Generalizing CLIP to Out-of-Distributions", ICML 2023) of the
+    weights after k of `steps` target steps: the Beta(alpha, beta) density at u = (k + 0.5) / (steps + 1),
+    u^(alpha-1) (1-u)^(beta-1) / B(alpha, beta) (the 0.5 keeps u inside (0, 1), where the density is finite).
+    alpha = beta = 0.5 (CLIPood's default) weighs the start (the pretrained weights) and the end most."""
+    u = (k + 0.5) / (steps + 1)
+    log_b = math.lgamma(alpha) + math.lgamma(beta) - math.lgamma(alpha + beta)
+    return math.exp((alpha - 1) * math.log(u) + (beta - 1) * math.log1p(-u) - log_b)
+
+
 class WeightAverage:
     """An average of the tower's weights along training, starting at the pretrained weights: kind "ema"
-    (a_t = (1 - 1/tau) a_{t-1} + (1/tau) theta_t after every step) or "uniform" (ZSCL's weight ensemble: the mean of
-    theta0 and of the weights after every k-th step)."""
+    (a_t = (1 - 1/tau) a_{t-1} + (1/tau) theta_t after every step), "uniform" (ZSCL's weight ensemble: the mean of
+    theta0 and of the weights after every k-th step) or "bma" (CLIPood's Beta moving average: theta0 with weight
+    beta_weight(0) and the weights after every update with beta_weight(k), k = target steps done, over `steps`;
+    a_t = a_{t-1} + (w_t / S_t) (theta_t - a_{t-1}), S_t = S_{t-1} + w_t, i.e. a = sum_t w_t theta_t / sum_t w_t).
+    share=True: the average lives in the given tensors themselves (a teacher module's parameters), not in copies."""
 
-    def __init__(self, kind: Literal["ema", "uniform"], theta0: list[Tensor], tau: float = 50.0, every: int = 10):
-        if kind not in ("ema", "uniform"):
-            raise ValueError(f"weight averaging must be 'ema' or 'uniform', got {kind!r}")
+    def __init__(self, kind: Literal["ema", "uniform", "bma"], theta0: list[Tensor], tau: float = 50.0,
+                 every: int = 10, steps: int = 1, alpha: float = 0.5, beta: float = 0.5, share: bool = False):
+        if kind not in ("ema", "uniform", "bma"):
+            raise ValueError(f"weight averaging must be 'ema', 'uniform' or 'bma', got {kind!r}")
         if kind == "ema" and tau < 1:
             raise ValueError(f"the EMA's time constant tau must be >= 1 step, got {tau}")
         self.kind, self.tau, self.every = kind, float(tau), int(every)
-        self.avg = [t.detach().clone() for t in theta0]
+        self.steps, self.alpha, self.beta = int(steps), float(alpha), float(beta)
+        self.avg = [t.detach() if share else t.detach().clone() for t in theta0]
         self.count = 1  # theta0 is in the average
+        self.total = beta_weight(0, self.steps, self.alpha, self.beta) if kind == "bma" else 1.0
 
     @torch.no_grad()
     def update(self, params: list[Tensor], step: int) -> None:
-        """After optimiser step `step` (1-based)."""
+        """After optimiser step `step` (1-based; kind "bma": the target steps done, the position in the schedule)."""
         if self.kind == "ema":
             for a, p in zip(self.avg, params):
                 a.lerp_(p.detach(), 1.0 / self.tau)
+        elif self.kind == "bma":
+            w = beta_weight(step, self.steps, self.alpha, self.beta)
+            self.count += 1
+            self.total += w
+            for a, p in zip(self.avg, params):
+                a.lerp_(p.detach(), w / self.total)
         elif step % self.every == 0:
             self.count += 1
             for a, p in zip(self.avg, params):
                 a.add_((p.detach() - a) / self.count)
 
     def state_dict(self) -> dict:
-        return {"avg": [a.clone() for a in self.avg], "count": self.count}
+        extra = {"total": self.total} if self.kind == "bma" else {}
+        return {"avg": [a.clone() for a in self.avg], "count": self.count, **extra}
 
     def load_state_dict(self, state: dict) -> None:
         for a, b in zip(self.avg, state["avg"]):
             a.copy_(b)
         self.count = int(state["count"])
+        self.total = float(state.get("total", self.total))
 
 
 def adaptive_generic_share(target_losses: list[float], generic_losses: list[float], first: tuple[float, float],

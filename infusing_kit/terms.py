@@ -10,7 +10,7 @@ A row says where the term acts (`on`), which inputs train() must be given for it
 - "step": a rule applied around each optimiser step (`step(cfg, anchors, inputs)` -> a `StepRule`);
 - "samples": per-sample weights of the target cross-entropy, `sample_weights(cfg, anchors, idx)` -> (B,) (the loss
   becomes mean_b w_b CE_b).
-A row of another kind may carry a `step` too: a `StepRule` that keeps a state along training (an averaged
+A row of another kind may carry a `step` too: a `StepRule` that keeps a state along training (TRACER's averaged
 teacher). `text=True` marks a term that uses the frozen text tower (a text-using reference, not the paper's
 image-only premise).
 
@@ -119,6 +119,23 @@ class SparseUpdate(StepRule):
             p.copy_(torch.where(m, p, t0))
 
 
+class TrajectoryAverage(StepRule):
+    """TRACER's teacher follows the trajectory: after every backbone update its Beta moving average
+    (teacher.TrajectoryTeacher) takes the new weights, at the run's position in target steps."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def advance(self, params, step, target_step):
+        self.teacher.average.update(params, target_step)
+
+    def state_dict(self):
+        return self.teacher.average.state_dict()
+
+    def load_state_dict(self, state):
+        self.teacher.average.load_state_dict(state)
+
+
 def _sparse(cfg, anchors, inputs) -> StepRule:
     return SparseUpdate(anchors.theta0, top_fraction_mask(inputs["gradient_scores"], cfg.sparse))
 
@@ -142,6 +159,10 @@ TERMS = (
          loss=lambda b: ldifs(b.student_blocks, b.teacher_blocks), cite="Mukhoti et al. 2023"),
     Term("lipsum", "target", needs=("target_teacher", "random_texts"), text=True, cite="Nam et al. 2024",
          loss=lambda b: lipsum(b.student, b.teacher, _texts_for_step(b))),
+    Term("tracer", "generic", needs=("bma_teacher",), cite="TRACER 2026's teacher; CLIPood's BMA (Shu et al. 2023)",
+         loss=lambda b: embedding_distillation(b.student, b.anchors.inputs["bma_teacher"].embed(b.images),
+                                               b.cfg.distill_kind),
+         step=lambda cfg, a, inp: TrajectoryAverage(inp["bma_teacher"])),
     Term("spd", "step", step=lambda cfg, a, inp: SPD(a.theta0, cfg.spd), cite="Tian et al. 2024"),
     Term("tpgm", "step", step=lambda cfg, a, inp: Projection(a.theta0, cfg.tpgm), cite="Tian et al. 2023"),
     Term("sparse", "step", needs=("gradient_scores",), step=_sparse, cite="Nguyen et al. 2024 (SAFT)"),

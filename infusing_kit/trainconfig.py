@@ -50,6 +50,10 @@ class TrainConfig:
     lwf: float = 0.0                  # LwF logit distillation on zero-shot logits of the generic classes (text tower)
     lwf_temperature: float = 2.0
     ldifs: float = 0.0                # LDIFS: distance of every block's features to the frozen model's
+    tracer: float = 0.0               # distillation (distill_kind) to a Beta moving average of the trajectory's
+                                      # weights instead of the pretrained model (TRACER's teacher; CLIPood's BMA)
+    bma_alpha: float = 0.5            # tracer: the Beta(alpha, beta) density that weighs the trajectory (CLIPood: 0.5)
+    bma_beta: float = 0.5
     # --- on target batches
     lipsum: float = 0.0               # Lipsum-FT: inner products with random-token texts kept (text tower)
     lipsum_texts: int = 80            # random texts per step (from a bank of 1000)
@@ -82,6 +86,9 @@ class TrainConfig:
         if self.lp_ft_steps >= self.steps:
             raise ValueError(f"TrainConfig.lp_ft_steps={self.lp_ft_steps} >= steps={self.steps}: the backbone would "
                              "never train; use fewer LP-FT steps")
+        if self.lora_rank > 0 and self.tracer > 0:
+            raise ValueError("lora_rank > 0 trains only low-rank factors: tracer's teacher would average the factors "
+                             "A and B apart, which is not an average of the weights W0 + B A; use one or the other")
         if self.lora_rank > 0 and (self.weight_terms() or self.step_terms() or self.freeze_blocks >= 0):
             raise ValueError("lora_rank > 0 trains only low-rank factors: weight-space penalties, step rules and "
                              "freeze_blocks would act on those factors, not on the pretrained weights; use one or the other")
@@ -122,7 +129,7 @@ def with_defaults(recorded: dict) -> dict:
 # Allowed ranges, checked when a TrainConfig is made (a wrong setting is an error naming the field, never a silent
 # no-op or a run that trains wrongly). Every weight of terms.TERMS is >= 0; Literal fields take their allowed values.
 _AT_LEAST_ONE = ("steps", "batch_size", "log_every", "adaptive_every", "average_every", "lipsum_texts")
-_POSITIVE = ("lr_backbone", "lr_head", "scale", "ce_weight", "lwf_temperature")
+_POSITIVE = ("lr_backbone", "lr_head", "scale", "ce_weight", "lwf_temperature", "bma_alpha", "bma_beta")
 _NON_NEGATIVE = ("weight_decay", "margin", "lp_ft_steps", "lora_rank", "eval_every", "ckpt_every", "seed",
                  "adaptive_ema", *(t.name for t in TERMS))
 

@@ -1,13 +1,17 @@
-"""The newer image-only methods (issue 35, item 6), each against a hand computation and in a short train() run; and
-that a run recorded before a TrainConfig field existed still resumes and is still reused."""
+"""The newer image-only methods (issue 35, item 6), each against a hand computation and in a short train() run:
+TRACER's teacher (CLIPood's Beta moving average of the trajectory); and that a run recorded before its fields
+existed still resumes and is still reused."""
+import math
 from dataclasses import asdict, replace
 
+import numpy as np
 import pytest
 import torch
 
-from infusing_kit.train import TrainConfig
+from infusing_kit import inputs as I, regularizers as R
+from infusing_kit.train import TrainConfig, train
 from infusing_kit.trainconfig import with_defaults
-from test_methods import CFG
+from test_methods import CFG, _data, _score, _vlm
 
 
 # ---------------------------------------------------------------------------- runs recorded before a field existed
@@ -36,3 +40,83 @@ def test_a_run_recorded_before_a_field_existed_still_resumes_and_is_still_reused
         restore({**ours, "ldifs": 1.0}, config_defaults=defaults)
     with pytest.raises(ValueError, match="another TrainConfig"):  # without the defaults the missing keys differ
         restore(ours)
+
+
+# ---------------------------------------------------------------------------- TRACER's teacher: CLIPood's BMA
+def test_beta_weight_is_the_beta_density_at_each_steps_midpoint():
+    u = 1.5 / 4  # k = 1 of 3 steps
+    assert R.beta_weight(1, 3) == pytest.approx(1 / (math.pi * math.sqrt(u * (1 - u))))  # Beta(1/2, 1/2)
+    assert R.beta_weight(0, 4, alpha=2.0, beta=3.0) == pytest.approx(12 * 0.1 * 0.9 ** 2)  # 1 / B(2, 3) = 12
+    w = [R.beta_weight(k, 10) for k in range(11)]
+    assert w[0] == pytest.approx(w[10]) and min(w) == w[5] and w[0] > 2 * w[5]  # U-shaped: the ends weigh most
+
+
+def test_the_bma_is_the_beta_weighted_mean_of_theta0_and_every_update():
+    g = torch.Generator().manual_seed(0)
+    theta0 = torch.randn(3, generator=g)
+    positions = [1, 1, 2, 3, 3, 4]  # target steps done after each update (round robin: generic updates repeat k)
+    thetas = [torch.randn(3, generator=g) for _ in positions]
+    shared = theta0.clone()
+    avg = R.WeightAverage("bma", [shared], steps=4, share=True)
+    for k, t in zip(positions, thetas):
+        avg.update([t], k)
+    w = [R.beta_weight(0, 4)] + [R.beta_weight(k, 4) for k in positions]
+    by_hand = sum(wi * ti for wi, ti in zip(w, [theta0] + thetas)) / sum(w)
+    torch.testing.assert_close(avg.avg[0], by_hand)
+    torch.testing.assert_close(shared, by_hand, msg="share=True keeps the average in the given tensor (a teacher's "
+                                                     "parameter), not in a copy")
+    again = R.WeightAverage("bma", [theta0], steps=4)
+    again.load_state_dict(avg.state_dict())
+    torch.testing.assert_close(again.avg[0], by_hand)
+    assert again.total == pytest.approx(sum(w))
+
+
+def _capture_teachers(monkeypatch) -> list:
+    """The TrajectoryTeacher every train() builds, in order."""
+    seen = []
+    row = I.INPUTS["bma_teacher"]
+    monkeypatch.setitem(I.INPUTS, "bma_teacher",
+                        replace(row, build=lambda *a: seen.append(row.build(*a)) or seen[-1]))
+    return seen
+
+
+def test_tracer_distils_towards_the_bma_of_the_weights_it_trained_through_and_resumes_bit_identically(
+        tmp_path, monkeypatch):
+    teachers = _capture_teachers(monkeypatch)
+    target, generic = _data(), _data(n_classes=5, seed=9)
+    cfg = replace(CFG, tracer=5.0, sampler="round_robin")
+    vlm = _vlm()
+    trajectory = [(0, [p.detach().clone() for p in vlm.visual.parameters()])]
+    keep = lambda s: trajectory.append((s.target_step, [p.detach().clone() for p in vlm.visual.parameters()]))
+    _, res = train(vlm, target, cfg, tmp_path / "full", generic=generic, validate=_score, hooks=(keep,),
+                   progress=False)
+    logged = [h for h in res.history if h.get("domain") == "generic"]
+    assert logged and all("tracer" in h and np.isfinite(h["tracer"]) and "ce" not in h for h in logged)
+    # the teacher holds sum_t w_t theta_t / sum_t w_t over theta0 and the weights after every update
+    w = [R.beta_weight(k, cfg.steps) for k, _ in trajectory]
+    assert len(trajectory) == 1 + res.updates["target"] + res.updates["generic"]
+    teacher = list(teachers[0].tower.parameters())
+    for i, p in enumerate(teacher):
+        by_hand = sum(wt * state[i] for wt, (_, state) in zip(w, trajectory)) / sum(w)
+        torch.testing.assert_close(p, by_hand, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(p, t0) for p, t0 in zip(teacher, trajectory[0][1])), "the teacher never moved"
+    # stopped at target step 4 and resumed: the same weights and the same teacher (its average is in last.pt)
+    part = _vlm()
+    train(part, target, cfg, tmp_path / "part", generic=generic, validate=_score, progress=False,
+          hooks=(lambda s: False if s.target_step == 4 else None,))
+    resumed = _vlm()
+    train(resumed, target, cfg, tmp_path / "part", generic=generic, validate=_score, progress=False, resume=True)
+    for a, b in zip(vlm.visual.state_dict().values(), resumed.visual.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(teachers[0].tower.parameters(), teachers[-1].tower.parameters()):
+        assert torch.equal(a, b)
+    # the strength moves the weights
+    strong = _vlm()
+    train(strong, target, replace(cfg, tracer=500.0), generic=generic, validate=_score, progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(vlm.visual.state_dict().values(),
+                                                       strong.visual.state_dict().values()))
+
+
+def test_tracer_refuses_lora():
+    with pytest.raises(ValueError, match="tracer's teacher would average the factors"):
+        TrainConfig(tracer=1.0, sampler="round_robin", lora_rank=2)
