@@ -131,6 +131,10 @@ PRESETS: dict[str, Preset] = {
                           "trajectory's weights instead of the frozen pretrained model (TRACER's teacher, 2026; "
                           "CLIPood's BMA, Shu et al. 2023, alpha = beta = 0.5), round robin", "function space",
                           tracer=38.6, sampler="round_robin", search=(("tracer", 0.1, 1e3, True),)),
+    "toy-dive-avl": _method("DiVE's average vector loss on generic batches: the difference vectors (fine-tuned minus "
+                            "pretrained embedding) kept equal to their batch mean, so the embeddings' geometry is kept "
+                            "(Suzuki et al. 2026, image side), round robin", "function space", avl=1.0,
+                            sampler="round_robin", search=(("avl", 0.01, 1e3, True),)),
     # --- data mixing
     "toy-mix-balanced": _method("embedding distillation with the balanced sampler (generic with probability 1/2)",
                                 "data", distill=19.1, sampler="balanced", search=(("distill", 0.1, 1e3, True),)),
@@ -168,9 +172,9 @@ PRESETS: dict[str, Preset] = {
 # The presets whose strengths the near world's comparison has not chosen yet (it runs for hours, resumable; its
 # finished stages are committed as results/toy-chosen-cpu-v3-partial2.json, its state in results/in-progress/).
 # Their values are the far world's choices (results/toy-chosen-cpu-v2.json) on the near world's schedule: a starting
-# point for a search, not a validated choice. toy-tracer came after both comparisons: its value is set by hand
-# (toy-distill's chosen strength, the same loss), never searched yet. Tests check that every other searched preset
-# holds the committed choice.
+# point for a search, not a validated choice. toy-tracer and toy-dive-avl came after both comparisons: their values
+# are set by hand (toy-tracer: toy-distill's chosen strength, the same loss), never searched yet. Tests check that
+# every other searched preset holds the committed choice.
 NEAR_CHOSEN = ("toy-naive", "toy-paper", "toy-distill", "toy-distill-lr", "toy-l2sp", "toy-ewc", "toy-l2sp-sum",
                "toy-l2-zero", "toy-spd", "toy-tpgm")  # the presets the near world's comparison has searched
 CHOSEN_FILE = "toy-chosen-cpu-v3-partial2.json"

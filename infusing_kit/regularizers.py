@@ -21,6 +21,8 @@ Function space, on L2-normalised embeddings (student s, frozen pretrained teache
       mean_l mean_{b, tokens} || h_l / |h_l| - h0_l / |h0_l| ||^2   (each token's feature unit-normalised)
   Lipsum-FT (Nam et al. 2024), on target batches, with M text embeddings u_j of random token sequences from the
       frozen text tower:  mean_{b, j} (s_b . u_j - t_b . u_j)^2
+  DiVE's average vector loss (Suzuki et al., AAAI 2026), image side, batch form, with difference vectors
+      d_b = s_b - t_b:  mean_b || d_b - mean_b' d_b' ||^2
   TRACER's teacher (2026; CLIPood's Beta moving average, Shu et al. 2023): embedding distillation as above, the
       teacher's weights a Beta-weighted average of the trajectory (`WeightAverage`, kind "bma")
 Step rules, applied to each image-tower tensor T after the optimiser's step (theta~: its new value):
@@ -224,6 +226,18 @@ def lipsum(student: Tensor, teacher: Tensor, texts: Tensor) -> Tensor:
     """Lipsum-FT: mean over the batch and the texts of (s_b . u_j - t_b . u_j)^2. student, teacher (B, D); texts (M, D)
     (L2-normalised embeddings of random token sequences by the frozen text tower)."""
     return (student @ texts.T - teacher @ texts.T).square().mean()
+
+
+def average_vector_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """DiVE's average vector loss (Suzuki et al., "Difference Vector Equalization for Robust Fine-tuning of
+    Vision-Language Models", AAAI 2026), image side: with difference vectors d_b = s_b - t_b (fine-tuned minus
+    pretrained embedding of the same image),  mean_b || d_b - dbar ||^2,  dbar = mean_b' d_b'  (squared norm summed
+    over D). Zero when fine-tuning moves every embedding by the same vector, so the embeddings' geometry is kept.
+    DiVE's centre is a weighted (moving) average of the difference vectors over training, and it adds the text side
+    and a pairwise loss (PVL); here the centre is the batch mean (the gradient is the same whether dbar is detached
+    or not: sum_b (d_b - dbar) = 0). Shapes (B, D)."""
+    d = student - teacher
+    return (d - d.mean(0, keepdim=True)).square().sum(-1).mean()
 
 
 # ---------------------------------------------------------------------------- step rules

@@ -25,8 +25,8 @@ from typing import Callable, Literal
 
 import torch
 
-from .regularizers import (embedding_distillation, ldifs, lipsum, lwf_distillation, project_, quadratic_weights,
-                           relational_distillation, spd_, top_fraction_mask)
+from .regularizers import (average_vector_loss, embedding_distillation, ldifs, lipsum, lwf_distillation, project_,
+                           quadratic_weights, relational_distillation, spd_, top_fraction_mask)
 
 
 @dataclass
@@ -163,6 +163,8 @@ TERMS = (
          loss=lambda b: embedding_distillation(b.student, b.anchors.inputs["bma_teacher"].embed(b.images),
                                                b.cfg.distill_kind),
          step=lambda cfg, a, inp: TrajectoryAverage(inp["bma_teacher"])),
+    Term("avl", "generic", needs=("teacher",), loss=lambda b: average_vector_loss(b.student, b.teacher),
+         cite="Suzuki et al. 2026 (DiVE's AVL, image side, batch mean)"),
     Term("spd", "step", step=lambda cfg, a, inp: SPD(a.theta0, cfg.spd), cite="Tian et al. 2024"),
     Term("tpgm", "step", step=lambda cfg, a, inp: Projection(a.theta0, cfg.tpgm), cite="Tian et al. 2023"),
     Term("sparse", "step", needs=("gradient_scores",), step=_sparse, cite="Nguyen et al. 2024 (SAFT)"),

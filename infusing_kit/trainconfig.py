@@ -54,6 +54,8 @@ class TrainConfig:
                                       # weights instead of the pretrained model (TRACER's teacher; CLIPood's BMA)
     bma_alpha: float = 0.5            # tracer: the Beta(alpha, beta) density that weighs the trajectory (CLIPood: 0.5)
     bma_beta: float = 0.5
+    avl: float = 0.0                  # DiVE's average vector loss: the difference vectors (fine-tuned - pretrained
+                                      # embedding) kept equal to their batch mean
     # --- on target batches
     lipsum: float = 0.0               # Lipsum-FT: inner products with random-token texts kept (text tower)
     lipsum_texts: int = 80            # random texts per step (from a bank of 1000)

@@ -1,6 +1,6 @@
 """The newer image-only methods (issue 35, item 6), each against a hand computation and in a short train() run:
-TRACER's teacher (CLIPood's Beta moving average of the trajectory); and that a run recorded before its fields
-existed still resumes and is still reused."""
+TRACER's teacher (CLIPood's Beta moving average of the trajectory), DiVE's average vector loss; and that a run
+recorded before their fields existed still resumes and is still reused."""
 import math
 from dataclasses import asdict, replace
 
@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from infusing_kit import inputs as I, regularizers as R
+from infusing_kit.models import embed_images
+from infusing_kit.teacher import extract_teacher
 from infusing_kit.train import TrainConfig, train
 from infusing_kit.trainconfig import with_defaults
 from test_methods import CFG, _data, _score, _vlm
@@ -120,3 +122,57 @@ def test_tracer_distils_towards_the_bma_of_the_weights_it_trained_through_and_re
 def test_tracer_refuses_lora():
     with pytest.raises(ValueError, match="tracer's teacher would average the factors"):
         TrainConfig(tracer=1.0, sampler="round_robin", lora_rank=2)
+
+
+# ---------------------------------------------------------------------------- DiVE's average vector loss
+def test_average_vector_loss_by_hand():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    d = [s[b] - t[b] for b in range(4)]
+    mean = sum(d) / 4
+    by_hand = sum(float(((db - mean) ** 2).sum()) for db in d) / 4
+    assert float(R.average_vector_loss(s, t)) == pytest.approx(by_hand)
+    shift = torch.tensor([0.3, -1.0, 2.0])
+    assert float(R.average_vector_loss(s + shift, t)) == pytest.approx(by_hand)  # one common translation: free
+    assert float(R.average_vector_loss(t + shift, t)) == pytest.approx(0.0, abs=1e-12)
+    # the gradient is the same whether the batch mean is detached or not (sum_b (d_b - mean) = 0)
+    a = s.clone().requires_grad_(True)
+    R.average_vector_loss(a, t).backward()
+    b = s.clone().requires_grad_(True)
+    dd = b - t
+    (dd - dd.mean(0, keepdim=True).detach()).square().sum(-1).mean().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_avl_trains_on_generic_batches_and_keeps_the_difference_vectors_together():
+    target, generic = _data(), _data(n_classes=5, seed=9)
+    pre = torch.from_numpy(embed_images(_vlm(), generic, progress=False))
+    spread = {}
+    for avl in (1e-3, 1e3):
+        vlm = _vlm()
+        cfg = replace(CFG, avl=avl, sampler="round_robin", eval_every=0)
+        _, res = train(vlm, target, cfg, generic=generic, progress=False,
+                       teacher=extract_teacher(_vlm(), generic, progress=False))
+        logged = [h for h in res.history if h.get("domain") == "generic"]
+        assert logged and all(np.isfinite(h["avl"]) for h in logged)
+        ft = torch.from_numpy(embed_images(vlm, generic, progress=False))
+        spread[avl] = float(R.average_vector_loss(ft, pre))
+    assert spread[1e3] < spread[1e-3], spread
+
+
+# ---------------------------------------------------------------------------- AVL resumes
+@pytest.mark.parametrize("change", [dict(avl=5.0, sampler="round_robin")], ids=["avl"])
+def test_avl_resumes_bit_identically(tmp_path, change):
+    target, generic = _data(), _data(n_classes=5, seed=9)
+    cfg = replace(CFG, **change)
+    extra = lambda: {"teacher": extract_teacher(_vlm(), generic, progress=False)} if cfg.avl else {}
+    full = _vlm()
+    train(full, target, cfg, tmp_path / "full", generic=generic, validate=_score, progress=False, **extra())
+    part = _vlm()
+    train(part, target, cfg, tmp_path / "part", generic=generic, validate=_score, progress=False,
+          hooks=(lambda s: False if s.target_step == 4 else None,), **extra())
+    resumed = _vlm()
+    train(resumed, target, cfg, tmp_path / "part", generic=generic, validate=_score, progress=False, resume=True,
+          **extra())
+    for a, b in zip(full.visual.state_dict().values(), resumed.visual.state_dict().values()):
+        assert torch.equal(a, b)
