@@ -97,6 +97,7 @@ REGULARIZERS = {
     "adaptive sampler": {"distill": 1.0, "sampler": "adaptive", "adaptive_every": 25},
     "tracer (bma teacher)": {"tracer": 1.0, "sampler": "round_robin"},
     "dive avl": {"avl": 1.0, "sampler": "round_robin"},
+    "flow (weighted ce)": {"flow": 1.0},
 }
 
 

@@ -143,6 +143,9 @@ PRESETS: dict[str, Preset] = {
     "toy-mix-adaptive": _method("embedding distillation with the adaptive domain sampler: the domains re-weighted from "
                                 "their training losses every 25 target steps (after the official code)", "data",
                                 distill=19.1, sampler="adaptive", search=(("distill", 0.1, 1e3, True),)),
+    "toy-flow": _method("FLOW: the target cross-entropy reweighted per sample by exp(-L0/tau), L0 the pretrained "
+                        "tower's loss under a class-mean head, mean weight 1 (Sanyal et al. 2025; strength 1/tau "
+                        "chosen on validation)", "data", flow=1.0, search=(("flow", 0.01, 10.0, True),)),
     # --- optimisation side
     "toy-low-lr": _method("naive fine-tuning with its backbone learning rate chosen on the mean of fine-grained and "
                           "generic validation (the retention-aware choice)", "optimisation", lr_backbone=1.64e-4,
@@ -172,9 +175,9 @@ PRESETS: dict[str, Preset] = {
 # The presets whose strengths the near world's comparison has not chosen yet (it runs for hours, resumable; its
 # finished stages are committed as results/toy-chosen-cpu-v3-partial2.json, its state in results/in-progress/).
 # Their values are the far world's choices (results/toy-chosen-cpu-v2.json) on the near world's schedule: a starting
-# point for a search, not a validated choice. toy-tracer and toy-dive-avl came after both comparisons: their values
-# are set by hand (toy-tracer: toy-distill's chosen strength, the same loss), never searched yet. Tests check that
-# every other searched preset holds the committed choice.
+# point for a search, not a validated choice. toy-tracer, toy-dive-avl and toy-flow came after both comparisons: their
+# values are set by hand (toy-tracer: toy-distill's chosen strength, the same loss), never searched yet. Tests check
+# that every other searched preset holds the committed choice.
 NEAR_CHOSEN = ("toy-naive", "toy-paper", "toy-distill", "toy-distill-lr", "toy-l2sp", "toy-ewc", "toy-l2sp-sum",
                "toy-l2-zero", "toy-spd", "toy-tpgm")  # the presets the near world's comparison has searched
 CHOSEN_FILE = "toy-chosen-cpu-v3-partial2.json"

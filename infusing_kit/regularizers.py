@@ -25,6 +25,9 @@ Function space, on L2-normalised embeddings (student s, frozen pretrained teache
       d_b = s_b - t_b:  mean_b || d_b - mean_b' d_b' ||^2
   TRACER's teacher (2026; CLIPood's Beta moving average, Shu et al. 2023): embedding distillation as above, the
       teacher's weights a Beta-weighted average of the trajectory (`WeightAverage`, kind "bma")
+Sample weights of the target cross-entropy:
+  FLOW (Sanyal et al., ICML 2025):  w_i = exp(-L0_i / tau) / mean_j exp(-L0_j / tau), L0_i the pretrained model's loss
+      on training sample i (`class_mean_losses`); the loss is mean_b w_b CE_b
 Step rules, applied to each image-tower tensor T after the optimiser's step (theta~: its new value):
   SPD (Tian et al. 2024, "Rethinking weight decay for robust fine-tuning", AdamSPD):
       c_T = -g_T . (theta_T - theta0_T)  (the hyper-gradient of the loss w.r.t. a decay strength; theta before the step)
@@ -238,6 +241,31 @@ def average_vector_loss(student: Tensor, teacher: Tensor) -> Tensor:
     or not: sum_b (d_b - dbar) = 0). Shapes (B, D)."""
     d = student - teacher
     return (d - d.mean(0, keepdim=True)).square().sum(-1).mean()
+
+
+def class_mean_losses(emb: Tensor, labels: Tensor, loss: str = "normface", margin: float = 0.0,
+                      scale: float = 16.0) -> Tensor:
+    """Per-sample loss of frozen embeddings under a class-mean head (FLOW's L0 without a text tower or a trained
+    head): W_c = the mean embedding of class c, the sample itself left out of its own class's mean (a class with
+    one sample keeps it); L_i = cross-entropy of the margin logits (losses.classifier_logits) of cos(e_i, W_c).
+    emb (N, D); labels (N,) in 0..C-1. Returns (N,)."""
+    from .losses import classifier_logits
+    emb = F.normalize(emb.float(), dim=-1)
+    labels = torch.as_tensor(labels, device=emb.device).long()
+    n_classes = int(labels.max()) + 1
+    sums = torch.zeros(n_classes, emb.shape[1], device=emb.device).index_add_(0, labels, emb)
+    counts = torch.bincount(labels, minlength=n_classes)
+    cos = emb @ F.normalize(sums, dim=-1).T
+    own = sums[labels] - emb * (counts[labels] > 1)[:, None]   # leave-one-out mean of the sample's class
+    cos = cos.scatter(1, labels[:, None], (emb * F.normalize(own, dim=-1)).sum(-1, keepdim=True))
+    return F.cross_entropy(classifier_logits(cos, labels, loss, margin, scale), labels, reduction="none")
+
+
+def flow_weights(losses: Tensor, strength: float) -> Tensor:
+    """FLOW's sample weights (Sanyal et al., "Upweighting Easy Samples in Fine-Tuning Mitigates Forgetting", ICML
+    2025): w_i = exp(-L0_i / tau) / mean_j exp(-L0_j / tau) with strength = 1/tau (0: every weight 1), normalised to
+    mean 1 over the training set. losses (N,): the pretrained model's per-sample losses L0."""
+    return len(losses) * torch.softmax(-strength * losses.float(), dim=0)
 
 
 # ---------------------------------------------------------------------------- step rules

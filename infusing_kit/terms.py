@@ -25,8 +25,8 @@ from typing import Callable, Literal
 
 import torch
 
-from .regularizers import (average_vector_loss, embedding_distillation, ldifs, lipsum, lwf_distillation, project_,
-                           quadratic_weights, relational_distillation, spd_, top_fraction_mask)
+from .regularizers import (average_vector_loss, embedding_distillation, flow_weights, ldifs, lipsum, lwf_distillation,
+                           project_, quadratic_weights, relational_distillation, spd_, top_fraction_mask)
 
 
 @dataclass
@@ -140,6 +140,13 @@ def _sparse(cfg, anchors, inputs) -> StepRule:
     return SparseUpdate(anchors.theta0, top_fraction_mask(inputs["gradient_scores"], cfg.sparse))
 
 
+def _flow(cfg, anchors, idx: torch.Tensor) -> torch.Tensor:
+    """FLOW's weights of the batch's samples, normalised over the whole target training set (N softmax terms per
+    step: negligible next to a forward pass)."""
+    losses = anchors.inputs["pretrained_losses"]
+    return flow_weights(losses, cfg.flow)[idx.to(losses.device)]
+
+
 TERMS = (
     Term("l2sp", "weights", weights=lambda named, cfg, inp: quadratic_weights(named, f"l2sp_{cfg.l2sp_form}",
                                                                              cfg.l2sp_split_qkv),
@@ -165,6 +172,8 @@ TERMS = (
          step=lambda cfg, a, inp: TrajectoryAverage(inp["bma_teacher"])),
     Term("avl", "generic", needs=("teacher",), loss=lambda b: average_vector_loss(b.student, b.teacher),
          cite="Suzuki et al. 2026 (DiVE's AVL, image side, batch mean)"),
+    Term("flow", "samples", needs=("pretrained_losses",), cite="Sanyal et al. 2025 (FLOW)",
+         sample_weights=_flow),
     Term("spd", "step", step=lambda cfg, a, inp: SPD(a.theta0, cfg.spd), cite="Tian et al. 2024"),
     Term("tpgm", "step", step=lambda cfg, a, inp: Projection(a.theta0, cfg.tpgm), cite="Tian et al. 2023"),
     Term("sparse", "step", needs=("gradient_scores",), step=_sparse, cite="Nguyen et al. 2024 (SAFT)"),

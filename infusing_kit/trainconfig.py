@@ -59,6 +59,8 @@ class TrainConfig:
     # --- on target batches
     lipsum: float = 0.0               # Lipsum-FT: inner products with random-token texts kept (text tower)
     lipsum_texts: int = 80            # random texts per step (from a bank of 1000)
+    flow: float = 0.0                 # FLOW: 1/tau of the cross-entropy's sample weights exp(-L0_i / tau), L0 the
+                                      # pretrained tower's loss under a class-mean head (0: every weight 1)
     # --- step rules (around each optimiser step, image tower only)
     spd: float = 0.0                  # selective projection decay strength (AdamSPD's lambda)
     tpgm: float = 0.0                 # projection radius, relative to each tensor's pretrained norm (0: off)

@@ -1,17 +1,20 @@
 """The newer image-only methods (issue 35, item 6), each against a hand computation and in a short train() run:
-TRACER's teacher (CLIPood's Beta moving average of the trajectory), DiVE's average vector loss; and that a run
-recorded before their fields existed still resumes and is still reused."""
+TRACER's teacher (CLIPood's Beta moving average of the trajectory), DiVE's average vector loss, FLOW's sample
+weights; and that a run recorded before their fields existed still resumes and is still reused."""
 import math
 from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from infusing_kit import inputs as I, regularizers as R
-from infusing_kit.models import embed_images
+from infusing_kit.losses import CosineClassifier, classification_loss
+from infusing_kit.models import embed_images, preprocess
+from infusing_kit.run_state import Anchors
 from infusing_kit.teacher import extract_teacher
-from infusing_kit.train import TrainConfig, train
+from infusing_kit.train import TrainConfig, train, train_step
 from infusing_kit.trainconfig import with_defaults
 from test_methods import CFG, _data, _score, _vlm
 
@@ -160,9 +163,72 @@ def test_avl_trains_on_generic_batches_and_keeps_the_difference_vectors_together
     assert spread[1e3] < spread[1e-3], spread
 
 
-# ---------------------------------------------------------------------------- AVL resumes
-@pytest.mark.parametrize("change", [dict(avl=5.0, sampler="round_robin")], ids=["avl"])
-def test_avl_resumes_bit_identically(tmp_path, change):
+# ---------------------------------------------------------------------------- FLOW
+def test_class_mean_losses_by_hand():
+    g = torch.Generator().manual_seed(3)
+    emb = F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])  # class 2 has one sample: its own embedding is its mean
+    for loss, margin in (("normface", 0.0), ("cosface", 0.2)):
+        got = R.class_mean_losses(emb, labels, loss, margin, scale=16.0)
+        for i in range(6):
+            protos = []
+            for c in range(3):
+                members = [j for j in range(6) if labels[j] == c and (j != i or (labels == c).sum() == 1)]
+                protos.append(F.normalize(emb[members].mean(0), dim=0))
+            cos = torch.stack([emb[i] @ p for p in protos])
+            logits = 16.0 * (cos - margin * F.one_hot(labels[i], 3))
+            assert float(got[i]) == pytest.approx(float(-torch.log_softmax(logits, 0)[labels[i]]), rel=1e-5)
+
+
+def test_flow_weights_up_weight_easy_samples_with_mean_one():
+    losses = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    w = R.flow_weights(losses, strength=0.7)
+    assert float(w.mean()) == pytest.approx(1.0)
+    assert float(w[0] / w[2]) == pytest.approx(math.exp(0.7 * 1.5))  # w_i / w_j = exp(-(L_i - L_j) / tau)
+    assert bool((w[:-1] > w[1:]).all())
+    torch.testing.assert_close(R.flow_weights(losses, 0.0), torch.ones(4))
+
+
+def test_flow_weighs_each_target_samples_cross_entropy_by_its_pretrained_loss():
+    target = _data()
+    vlm = _vlm()
+    vlm.visual.eval()  # one forward here and one in train_step: the same numbers
+    labels = torch.as_tensor(target.labels)
+    cfg = replace(CFG, flow=2.0)
+    # the input row: the starting tower's per-sample loss under a class-mean head
+    L0 = I.INPUTS["pretrained_losses"].build(vlm, target, cfg, {"labels": labels})
+    emb = torch.from_numpy(embed_images(vlm, target, progress=False))
+    torch.testing.assert_close(L0, R.class_mean_losses(emb, labels, cfg.classifier, cfg.margin, cfg.scale))
+    head = CosineClassifier(vlm.embed_dim, 4, generator=torch.Generator().manual_seed(0))
+    idx = torch.tensor([0, 3, 7, 12, 20])
+    images = target.take(idx)
+    anchors = Anchors(params=[], names=[], inputs={"pretrained_losses": L0})
+    with torch.no_grad():
+        got = train_step(vlm, head, images, labels[idx], idx, 0, cfg, torch.Generator().manual_seed(1), anchors)
+        naive = train_step(vlm, head, images, labels[idx], idx, 0, replace(cfg, flow=0.0),
+                           torch.Generator().manual_seed(1), anchors)
+        e = F.normalize(vlm.visual(preprocess(vlm, images, train=True)).float(), dim=-1)
+        per = classification_loss(head(e), labels[idx], reduction="none")
+    w = R.flow_weights(L0, 2.0)[idx]
+    torch.testing.assert_close(got["ce"], (w * per).mean())
+    torch.testing.assert_close(naive["ce"], per.mean())
+    assert set(got) == {"ce"}
+
+
+def test_flow_trains_and_moves_the_weights():
+    target = _data()
+    finals = {}
+    for flow in (0.0, 5.0):
+        vlm = _vlm()
+        _, res = train(vlm, target, replace(CFG, flow=flow), validate=_score, progress=False)
+        assert all(np.isfinite(h["ce"]) for h in res.history if "ce" in h)
+        finals[flow] = [p.detach().clone() for p in vlm.visual.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(finals[0.0], finals[5.0]))
+
+
+# ---------------------------------------------------------------------------- FLOW and AVL resume
+@pytest.mark.parametrize("change", [dict(flow=1.0), dict(avl=5.0, sampler="round_robin")], ids=["flow", "avl"])
+def test_flow_and_avl_resume_bit_identically(tmp_path, change):
     target, generic = _data(), _data(n_classes=5, seed=9)
     cfg = replace(CFG, **change)
     extra = lambda: {"teacher": extract_teacher(_vlm(), generic, progress=False)} if cfg.avl else {}
@@ -171,7 +237,7 @@ def test_avl_resumes_bit_identically(tmp_path, change):
     part = _vlm()
     train(part, target, cfg, tmp_path / "part", generic=generic, validate=_score, progress=False,
           hooks=(lambda s: False if s.target_step == 4 else None,), **extra())
-    resumed = _vlm()
+    resumed = _vlm()  # FLOW's pretrained losses are built again from the starting weights, before last.pt loads
     train(resumed, target, cfg, tmp_path / "part", generic=generic, validate=_score, progress=False, resume=True,
           **extra())
     for a, b in zip(full.visual.state_dict().values(), resumed.visual.state_dict().values()):
