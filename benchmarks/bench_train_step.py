@@ -95,6 +95,9 @@ REGULARIZERS = {
     "lwf (text tower)": {"lwf": 1.0, "sampler": "round_robin"},
     "lipsum (text tower)": {"lipsum": 1.0, "lipsum_texts": 4},
     "adaptive sampler": {"distill": 1.0, "sampler": "adaptive", "adaptive_every": 25},
+    "tracer (bma teacher)": {"tracer": 1.0, "sampler": "round_robin"},
+    "dive avl": {"avl": 1.0, "sampler": "round_robin"},
+    "flow (weighted ce)": {"flow": 1.0},
 }
 
 

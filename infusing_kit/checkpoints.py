@@ -156,12 +156,16 @@ class RunFolder:
         if getattr(self, "lock", None) is not None:
             self.lock.release()
 
-    def restore(self, identity: dict) -> dict | None:
-        """The checkpoint to continue from (None: start afresh). Refuses one that belongs to another run."""
+    def restore(self, identity: dict, config_defaults: dict | None = None) -> dict | None:
+        """The checkpoint to continue from (None: start afresh). Refuses one that belongs to another run.
+        config_defaults: the TrainConfig defaults; a field the checkpoint's config lacks (one the kit added since it
+        was written) counts as its default, the value that switches it off."""
         if self.path is None or not self.resume or not (self.path / "last.pt").exists():
             return None  # resuming a run killed before its first checkpoint: it simply starts again
         ckpt = safe_load(self.path / "last.pt")
-        theirs = ckpt.get("identity", {})
+        theirs = dict(ckpt.get("identity", {}))
+        if config_defaults is not None and isinstance(theirs.get("config"), dict):
+            theirs["config"] = {**config_defaults, **theirs["config"]}
         # a checkpoint written before its identity held a key (LEGACY_KEYS) is not refused for it: it resumes, and
         # its next checkpoint records the key (refusing would strand every run interrupted before the change)
         diff = {k: (theirs.get(k), v) for k, v in identity.items() if theirs.get(k) != v

@@ -157,3 +157,6 @@ def check_config(cfg) -> None:
     if active() and cfg.relational > 0:
         raise ValueError("relational distillation compares all pairs in a batch; split across processes each rank "
                          "would see only its slice's pairs. Run it in one process (or set relational=0)")
+    if active() and cfg.avl > 0:
+        raise ValueError("DiVE's average vector loss centres the difference vectors on their batch mean; split across "
+                         "processes each rank would use its slice's mean. Run it in one process (or set avl=0)")

@@ -41,6 +41,7 @@ from .pretrain import FAR_PRETRAIN, PretrainConfig, load_pretrained_toy
 from .inputs import prepare_inputs
 from .presets import NAIVE, PRESETS, SMOKE_NAIVE, SMOKE_WORLD, Preset, ingredient_overrides
 from .train import TrainConfig, train
+from .trainconfig import with_defaults
 
 
 
@@ -276,7 +277,7 @@ def _reused(run_dir: Path, cfg: TrainConfig, identity: dict, vlm: VLM):
     from .posthoc import load_tower
     from .train import TrainResult
     m = json.loads((run_dir / "metrics.json").read_text())
-    theirs, ours = dict(m["train"]), asdict(cfg)
+    theirs, ours = with_defaults(m["train"]), asdict(cfg)  # a run made before a field existed trained without it
     if {k: v for k, v in theirs.items() if k != "select"} != {k: v for k, v in ours.items() if k != "select"}:
         diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
         raise ValueError(f"{run_dir} trained another configuration ({diff}): a post-hoc method must start from the "

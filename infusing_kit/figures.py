@@ -33,7 +33,7 @@ STYLE = {
     "baseline": ("#D55E00", ("o", "s")),
     "paper": ("#0072B2", ("D", "d", "p")),
     "weight space": ("#009E73", ("s", "o", "^", "v")),
-    "function space": ("#CC79A7", ("^", "o", "s", "D", "v", "P", "X")),
+    "function space": ("#CC79A7", ("^", "o", "s", "D", "v", "P", "X", "<", ">")),
     "data": ("#E69F00", ("v", "o", "s", "^")),
     "optimisation": ("#56B4E9", ("P", "o", "s", "^", "D")),
     "step rule": ("#882255", ("X", "o", "s", "^", "D")),

@@ -5,7 +5,7 @@ Two kinds of row:
 - built from the experiment's data before training (`build(vlm, domains, cfg, ctx)`; `prepare_inputs` builds the
   ones a config needs): pre-extracted teacher embeddings, EWC's Fisher, class prompts, random-token texts;
 - built by train() itself from the model it starts from (`in_train=True`; `build(vlm, target, cfg, ctx)`): a frozen
-  copy of the tower, the gradient scores of a sparse update.
+  copy of the tower, the gradient scores of a sparse update, TRACER's averaged teacher, FLOW's pretrained losses.
 A new input is one row here; a term names it in its `needs`.
 """
 from __future__ import annotations
@@ -117,6 +117,23 @@ def _gradient_scores(vlm, target, cfg, ctx, batches: int = 10):
     return scores
 
 
+def _bma_teacher(vlm, target, cfg, ctx):
+    from .teacher import TrajectoryTeacher
+    names = [n for n, p in vlm.visual.named_parameters() if p.requires_grad]
+    return TrajectoryTeacher(vlm, names, cfg.steps, cfg.bma_alpha, cfg.bma_beta)
+
+
+def _pretrained_losses(vlm, target, cfg, ctx):
+    """FLOW's L0: the starting (pretrained) tower's per-sample loss on the target training images, eval
+    preprocessing, under a class-mean head (`regularizers.class_mean_losses`, the run's margin loss and scale).
+    Not the run's own head, whose random initial weights would make every loss noise around log C; no text either
+    (the fine-grained classes have no names)."""
+    from .models import embed_images
+    from .regularizers import class_mean_losses
+    emb = torch.from_numpy(embed_images(vlm, target, progress=False)).to(vlm.device)
+    return class_mean_losses(emb, ctx["labels"].to(vlm.device), cfg.classifier, cfg.margin, cfg.scale)
+
+
 INPUTS = {i.name: i for i in (
     Input("teacher", _teacher, "a teacher: train(..., teacher=extract_teacher(pretrained_model, generic)) or "
                                "teacher='live'"),
@@ -128,6 +145,10 @@ INPUTS = {i.name: i for i in (
                                          "inputs.random_text_embeddings(model))"),
     Input("live_teacher", _live_teacher, "(built by train: a frozen copy of the tower)", in_train=True),
     Input("gradient_scores", _gradient_scores, "(built by train: |gradient| at the start)", in_train=True),
+    Input("bma_teacher", _bma_teacher, "(built by train: a copy of the tower, averaged along training)",
+          in_train=True),
+    Input("pretrained_losses", _pretrained_losses, "(built by train: the starting tower's per-sample target losses)",
+          in_train=True),
 )}
 
 

@@ -142,6 +142,14 @@ PRESETS: dict[str, Preset] = {
     "toy-lipsum": _method("Lipsum-FT: the image embeddings' inner products with random-token texts of the frozen text "
                           "tower kept on target batches (Nam et al. 2024; uses the text tower)", "function space",
                           lipsum=2.7327124588318883, smoke=dict(lipsum=10.0), search=(("lipsum", 0.01, 1e4, True),)),
+    "toy-tracer": _method("distillation (MSE) on generic batches to a Beta moving average of the fine-tuning "
+                          "trajectory's weights instead of the frozen pretrained model (TRACER's teacher, 2026; "
+                          "CLIPood's BMA, Shu et al. 2023, alpha = beta = 0.5), round robin", "function space",
+                          tracer=38.1850100403239, sampler="round_robin", search=(("tracer", 0.1, 1e3, True),)),
+    "toy-dive-avl": _method("DiVE's average vector loss on generic batches: the difference vectors (fine-tuned minus "
+                            "pretrained embedding) kept equal to their batch mean, so the embeddings' geometry is kept "
+                            "(Suzuki et al. 2026, image side), round robin", "function space", avl=1.0,
+                            sampler="round_robin", search=(("avl", 0.01, 1e3, True),)),
     # --- data mixing
     "toy-mix-balanced": _method("embedding distillation with the balanced sampler (generic with probability 1/2)",
                                 "data", distill=228.12275657632787, smoke=dict(distill=19.1), sampler="balanced",
@@ -153,6 +161,9 @@ PRESETS: dict[str, Preset] = {
                                 "their training losses every 25 target steps (after the official code)", "data",
                                 distill=139.034477529343, smoke=dict(distill=19.1), sampler="adaptive",
                                 search=(("distill", 0.1, 1e3, True),)),
+    "toy-flow": _method("FLOW: the target cross-entropy reweighted per sample by exp(-L0/tau), L0 the pretrained "
+                        "tower's loss under a class-mean head, mean weight 1 (Sanyal et al. 2025; strength 1/tau "
+                        "chosen on validation)", "data", flow=1.0, search=(("flow", 0.01, 10.0, True),)),
     # --- optimisation side
     "toy-low-lr": _method("naive fine-tuning with its backbone learning rate chosen on the mean of fine-grained and "
                           "generic validation (the retention-aware choice)", "optimisation",

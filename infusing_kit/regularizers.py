@@ -21,6 +21,13 @@ Function space, on L2-normalised embeddings (student s, frozen pretrained teache
       mean_l mean_{b, tokens} || h_l / |h_l| - h0_l / |h0_l| ||^2   (each token's feature unit-normalised)
   Lipsum-FT (Nam et al. 2024), on target batches, with M text embeddings u_j of random token sequences from the
       frozen text tower:  mean_{b, j} (s_b . u_j - t_b . u_j)^2
+  DiVE's average vector loss (Suzuki et al., AAAI 2026), image side, batch form, with difference vectors
+      d_b = s_b - t_b:  mean_b || d_b - mean_b' d_b' ||^2
+  TRACER's teacher (2026; CLIPood's Beta moving average, Shu et al. 2023): embedding distillation as above, the
+      teacher's weights a Beta-weighted average of the trajectory (`WeightAverage`, kind "bma")
+Sample weights of the target cross-entropy:
+  FLOW (Sanyal et al., ICML 2025):  w_i = exp(-L0_i / tau) / mean_j exp(-L0_j / tau), L0_i the pretrained model's loss
+      on training sample i (`class_mean_losses`); the loss is mean_b w_b CE_b
 Step rules, applied to each image-tower tensor T after the optimiser's step (theta~: its new value):
   SPD (Tian et al. 2024, "Rethinking weight decay for robust fine-tuning", AdamSPD):
       c_T = -g_T . (theta_T - theta0_T)  (the hyper-gradient of the loss w.r.t. a decay strength; theta before the step)
@@ -31,7 +38,8 @@ Step rules, applied to each image-tower tensor T after the optimiser's step (the
   sparse update (SAFT, Nguyen et al. 2024): only the entries with the largest |gradient| at the start (a fixed
       fraction of the tower, `top_fraction_mask`) ever change
   weight averaging along training: an EMA  a_t = (1 - 1/tau) a_{t-1} + (1/tau) theta_t  (a_0 = theta0), or ZSCL's
-      uniform average of theta0 and the weights every k steps (Zheng et al. 2023); validated and kept instead of theta
+      uniform average of theta0 and the weights every k steps (Zheng et al. 2023); validated and kept instead of theta;
+      or CLIPood's BMA  a = sum_t w_t theta_t / sum_t w_t over theta0 and every update, w_t = `beta_weight`
 Post-hoc weight-space merges (WiSE-FT, LiNeS, Model Stock, soups) are `merges`'s.
 """
 from __future__ import annotations
@@ -223,6 +231,43 @@ def lipsum(student: Tensor, teacher: Tensor, texts: Tensor) -> Tensor:
     return (student @ texts.T - teacher @ texts.T).square().mean()
 
 
+def average_vector_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """DiVE's average vector loss (Suzuki et al., "Difference Vector Equalization for Robust Fine-tuning of
+    Vision-Language Models", AAAI 2026), image side: with difference vectors d_b = s_b - t_b (fine-tuned minus
+    pretrained embedding of the same image),  mean_b || d_b - dbar ||^2,  dbar = mean_b' d_b'  (squared norm summed
+    over D). Zero when fine-tuning moves every embedding by the same vector, so the embeddings' geometry is kept.
+    DiVE's centre is a weighted (moving) average of the difference vectors over training, and it adds the text side
+    and a pairwise loss (PVL); here the centre is the batch mean (the gradient is the same whether dbar is detached
+    or not: sum_b (d_b - dbar) = 0). Shapes (B, D)."""
+    d = student - teacher
+    return (d - d.mean(0, keepdim=True)).square().sum(-1).mean()
+
+
+def class_mean_losses(emb: Tensor, labels: Tensor, loss: str = "normface", margin: float = 0.0,
+                      scale: float = 16.0) -> Tensor:
+    """Per-sample loss of frozen embeddings under a class-mean head (FLOW's L0 without a text tower or a trained
+    head): W_c = the mean embedding of class c, the sample itself left out of its own class's mean (a class with
+    one sample keeps it); L_i = cross-entropy of the margin logits (losses.classifier_logits) of cos(e_i, W_c).
+    emb (N, D); labels (N,) in 0..C-1. Returns (N,)."""
+    from .losses import classifier_logits
+    emb = F.normalize(emb.float(), dim=-1)
+    labels = torch.as_tensor(labels, device=emb.device).long()
+    n_classes = int(labels.max()) + 1
+    sums = torch.zeros(n_classes, emb.shape[1], device=emb.device).index_add_(0, labels, emb)
+    counts = torch.bincount(labels, minlength=n_classes)
+    cos = emb @ F.normalize(sums, dim=-1).T
+    own = sums[labels] - emb * (counts[labels] > 1)[:, None]   # leave-one-out mean of the sample's class
+    cos = cos.scatter(1, labels[:, None], (emb * F.normalize(own, dim=-1)).sum(-1, keepdim=True))
+    return F.cross_entropy(classifier_logits(cos, labels, loss, margin, scale), labels, reduction="none")
+
+
+def flow_weights(losses: Tensor, strength: float) -> Tensor:
+    """FLOW's sample weights (Sanyal et al., "Upweighting Easy Samples in Fine-Tuning Mitigates Forgetting", ICML
+    2025): w_i = exp(-L0_i / tau) / mean_j exp(-L0_j / tau) with strength = 1/tau (0: every weight 1), normalised to
+    mean 1 over the training set. losses (N,): the pretrained model's per-sample losses L0."""
+    return len(losses) * torch.softmax(-strength * losses.float(), dim=0)
+
+
 # ---------------------------------------------------------------------------- step rules
 @torch.no_grad()
 def spd_(params: list[Tensor], before: list[Tensor], grads: list[Tensor], theta0: list[Tensor],
@@ -267,38 +312,62 @@ def top_fraction_mask(scores: list[Tensor], fraction: float) -> list[Tensor]:
     return out
 
 
+def beta_weight(k: int, steps: int, alpha: float = 0.5, beta: float = 0.5) -> float:
+    """CLIPood's BMA weight (Shu et al., "CLIPood: Generalizing CLIP to Out-of-Distributions", ICML 2023) of the
+    weights after k of `steps` target steps: the Beta(alpha, beta) density at u = (k + 0.5) / (steps + 1),
+    u^(alpha-1) (1-u)^(beta-1) / B(alpha, beta) (the 0.5 keeps u inside (0, 1), where the density is finite).
+    alpha = beta = 0.5 (CLIPood's default) weighs the start (the pretrained weights) and the end most."""
+    u = (k + 0.5) / (steps + 1)
+    log_b = math.lgamma(alpha) + math.lgamma(beta) - math.lgamma(alpha + beta)
+    return math.exp((alpha - 1) * math.log(u) + (beta - 1) * math.log1p(-u) - log_b)
+
+
 class WeightAverage:
     """An average of the tower's weights along training, starting at the pretrained weights: kind "ema"
-    (a_t = (1 - 1/tau) a_{t-1} + (1/tau) theta_t after every step) or "uniform" (ZSCL's weight ensemble: the mean of
-    theta0 and of the weights after every k-th step)."""
+    (a_t = (1 - 1/tau) a_{t-1} + (1/tau) theta_t after every step), "uniform" (ZSCL's weight ensemble: the mean of
+    theta0 and of the weights after every k-th step) or "bma" (CLIPood's Beta moving average: theta0 with weight
+    beta_weight(0) and the weights after every update with beta_weight(k), k = target steps done, over `steps`;
+    a_t = a_{t-1} + (w_t / S_t) (theta_t - a_{t-1}), S_t = S_{t-1} + w_t, i.e. a = sum_t w_t theta_t / sum_t w_t).
+    share=True: the average lives in the given tensors themselves (a teacher module's parameters), not in copies."""
 
-    def __init__(self, kind: Literal["ema", "uniform"], theta0: list[Tensor], tau: float = 50.0, every: int = 10):
-        if kind not in ("ema", "uniform"):
-            raise ValueError(f"weight averaging must be 'ema' or 'uniform', got {kind!r}")
+    def __init__(self, kind: Literal["ema", "uniform", "bma"], theta0: list[Tensor], tau: float = 50.0,
+                 every: int = 10, steps: int = 1, alpha: float = 0.5, beta: float = 0.5, share: bool = False):
+        if kind not in ("ema", "uniform", "bma"):
+            raise ValueError(f"weight averaging must be 'ema', 'uniform' or 'bma', got {kind!r}")
         if kind == "ema" and tau < 1:
             raise ValueError(f"the EMA's time constant tau must be >= 1 step, got {tau}")
         self.kind, self.tau, self.every = kind, float(tau), int(every)
-        self.avg = [t.detach().clone() for t in theta0]
+        self.steps, self.alpha, self.beta = int(steps), float(alpha), float(beta)
+        self.avg = [t.detach() if share else t.detach().clone() for t in theta0]
         self.count = 1  # theta0 is in the average
+        self.total = beta_weight(0, self.steps, self.alpha, self.beta) if kind == "bma" else 1.0
 
     @torch.no_grad()
     def update(self, params: list[Tensor], step: int) -> None:
-        """After optimiser step `step` (1-based)."""
+        """After optimiser step `step` (1-based; kind "bma": the target steps done, the position in the schedule)."""
         if self.kind == "ema":
             for a, p in zip(self.avg, params):
                 a.lerp_(p.detach(), 1.0 / self.tau)
+        elif self.kind == "bma":
+            w = beta_weight(step, self.steps, self.alpha, self.beta)
+            self.count += 1
+            self.total += w
+            for a, p in zip(self.avg, params):
+                a.lerp_(p.detach(), w / self.total)
         elif step % self.every == 0:
             self.count += 1
             for a, p in zip(self.avg, params):
                 a.add_((p.detach() - a) / self.count)
 
     def state_dict(self) -> dict:
-        return {"avg": [a.clone() for a in self.avg], "count": self.count}
+        extra = {"total": self.total} if self.kind == "bma" else {}
+        return {"avg": [a.clone() for a in self.avg], "count": self.count, **extra}
 
     def load_state_dict(self, state: dict) -> None:
         for a, b in zip(self.avg, state["avg"]):
             a.copy_(b)
         self.count = int(state["count"])
+        self.total = float(state.get("total", self.total))
 
 
 def adaptive_generic_share(target_losses: list[float], generic_losses: list[float], first: tuple[float, float],

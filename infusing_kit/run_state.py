@@ -90,6 +90,9 @@ class RunState:
             self.start_score = ckpt.get("start_score")
             if self.average is not None:
                 self.average.load_state_dict(ckpt["average"])
+            for rule, state in zip(anchors.steps, ckpt.get("step_rules", ())):
+                if state is not None:  # a step rule's own state (TRACER's averaged teacher)
+                    rule.load_state_dict(state)
             if self.adaptive is not None:
                 self.adaptive.p_generic, self.adaptive.target_done = ckpt["adaptive"]["p"], self.target_step
                 self.window = ckpt["adaptive"]["window"]
@@ -110,6 +113,9 @@ class RunState:
         self.last_losses = {}
         if self.average is not None and not frozen:
             self.average.update(self.anchors.params, self.step)
+        if not frozen:
+            for rule in self.anchors.steps:
+                rule.advance(self.anchors.params, self.step, self.target_step)
         if self.adaptive is not None:
             self._adapt(domain, terms, frozen)
         if self.official is not None:
@@ -204,6 +210,9 @@ class RunState:
         extra = {}
         if self.average is not None:
             extra["average"] = self.average.state_dict()
+        rules = [rule.state_dict() for rule in self.anchors.steps]
+        if any(r is not None for r in rules):
+            extra["step_rules"] = rules
         if self.adaptive is not None:
             extra["adaptive"] = {"p": self.adaptive.p_generic, "window": self.window}
         if self.official is not None:

@@ -9,9 +9,12 @@ silently (the official code read them from a different folder than it wrote them
 `extract_teacher(vlm, data, path=...)` writes them to a memory-mapped `path` (.npy) in chunks, with a small
 `path.json` recording the fingerprint and the rows done: an extraction killed part-way continues where it
 stopped, and a large generic set never has to fit in memory.
+
+`TrajectoryTeacher` is the other kind: a live teacher whose weights follow training (TRACER's averaged teacher).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -22,7 +25,8 @@ import torch
 
 from .data import Split
 from .checkpoints import atomic_save, atomic_write_text, tower_fingerprint
-from .models import VLM, embed_images, progress_bar
+from .models import VLM, embed_images, preprocess, progress_bar
+from .regularizers import WeightAverage
 
 
 def data_fingerprint(data) -> str:
@@ -103,3 +107,26 @@ def extract_teacher(vlm: VLM, data, batch_size: int = 256, progress: bool = True
         bar.update(stop - start)
     bar.close()
     return TeacherEmbeddings(torch.from_numpy(np.load(path, mmap_mode="c")), fp)  # copy-on-write: never changes the file
+
+
+class TrajectoryTeacher:
+    """A teacher whose weights are CLIPood's Beta moving average of the fine-tuning trajectory (Shu et al. 2023): a
+    frozen copy of the tower at the start whose trainable parameters (`names`) hold a = sum_t w_t theta_t / sum_t w_t
+    over theta0 and the weights after every backbone update, w_t the Beta(alpha, beta) density at the update's
+    position in the `steps` target steps (`regularizers.beta_weight`). A step rule (terms.TrajectoryAverage) updates
+    it; buffers (BatchNorm statistics) stay the pretrained ones. TRACER (2026) distils towards a weighted moving
+    average of the trajectory instead of the frozen model; the kit takes CLIPood's Beta weights for it (as issue 35
+    describes it) and keeps only the image-side embedding distillation, not TRACER's contrastive loss or its other
+    distillation views."""
+
+    def __init__(self, vlm: VLM, names: list[str], steps: int, alpha: float = 0.5, beta: float = 0.5):
+        self.vlm = vlm  # for its preprocessing and device only; the tower is the copy
+        self.tower = copy.deepcopy(vlm.visual).eval().requires_grad_(False)
+        own = dict(self.tower.named_parameters())
+        self.average = WeightAverage("bma", [own[n] for n in names], steps=steps, alpha=alpha, beta=beta, share=True)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D) L2-normalised float32 embeddings of uint8 images, eval preprocessing (as a pre-extracted teacher)."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.vlm.device.type == "cuda"):
+            return torch.nn.functional.normalize(self.tower(preprocess(self.vlm, images)).float(), dim=-1)

@@ -48,8 +48,9 @@ def train_step(vlm: VLM, head: CosineClassifier, images: torch.Tensor, labels: t
     """Named, weighted loss terms for one batch of uint8 images (autograd terms only). domain 0 = target (labels
     given), 1 = generic (idx: the images' indices in the split, for pre-extracted teacher embeddings).
 
-    target batch: ce + the target TERMS switched on;  generic batch: the generic TERMS switched on, against the
-    frozen pretrained model. Weight-space penalties and step rules act in train(), after backward."""
+    target batch: ce (per-sample weighted by the "samples" TERMS switched on) + the target TERMS switched on;
+    generic batch: the generic TERMS switched on, against the frozen pretrained model. Weight-space penalties and step
+    rules act in train(), after backward."""
     on = active(cfg, "target" if domain == 0 else "generic")
     blocks = any(t.features == "blocks" for t in on)
     pixels = preprocess(vlm, images, train=True, augment=cfg.augment, generator=generator)
@@ -57,12 +58,20 @@ def train_step(vlm: VLM, head: CosineClassifier, images: torch.Tensor, labels: t
         emb, student_blocks = _embed(vlm.visual, pixels, blocks)  # (B, D), L2-normalised float32
     out = {}
     if domain == 0:
-        out["ce"] = cfg.ce_weight * classification_loss(head(emb), labels.to(emb.device), cfg.classifier, cfg.margin,
-                                                        cfg.scale)
+        reweight = active(cfg, "samples")
+        if not reweight:
+            ce = classification_loss(head(emb), labels.to(emb.device), cfg.classifier, cfg.margin, cfg.scale)
+        else:  # mean_b w_b CE_b, w the product of the rows' sample weights
+            ce = classification_loss(head(emb), labels.to(emb.device), cfg.classifier, cfg.margin, cfg.scale,
+                                     reduction="none")
+            for t in reweight:
+                ce = ce * t.sample_weights(cfg, anchors, idx).to(ce.device)
+            ce = ce.mean()
+        out["ce"] = cfg.ce_weight * ce
     if not on:
         return out
     teacher, teacher_blocks = _teacher(vlm, images, idx, domain, anchors, blocks)  # un-augmented, eval preprocessing
-    batch = TermBatch(emb, teacher, cfg, anchors, generator, student_blocks, teacher_blocks)
+    batch = TermBatch(emb, teacher, cfg, anchors, generator, student_blocks, teacher_blocks, images)
     for t in on:
         out[t.name] = getattr(cfg, t.name) * t.loss(batch)
     return out
@@ -85,11 +94,17 @@ def _embed(tower: torch.nn.Module, pixels: torch.Tensor, blocks: bool) -> tuple[
 
 
 def _teacher(vlm: VLM, images: torch.Tensor, idx: torch.Tensor, domain: int, anchors: Anchors, blocks: bool):
+    """The frozen pretrained model's view of the batch; None when no switched-on term needs it (a term with a
+    teacher of its own, TRACER's)."""
     if domain == 0:  # target terms: the pretrained model's embeddings of the target images
+        if anchors.target_teacher is None:
+            return None, None
         return anchors.target_teacher[idx.to(anchors.target_teacher.device)], None
     if anchors.live_teacher is not None and (blocks or anchors.teacher_emb is None):
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=vlm.device.type == "cuda"):
             return _embed(anchors.live_teacher, preprocess(vlm, images), blocks)
+    if anchors.teacher_emb is None:
+        return None, None
     return anchors.teacher_emb[idx.to(anchors.teacher_emb.device)], None
 
 
@@ -131,7 +146,8 @@ def _train(vlm, target, cfg, folder, generic, validate, hooks, progress, inputs)
         opt = torch.optim.AdamW(param_groups(vlm, head, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay),
                                 betas=(0.9, 0.999), eps=1e-8)
         anchors = _anchors(vlm, cfg, target, generic, head, labels, inputs)
-        run = RunState(folder, cfg, vlm, head, opt, folder.restore(identity), identity, anchors)
+        ckpt = folder.restore(identity, config_defaults=asdict(TrainConfig()))
+        run = RunState(folder, cfg, vlm, head, opt, ckpt, identity, anchors)
         t0 = time.time()
         if validate is not None and cfg.eval_every and run.step == 0:
             run.validate(validate)  # the pretrained model: logged; kept only with cfg.keep_pretrained
@@ -295,7 +311,7 @@ def _anchors(vlm: VLM, cfg: TrainConfig, target, generic, head, labels, inputs: 
         t = TERMS_BY_NAME[name]
         a.quad.append((name, Quadratic.build(t.weights(params, cfg, inputs), getattr(cfg, name),
                                              a.theta0 if t.centre == "pretrained" else None)))
-    a.steps = [TERMS_BY_NAME[name].step(cfg, a, inputs) for name in cfg.step_terms()]
+    a.steps = [t.step(cfg, a, inputs) for t in active(cfg) if t.step is not None]  # step rules, in TERMS order
     a.live_teacher = inputs.get("live_teacher")
     if cfg.generic_terms() and "teacher" in need:
         if inputs["teacher"] == "live":

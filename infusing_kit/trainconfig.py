@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 from .losses import MarginLoss
@@ -50,9 +50,17 @@ class TrainConfig:
     lwf: float = 0.0                  # LwF logit distillation on zero-shot logits of the generic classes (text tower)
     lwf_temperature: float = 2.0
     ldifs: float = 0.0                # LDIFS: distance of every block's features to the frozen model's
+    tracer: float = 0.0               # distillation (distill_kind) to a Beta moving average of the trajectory's
+                                      # weights instead of the pretrained model (TRACER's teacher; CLIPood's BMA)
+    bma_alpha: float = 0.5            # tracer: the Beta(alpha, beta) density that weighs the trajectory (CLIPood: 0.5)
+    bma_beta: float = 0.5
+    avl: float = 0.0                  # DiVE's average vector loss: the difference vectors (fine-tuned - pretrained
+                                      # embedding) kept equal to their batch mean
     # --- on target batches
     lipsum: float = 0.0               # Lipsum-FT: inner products with random-token texts kept (text tower)
     lipsum_texts: int = 80            # random texts per step (from a bank of 1000)
+    flow: float = 0.0                 # FLOW: 1/tau of the cross-entropy's sample weights exp(-L0_i / tau), L0 the
+                                      # pretrained tower's loss under a class-mean head (0: every weight 1)
     # --- step rules (around each optimiser step, image tower only)
     spd: float = 0.0                  # selective projection decay strength (AdamSPD's lambda)
     tpgm: float = 0.0                 # projection radius, relative to each tensor's pretrained norm (0: off)
@@ -82,6 +90,9 @@ class TrainConfig:
         if self.lp_ft_steps >= self.steps:
             raise ValueError(f"TrainConfig.lp_ft_steps={self.lp_ft_steps} >= steps={self.steps}: the backbone would "
                              "never train; use fewer LP-FT steps")
+        if self.lora_rank > 0 and self.tracer > 0:
+            raise ValueError("lora_rank > 0 trains only low-rank factors: tracer's teacher would average the factors "
+                             "A and B apart, which is not an average of the weights W0 + B A; use one or the other")
         if self.lora_rank > 0 and (self.weight_terms() or self.step_terms() or self.freeze_blocks >= 0):
             raise ValueError("lora_rank > 0 trains only low-rank factors: weight-space penalties, step rules and "
                              "freeze_blocks would act on those factors, not on the pretrained weights; use one or the other")
@@ -108,11 +119,21 @@ class TrainConfig:
     def step_terms(self) -> list[str]:
         return [t.name for t in active(self, "step")]
 
+    def sample_terms(self) -> list[str]:
+        """Per-sample weights of the target cross-entropy, those switched on."""
+        return [t.name for t in active(self, "samples")]
+
+
+def with_defaults(recorded: dict) -> dict:
+    """A TrainConfig as an older run recorded it (metrics.json, a checkpoint's identity), completed with the defaults
+    of the fields the kit added since: that run trained with them at their default, which switches them off."""
+    return {**asdict(TrainConfig()), **recorded}
+
 
 # Allowed ranges, checked when a TrainConfig is made (a wrong setting is an error naming the field, never a silent
 # no-op or a run that trains wrongly). Every weight of terms.TERMS is >= 0; Literal fields take their allowed values.
 _AT_LEAST_ONE = ("steps", "batch_size", "log_every", "adaptive_every", "average_every", "lipsum_texts")
-_POSITIVE = ("lr_backbone", "lr_head", "scale", "ce_weight", "lwf_temperature")
+_POSITIVE = ("lr_backbone", "lr_head", "scale", "ce_weight", "lwf_temperature", "bma_alpha", "bma_beta")
 _NON_NEGATIVE = ("weight_decay", "margin", "lp_ft_steps", "lora_rank", "eval_every", "ckpt_every", "seed",
                  "adaptive_ema", *(t.name for t in TERMS))
 

@@ -66,6 +66,8 @@ EVERY = {  # one row per method of presets.PRESETS (post-hoc ones below): its Tr
     "proportional": dict(distill=1.0, sampler="proportional"), "adaptive": dict(distill=1.0, sampler="adaptive",
                                                                               adaptive_every=1),
     "lp-ft": dict(lp_ft_steps=1), "freeze": dict(freeze_blocks=1), "lora": dict(lora_rank=2),
+    "tracer": dict(tracer=1.0, sampler="round_robin"), "dive-avl": dict(avl=1.0, sampler="round_robin"),
+    "flow": dict(flow=1.0),
 }
 
 
