@@ -119,10 +119,10 @@ class Comparison:
                              "same study and settings, or choose another --out")
         self.chosen["study"] = {**study.describe(), "methods": sorted(set(self.chosen.get("study", {}).get(
             "methods", [])) | set(study.methods))}
-        from .fingerprint import check, comparison_fingerprint
-        from .storage import check_storage
+        from .fingerprint import check, comparison_fingerprint, own_choices; from .storage import check_storage
         check_storage(self.storage)  # a bad --storage is refused before any run trains
-        fp, old_fp = comparison_fingerprint(study), self.chosen.get("fingerprint")
+        fp = own_choices(old_fp := self.chosen.get("fingerprint"), comparison_fingerprint(study), self.chosen,
+                         self.protocol.baseline)
         check(old_fp, fp, f"{self.path}", "Resume it with the same model, data and fixed fields, or choose another "
               "--out (and --storage) for a new comparison")
         if old_fp is None and old is not None:

@@ -91,6 +91,20 @@ def comparison_fingerprint(study) -> dict:
     return {**model_and_data(study.runner), "methods": {m: fixed_fields(study.runner, m) for m in study.methods}}
 
 
+def own_choices(old: dict | None, new: dict, chosen: dict, base_method: str) -> dict:
+    """`new` (a comparison's fingerprint) with the fields this comparison chose itself put back to their recorded
+    values: a preset that now holds the comparison's own choice (its searched strengths, the baseline's learning
+    rates and schedule, which every method's runs override) is not a change of what the comparison runs."""
+    if not old:
+        return new
+    base = (chosen.get(base_method) or {}).get("params") or {}
+    methods = {}
+    for m, fields in new.get("methods", {}).items():
+        was, own = old.get("methods", {}).get(m, {}), {**base, **((chosen.get(m) or {}).get("params") or {})}
+        methods[m] = {k: (was[k] if k in own and k in was and v == own[k] else v) for k, v in fields.items()}
+    return {**new, "methods": methods}
+
+
 def differences(old: dict, new: dict) -> list[str]:
     """What changed from `old` to `new` (fingerprints), in words; [] when nothing did."""
     out = []
