@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .experiment import Domains, cached_run, chapter_rows
+from .containers import Domains
+from .experiment import cached_run, chapter_rows
 from .models import VLM, embed_images, load_model
+from .world import domains as world_domains
 
 
 @dataclass
@@ -78,7 +80,7 @@ def run(method: str, root: str | Path, config: str | Path | None = None, smoke: 
     if config is None:
         m, tuned, pretrained, w = cached_run(method, root, smoke=smoke, seed=seed, device=device, registry=registry,
                                              progress=progress, train_seed=train_seed)
-        return ChapterRun(m, tuned, pretrained, Domains.from_world(w))
+        return ChapterRun(m, tuned, pretrained, world_domains(w))
     from .config import load_config, setup_from_config
     config = Path(config)
     name, seed = method_of(method, config), seed if train_seed is None else train_seed
@@ -105,7 +107,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", progress: bool = False) -
     metrics = json.loads((run_dir / "metrics.json").read_text())
     if "world" in metrics:
         m, tuned, pretrained, w = experiment.load_run(run_dir, device, progress)
-        return ChapterRun(m, tuned, pretrained, Domains.from_world(w))
+        return ChapterRun(m, tuned, pretrained, world_domains(w))
     from .config import setup_from_config
     cfg = metrics["config"]
     setup = setup_from_config(cfg, device=device, progress=progress, method=cfg.get("method", {}), name=metrics["preset"])

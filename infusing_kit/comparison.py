@@ -22,13 +22,13 @@ metrics.json, choices in OUT/chosen.json), so the same command resumes:
    search's next-best learning rates;
 5. **report**: OUT/results.jsonl (registry), OUT/trials.jsonl (trials, validation only), OUT/chosen.json, the table.
 Every run records the fingerprint of its starting weights, its thread count, device and torch version; a run that
-differs from the comparison's first is refused (`identity.check_identity`). With jobs > 1 that many runs go at
-once (each on cpu_count // jobs threads).
+differs from the comparison's first is refused (`identity.check_identity`). jobs > 1: that many runs at once.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 
@@ -36,7 +36,9 @@ from .budget import CACHE, BudgetSpent, deadline_passed, restore_state, save_sta
 from .checkpoints import FolderBusyError, atomic_write_text
 from .calibration import FLAT_FRAC, FLAT_TOL, MARGIN, choose_schedule, flat_length, seed_noise  # noqa: F401
 from .experiment import K, run_experiment
+from .fingerprint import check, comparison_fingerprint, own_choices
 from .identity import check_identity
+from .storage import check_storage
 from .study import Protocol, Runner, Study
 
 _P = Protocol()
@@ -64,7 +66,6 @@ def _init_worker(threads: int | None) -> None:
 def _one(kw: dict, poll: float = 10.0) -> dict:
     """One run, or the finished one in its folder. An interrupted run resumes where its last checkpoint left it. A
     folder another process holds (another machine of the same comparison, on a shared folder) is awaited."""
-    import time
     kw = dict(kw)
     runner, method = kw.pop("runner"), kw.pop("preset")
     atomic = kw.pop("atomic", False)  # a run of a group that must finish together (post hoc reads its weights)
@@ -119,7 +120,6 @@ class Comparison:
                              "same study and settings, or choose another --out")
         self.chosen["study"] = {**study.describe(), "methods": sorted(set(self.chosen.get("study", {}).get(
             "methods", [])) | set(study.methods))}
-        from .fingerprint import check, comparison_fingerprint, own_choices; from .storage import check_storage
         check_storage(self.storage)  # a bad --storage is refused before any run trains
         fp = own_choices(old_fp := self.chosen.get("fingerprint"), comparison_fingerprint(study), self.chosen,
                          self.protocol.baseline)

@@ -304,7 +304,7 @@ def read_split(cfg: dict, group: str, part: str):
     mc, d, where = cfg["model"], cfg["data"], cfg.get("_path", "the config")
     size = d.get("size") or mc.get("image_size") or _model_size(mc["name"])
     if "query" in d[group][part]:  # a test split of queries against a separate index (gallery)
-        from .evaluation import QueryIndex
+        from .containers import QueryIndex
         read = lambda sub: FORMATS[sub["format"]].read(sub, size)
         return QueryIndex(read(d[group][part]["query"]), read(d[group][part]["index"]))
     try:

@@ -13,75 +13,16 @@ Validation (`validation_fn`): fine-grained and generic validation mAP@20 and the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
-import torch
 
+from .containers import Domains, QueryIndex, TextProbe  # noqa: F401  (evaluation.QueryIndex etc. stay importable)
 from .metrics import K, image_text_recall, merged_retrieval_metrics, retrieval_metrics
 from .models import VLM, embed_images, embed_texts
 
 
-@dataclass
-class QueryIndex:
-    """A test split whose queries are searched against a separate index (gallery) that holds their positives (no
-    query is in the index). As a split (galleries, drift, leakage checks) it is the queries followed by the index."""
-    query: object
-    index: object
-
-    def __len__(self) -> int:
-        return len(self.query) + len(self.index)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.concatenate([self.query.labels, self.index.labels])
-
-    def take(self, idx) -> torch.Tensor:
-        idx, nq = np.asarray(idx).reshape(-1), len(self.query)
-        parts = [self.query.take([i]) if i < nq else self.index.take([i - nq]) for i in idx]
-        return torch.cat(parts) if parts else self.query.take([])
-
-    def rows(self, start: int, stop: int):
-        from .data import Split
-        return Split(self.take(np.arange(start, stop)), self.labels[start:stop])
-
-    def fingerprint(self) -> str:
-        return f"{self.query.fingerprint()}+{self.index.fingerprint()}"
-
-
-@dataclass
-class TextProbe:
-    """The image-text test set as the paper's release gives it: images (any split) and, instead of captions,
-    their precomputed text embeddings (T, D), caption_image[j] = the image caption j describes."""
-    images: object
-    text_embeddings: np.ndarray
-    caption_image: np.ndarray
-    caption_ids: list = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def take(self, idx) -> torch.Tensor:
-        return self.images.take(idx)
-
-    def rows(self, start: int, stop: int):
-        return self.images.rows(start, stop)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.images.labels
-
-    def fingerprint(self) -> str:
-        import hashlib
-        h = hashlib.sha256(self.images.fingerprint().encode())
-        h.update(np.ascontiguousarray(self.text_embeddings, dtype=np.float32).tobytes())
-        h.update(np.asarray(self.caption_image, dtype=np.int64).tobytes())
-        return h.hexdigest()[:16]
-
-
 def _domains(data):
-    from .experiment import Domains
-    return data if isinstance(data, Domains) else Domains.from_world(data)
+    from .world import domains
+    return data if isinstance(data, Domains) else domains(data)
 
 
 def _embedded(vlm: VLM, split, progress: bool) -> tuple:

@@ -33,6 +33,7 @@ import torch
 from . import distributed, testsets
 from . import world as W
 from .checkpoints import FolderLock, atomic_write_text, check_writable
+from .containers import Domains  # (experiment.Domains stays importable)
 from .identity import check_identity, code_version, run_identity
 from .evaluation import VALIDATION_KEYS, evaluate, validation_fn  # (experiment.evaluate etc. stay importable)
 from .metrics import K
@@ -77,33 +78,6 @@ def _check_world(world: str) -> None:
 
 # ---------------------------------------------------------------------------- what an experiment is made of
 @dataclass
-class Domains:
-    """The data of one experiment (each a data.Split or data.FileSplit).
-
-    target_*: the fine-grained domain, class-disjoint splits. generic_train: images the regularizers use
-    (replay, teacher, Fisher); generic_val: selection; generic_test: reporting (either test split may be an
-    `evaluation.QueryIndex`: queries against a gallery). text_test: images with captions (`captions`,
-    `caption_image`) or with precomputed text embeddings (`evaluation.TextProbe`). generic_prompts: one text per generic class (LwF's zero-shot
-    logits and EWC's Fisher use them), indexed by the generic labels; None when the generic data have none."""
-    target_train: object
-    target_val: object
-    target_test: object
-    generic_train: object
-    generic_val: object
-    generic_test: object
-    text_test: object
-    generic_prompts: list[str] | None = None
-    merged_index: bool = False        # test also with the merged-index protocol (evaluation.evaluate)
-    tests: dict = field(default_factory=dict)  # extra test sets: name -> testsets.TestSet (a config's [data.tests])
-
-    @classmethod
-    def from_world(cls, w: W.WorldSplits) -> "Domains":
-        attrs = W.combo_to_attributes(np.arange(W.N_COMBOS))
-        return cls(w.fine_train, w.fine_val, w.fine_test, w.generic_train, w.generic_val, w.generic_test,
-                   w.text_test, [W.caption(a) for a in attrs])
-
-
-@dataclass
 class Setup:
     """One experiment, ready to run: `model()` returns the pretrained VLM (loaded fresh each call)."""
     name: str                         # the preset (or config) name: the registry's "method"
@@ -131,7 +105,7 @@ def toy_setup(preset: str, seed: int = 0, smoke: bool = False, device: str = "cp
     cfg = replace(p.smoke_train if smoke else p.train, seed=seed if train_seed is None else train_seed, **overrides)
     wcfg, pcfg = world_config(seed, smoke, world), pretrain_config(seed, smoke, world)
     model = lambda: load_pretrained_toy(pcfg.model, device=device, cache_dir=cache_dir, cfg=pcfg, progress=progress)
-    return Setup(preset, p.description, model, Domains.from_world(W.make_world(wcfg)), cfg, p.post_hoc, seed, smoke,
+    return Setup(preset, p.description, model, W.domains(W.make_world(wcfg)), cfg, p.post_hoc, seed, smoke,
                  {"world": asdict(wcfg), "pretrain": asdict(pcfg), "model": pcfg.model}, overrides)
 
 

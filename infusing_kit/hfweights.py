@@ -3,7 +3,7 @@
 `*.index.json`) or one `.safetensors` / `.bin` file whose keys are transformers' (`vision_model.`, `text_model.`).
 
 - `source(pretrained)`: the checkpoint's weight files and config.json, or None when `pretrained` is not one.
-- `load_hf(name, path, ...)`: the open_clip model `name` built, then every tensor of it filled from the file.
+- `load_hf(vlm, name, path, ...)`: the open_clip model `name` (built by `models.load_model`), every tensor of it filled from the file.
   A transformers CLIP (`CLIPModel`, `CLIPVisionModelWithProjection`) loads into an open_clip CLIP ViT
   (`VisionTransformer`: ViT-B-32, ViT-L-14-quickgelu, ...), a SigLIP (`SiglipModel`, `SiglipVisionModel`) into an
   open_clip SigLIP model (timm ViT trunk with attention pool: ViT-B-16-SigLIP, ...). Without `text_model.` keys (a
@@ -292,12 +292,11 @@ def _resize(model, key: str, x: torch.Tensor) -> torch.Tensor:
                                   num_prefix_tokens=0)
 
 
-def load_hf(name: str, path, files: list[Path], config_path: Path | None, device, image_size, cache_dir, seed):
-    """`models.load_model` for a transformers checkpoint (see the module docstring)."""
-    from .models import freeze_text_tower, load_model
+def load_hf(vlm, name: str, path, files: list[Path], config_path: Path | None):
+    """Load a transformers checkpoint into `vlm` (`models.load_model` made it, randomly initialised, and moves and
+    freezes it after; see the module docstring)."""
     config = json.loads(config_path.read_text()) if config_path is not None else None
     state = read_state(files)
-    vlm = load_model(name, None, "cpu", image_size, cache_dir, seed=0 if seed is None else seed)
     converted, with_text, family = convert(vlm.model, state, config, path, name)
     result = vlm.model.load_state_dict(converted, strict=False)
     left = [k for k in result.missing_keys if k.startswith("visual.") or with_text]
@@ -315,7 +314,5 @@ def load_hf(name: str, path, files: list[Path], config_path: Path | None, device
         mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
     vlm.mean, vlm.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     vlm.visual.preprocess_cfg = {**vlm.visual.preprocess_cfg, "mean": vlm.mean, "std": vlm.std}
-    vlm.model.to(device)
-    freeze_text_tower(vlm)
     vlm.pretrained = str(path)
     return vlm

@@ -58,7 +58,7 @@ def content_hashes(split) -> list[str]:
     if hasattr(split, "image_bytes"):  # records: their images, verified and hashed once (precheck.verify_records)
         from .precheck import verify_records
         return verify_records(split)
-    if hasattr(split, "query") and hasattr(split, "index"):  # queries and their gallery (evaluation.QueryIndex)
+    if hasattr(split, "query") and hasattr(split, "index"):  # queries and their gallery (containers.QueryIndex)
         return content_hashes(split.query) + content_hashes(split.index)
     if hasattr(split, "images") and hasattr(split, "text_embeddings"):  # a TextProbe: its images
         return content_hashes(split.images)

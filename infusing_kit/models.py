@@ -86,7 +86,11 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
     from .hfweights import load_hf, source
     hf = source(pretrained)  # a transformers CLIP / SigLIP folder or file: converted to open_clip's names
     if hf is not None:
-        return load_hf(name, pretrained, *hf, device, image_size, cache_dir, seed)
+        vlm = load_hf(load_model(name, None, "cpu", image_size, cache_dir, seed=0 if seed is None else seed), name,
+                      pretrained, *hf)
+        vlm.model.to(device)
+        freeze_text_tower(vlm)
+        return vlm
     if str(pretrained or "").endswith(".npz"):
         return _load_big_vision(name, pretrained, device, image_size, cache_dir, seed)
     if pretrained is not None and not Path(str(pretrained)).is_file() and (os.sep in str(pretrained) or

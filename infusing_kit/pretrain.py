@@ -109,7 +109,7 @@ def _pretrain(cfg: PretrainConfig, device, progress: bool) -> tuple[VLM, dict]:
     no_decay = [p for n, p in vlm.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    stream = world.caption_stream(cfg.seed, cfg.batch_size, vlm.image_size)
+    stream = caption_stream(cfg.seed, cfg.batch_size, vlm.image_size)
     vlm.model.train()
     t0, losses = time.time(), []
     for step in (bar := progress_bar(range(cfg.steps), progress, desc=f"pretrain {cfg.model}")):
@@ -177,3 +177,15 @@ def write_weights(vlm: VLM, path: str | Path, info: dict | None = None) -> Path:
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     with np.load(path) as f:
         return {k: torch.from_numpy(f[k].copy()) for k in f.files if k != "__info__"}
+
+
+def caption_stream(seed: int, batch_size: int, size: int = 32):
+    """Endless fresh (images uint8, captions) batches for contrastive pretraining.
+    A random template per image, combinations uniform over the whole world."""
+    rng = np.random.default_rng(seed)
+    while True:
+        combos = rng.integers(0, world.N_COMBOS, size=batch_size)
+        attrs = world.combo_to_attributes(combos)
+        templates = rng.integers(0, len(world.TEMPLATES), size=batch_size)
+        texts = [world.caption(a, int(t)) for a, t in zip(attrs, templates)]
+        yield world.render_generic(combos, int(rng.integers(2 ** 31)), size), texts

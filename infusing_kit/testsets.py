@@ -65,7 +65,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 @dataclass
 class TestSet:
     """An extra test set of a run (`Domains.tests`): its kind ("image" or "text") and its split (a data split, an
-    `evaluation.QueryIndex`, a caption split or an `evaluation.TextProbe`)."""
+    `containers.QueryIndex`, a caption split or an `containers.TextProbe`)."""
     __test__ = False  # (not a pytest class)
     kind: str
     split: object

@@ -1,5 +1,5 @@
 """The paper's image-text test sets as released (Flickr30k, MSCOCO): query images in record files, precomputed text
-embeddings and their ground truth, read into an `evaluation.TextProbe` and checked before any work (every caption
+embeddings and their ground truth, read into an `containers.TextProbe` and checked before any work (every caption
 has an embedding, every embedding is finite and of one width; `check_width` against the model's)."""
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ def text_probe(paths: list[str | Path], embeddings: str | Path, gt: str | Path, 
     """The paper's image-text test set (Flickr30k, MSCOCO) as released: query images in record files (`bytes_image`,
     `id`), precomputed text embeddings (a NumPy file holding a pickled dict caption id -> embedding, made by the
     original text tower) and the ground truth (a dict image id -> its caption ids). Returns an
-    `evaluation.TextProbe`: the captions of each image in order, their embeddings and the image each describes.
+    `containers.TextProbe`: the captions of each image in order, their embeddings and the image each describes.
     The two .npy files are pickles: load only files you trust (np.load(allow_pickle=True))."""
-    from .evaluation import TextProbe
+    from .containers import TextProbe
     images = record_split(paths, size, kind, label_feature=None, key_feature=id_feature, image_feature=image_feature)
     load = lambda f, what: _as_dict(np.load(f, allow_pickle=True), f, what)
     emb, truth = load(embeddings, "caption id -> text embedding"), load(gt, "image id -> caption ids")

@@ -389,12 +389,10 @@ def seen_in_generic_train(world: WorldSplits, split: Split) -> np.ndarray:
     return np.isin(split.labels, world.generic_train.labels)
 
 
-def caption_stream(seed: int, batch_size: int, size: int = 32):
-    """Endless fresh (images uint8, captions) batches for contrastive pretraining.
-    A random template per image, combinations uniform over the whole world."""
-    rng = np.random.default_rng(seed)
-    while True:
-        combos = rng.integers(0, N_COMBOS, size=batch_size)
-        attrs = combo_to_attributes(combos)
-        texts = [caption(a, int(t)) for a, t in zip(attrs, rng.integers(0, len(TEMPLATES), size=batch_size))]
-        yield render_generic(combos, int(rng.integers(2 ** 31)), size), texts
+def domains(w: WorldSplits):
+    """The world's splits as an experiment's data (`containers.Domains`), with one caption per generic class as its
+    prompts (LwF's zero-shot logits and EWC's Fisher use them)."""
+    from .containers import Domains
+    prompts = [caption(a) for a in combo_to_attributes(np.arange(N_COMBOS))]
+    return Domains(w.fine_train, w.fine_val, w.fine_test, w.generic_train, w.generic_val, w.generic_test,
+                   w.text_test, prompts)

@@ -5,7 +5,7 @@ import json
 import torch
 
 from infusing_kit import budget, experiment, inputs
-from infusing_kit.experiment import Domains
+from infusing_kit.world import domains
 
 from conftest import tiny_world_and_model
 
@@ -24,7 +24,7 @@ def test_a_cached_value_is_computed_once_inside_a_comparison_and_never_outside(t
 
 def test_the_cached_fisher_and_pretrained_test_metrics_are_the_bits_a_run_would_compute(tmp_path, monkeypatch):
     world, vlm = tiny_world_and_model()
-    d = Domains.from_world(world)
+    d = domains(world)
     ctx = {"fisher_images": 20, "progress": False}
     monkeypatch.delenv(budget.CACHE, raising=False)
     fresh = inputs._fisher(vlm, d, None, ctx)
