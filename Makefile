@@ -29,7 +29,7 @@ test: $(STAMP)
 # The notebook series in teaching mode (SMOKE=False): executed copies in $(BUILD)/notebooks (figures inline),
 # a static course site in $(BUILD)/html, figure files in $(BUILD)/figures. The checkout stays clean.
 run: $(STAMP)
-	$(PY) -m infusing_kit.notebook_runner --out $(BUILD)/notebooks --figures $(BUILD)/figures --html $(BUILD)/html
+	$(PY) -m infusing_kit.teaching.notebook_runner --out $(BUILD)/notebooks --figures $(BUILD)/figures --html $(BUILD)/html
 
 # After `make run`: refresh the committed figures/ (what README shows) from $(BUILD)/figures.
 figures:

@@ -42,7 +42,7 @@ def make_jpegs(root: Path, n: int, classes: int = 32, size=(375, 500), seed: int
 
 
 def loader_rate(split, batch: int, steps: int, workers: int | None) -> float:
-    from infusing_kit.sampling import batches
+    from infusing_kit.datasets.sampling import batches
     n, t0 = 0, None
     for i, (_, _, _, images) in enumerate(batches((split, None), "target_only", 0, batch, steps + 2, workers=workers)):
         if i == 2:
@@ -97,7 +97,7 @@ def main() -> int:
                     help="full: L2-SP + distillation to pre-extracted teacher embeddings, round robin")
     ap.add_argument("--rss", action="store_true", help="also peak RSS of 1k vs 10k images")
     args = ap.parse_args()
-    from infusing_kit import data, sampling
+    from infusing_kit.datasets import data, sampling
     from infusing_kit.models import load_model
     name, _, px = args.model.partition("@")
     torch.manual_seed(0)
@@ -115,7 +115,7 @@ def main() -> int:
                             files.labels[:min(len(files), args.batch * 4)])
         teachers = {}
         if args.method == "full":
-            from infusing_kit.teacher import extract_teacher
+            from infusing_kit.methods.teacher import extract_teacher
             t = time.perf_counter()
             teachers["files"] = extract_teacher(vlm, files, batch_size=max(256, args.batch), progress=False)
             if args.device.startswith("cuda"):

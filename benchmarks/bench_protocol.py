@@ -101,7 +101,7 @@ def read_trials(db: Path) -> tuple[list[dict], list[dict]]:
     """The studies of an Optuna storage and every trial of them (one dict each; seconds None where not timed)."""
     import optuna
 
-    from infusing_kit.storage import open_storage
+    from infusing_kit.protocol.storage import open_storage
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     store = open_storage(db)
     studies, trials = [], []
@@ -220,7 +220,7 @@ def planned_counts(study) -> dict:
      "posthoc": {method: rows}, "calibration": runs at calibration_steps}."""
     pr, M = study.protocol, study.methods
     try:
-        from infusing_kit.search import study_budget   # a study's whole budget, every phase included
+        from infusing_kit.protocol.search import study_budget   # a study's whole budget, every phase included
     except ImportError:                                  # (a kit from before it)
         def study_budget(d):
             return {1: 12, 2: 20}.get(d, 12 * d)
@@ -507,7 +507,7 @@ def print_prediction(pred, fit, obs, measured, cmp, jobs, jobs_obs, T_source):
 
 def load_protocol_study(chosen: dict):
     """The kit's built-in study (smoke if this folder's runner was), whose protocol the prediction counts."""
-    from infusing_kit.study import Study
+    from infusing_kit.protocol.study import Study
     runner = (chosen.get("study") or {}).get("runner") or {}
     return Study.builtin(smoke=bool(runner.get("smoke", False)))
 

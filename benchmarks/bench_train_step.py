@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from infusing_kit.data import Split
+from infusing_kit.datasets.data import Split
 from infusing_kit.models import load_model, preprocess
 from infusing_kit.train import TrainConfig, TrainState, train
 
@@ -104,7 +104,7 @@ REGULARIZERS = {
 def regularizer_times(spec, device, batch, steps):
     from dataclasses import replace
     from infusing_kit import world as W
-    from infusing_kit.experiment import Domains, prepare_inputs
+    from infusing_kit.protocol.experiment import Domains, prepare_inputs
     out = {}
     for name, changes in REGULARIZERS.items():
         changes = dict(changes)
@@ -135,7 +135,7 @@ def regularizer_times(spec, device, batch, steps):
 
 def penalty_times(spec, device, repeats=30):
     """The L2-SP gradient alone on every tower tensor: the kit's foreach version vs one small op per tensor."""
-    from infusing_kit.regularizers import Quadratic, quadratic_penalty_, quadratic_weights
+    from infusing_kit.methods.regularizers import Quadratic, quadratic_penalty_, quadratic_weights
     vlm = make_vlm(spec, device)
     named = dict(vlm.visual.named_parameters())
     params = list(named.values())

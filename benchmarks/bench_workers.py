@@ -19,7 +19,7 @@ from pathlib import Path
 CHILD = """
 import sys, json, torch
 torch.set_num_threads(int(sys.argv[1]))
-from infusing_kit.experiment import run_experiment
+from infusing_kit.protocol.experiment import run_experiment
 for out in json.loads(sys.argv[2]):
     run_experiment(sys.argv[3], out, smoke=sys.argv[5] == "1", progress=False, test=False, keep_weights=False,
                    overrides={"steps": int(sys.argv[4])})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from infusing_kit.data import Split
+from infusing_kit.datasets.data import Split
 from infusing_kit.models import load_model
 from infusing_kit.train import TrainConfig, train
 

@@ -9,7 +9,7 @@ OUT=${1:?output folder}; T1=${2:-6}; T2=${3:-10}; PAR=${4:-8}; SMOKE=${5:-}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=2 TQDM_DISABLE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-PRESETS=$(python3 -c "from infusing_kit.experiment import PRESETS; print(' '.join(p for p, v in PRESETS.items() if v.search))")
+PRESETS=$(python3 -c "from infusing_kit.protocol.experiment import PRESETS; print(' '.join(p for p, v in PRESETS.items() if v.search))")
 one() {
   p=$1; n=$T1; [ "$p" = toy-paper ] && n=$T2
   python3 -m infusing_kit search --preset "$p" --trials "$n" --device "$DEVICE" $SMOKE --storage "$OUT/db/$p.db" \

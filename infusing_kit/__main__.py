@@ -40,7 +40,7 @@ def _device(args) -> str:
 
 
 def _known_preset(name: str) -> str:
-    from .presets import PRESETS
+    from .protocol.presets import PRESETS
     if name not in PRESETS:
         raise ValueError(f"--preset {name!r} is unknown; choose one of {sorted(PRESETS)} (python -m infusing_kit "
                          "presets)")
@@ -49,14 +49,14 @@ def _known_preset(name: str) -> str:
 
 @command("experiment", "run one preset or config end to end and write DIR/metrics.json")
 def experiment_cmd(args) -> int:
-    from . import experiment
+    from .protocol import experiment
     if args.config and (args.smoke or args.seed or args.world != "near"):
         raise ValueError("--smoke, --seed and --world belong to --preset runs; a config sets its own seed and "
                          "schedule")
     device = _device(args)
     try:
         if args.config:
-            from .config import run_config
+            from .protocol.config import run_config
             m = run_config(args.config, args.out, device=device, registry=args.registry, resume=args.resume)
         else:
             m = experiment.run_experiment(_known_preset(args.preset), args.out, smoke=args.smoke, seed=args.seed,
@@ -66,7 +66,7 @@ def experiment_cmd(args) -> int:
                          "--resume to continue it") from None
     summary = {when: {axis: {k: round(v, 3) for k, v in m[when][axis].items()} for axis in m[when]}
                for when in ("pretrained", "finetuned")}
-    from .testsets import summary as tests_summary
+    from .protocol.testsets import summary as tests_summary
     print(json.dumps({**summary, **tests_summary(m)}, indent=1))  # with extra test sets: theirs and the averages
     print(f"wrote {args.out}/metrics.json in {m['seconds']:.0f} s")
     return 0
@@ -100,7 +100,7 @@ experiment_cmd.setup = _experiment_args
 @command("check", "check a config or study file and print its resolved settings as JSON (no data is opened; "
                   "--data: every file it names must exist)")
 def check_cmd(args) -> int:
-    from .resolve import resolve_file
+    from .protocol.resolve import resolve_file
     print(json.dumps(resolve_file(args.config, data=args.data), indent=1, default=str))
     return 0
 
@@ -114,7 +114,7 @@ check_cmd.setup = _check_args
 
 
 def _study(args):
-    from .study import Study, load_study
+    from .protocol.study import Study, load_study
     if getattr(args, "config", None):
         return load_study(args.config)
     presets = getattr(args, "presets", None)
@@ -126,7 +126,7 @@ def _study(args):
 @command("compare", "the whole comparison: naive's learning rates and schedule, every method's search, final runs "
                     "with test metrics, table (resumable: run it again to continue; several machines: --storage URL)")
 def compare_cmd(args) -> int:
-    from .comparison import compare
+    from .protocol.comparison import compare
     chosen = compare(args.out, jobs=args.jobs, device=_device(args), study=_study(args), storage=args.storage,
                      stop_after=args.stop_after, budget=args.budget, state=args.state)
     return 3 if chosen.get("stopped") else 0
@@ -153,7 +153,7 @@ compare_cmd.setup = _compare_args
 
 @command("search", "choose one method's settings on validation (Optuna, resumable)")
 def search_cmd(args) -> int:
-    from .search import final_runs, search
+    from .protocol.search import final_runs, search
     if args.config and not args.method:
         raise ValueError("--config needs --method NAME (one of the study's methods)")
     study = _study(args)
@@ -194,7 +194,7 @@ search_cmd.setup = _search_args
 
 @command("pretrain", "pretrain the toy VLM into the cache (the near world's ships with the kit: a no-op)")
 def pretrain_cmd(args) -> int:
-    from .experiment import pretrain_config
+    from .protocol.experiment import pretrain_config
     from .pretrain import cache_path, load_pretrained_toy, shipped_path
     cfg = pretrain_config(args.seed, world=args.world)
     load_pretrained_toy(cfg.model, device=args.device, cfg=cfg)
@@ -213,7 +213,7 @@ pretrain_cmd.setup = _pretrain_args
 
 @command("presets", "list the methods (presets), their family and whether they use the text tower")
 def presets_cmd(args) -> int:
-    from .presets import NOT_IN_THE_TABLE, PRESETS
+    from .protocol.presets import NOT_IN_THE_TABLE, PRESETS
     for name, p in PRESETS.items():
         flags = ", ".join(f for f in (f"post hoc: {p.post_hoc}" if p.post_hoc else p.family,
                                       "uses the text tower" if p.text else "") if f)
@@ -229,7 +229,7 @@ presets_cmd.setup = lambda p: None
 @command("export-world", "write the built-in world as image files, split files, one config per preset and a study "
                          "file (running them reproduces the built-in runs)")
 def export_cmd(args) -> int:
-    from .export import export_world
+    from .protocol.export import export_world
     paths = export_world(args.out, seed=args.seed, smoke=args.smoke, image_format=args.format)
     print(f"wrote {len(paths)} configs to {Path(args.out) / 'configs'}")
     return 0
@@ -247,7 +247,7 @@ export_cmd.setup = _export_args
 
 @command("trials", "export the finished search trials of Optuna storages as JSON lines")
 def trials_cmd(args) -> int:
-    from .search import trial_rows
+    from .protocol.search import trial_rows
     if Path(args.out).exists():
         raise FileExistsError(f"--out {args.out} exists; choose a new file (nothing was overwritten)")
     rows = [r for storage in args.storage for r in trial_rows(storage)]
@@ -269,8 +269,8 @@ trials_cmd.setup = _trials_args
 def report_cmd(args) -> int:
     import matplotlib
     matplotlib.use("Agg")
-    from . import figures
-    from .results import baseline_of, label, load_results, markdown_table, summarise
+    from .teaching import figures
+    from .protocol.results import baseline_of, label, load_results, markdown_table, summarise
     rows = load_results(args.registry, smoke=args.smoke)
     present = sorted({label(r) for r in rows if r.get("finetuned")})
     if args.baseline is not None and present and args.baseline not in present:
@@ -279,7 +279,7 @@ def report_cmd(args) -> int:
     if not summary:
         raise ValueError(f"no finished runs in {args.registry}")
     print(markdown_table(summary))
-    from .testsets import markdown_table as tests_table
+    from .protocol.testsets import markdown_table as tests_table
     extra = tests_table(rows)  # runs with extra test sets ([data.tests]): each set's and each average's change
     if extra:
         print("\nTest sets and their averages (fine-tuned minus pretrained, points):\n" + extra)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .containers import Domains, QueryIndex, TextProbe  # noqa: F401  (evaluation.QueryIndex etc. stay importable)
+from .datasets.containers import Domains, QueryIndex, TextProbe  # noqa: F401  (evaluation.QueryIndex etc. stay importable)
 from .metrics import K, image_text_recall, merged_retrieval_metrics, retrieval_metrics
 from .models import VLM, embed_images, embed_texts
 

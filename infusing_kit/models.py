@@ -335,8 +335,8 @@ def embed_images(vlm: VLM, images, batch_size: int = 256, progress: bool = True,
 
 
 def _embed_local(vlm: VLM, images, batch_size: int, progress: bool, out: np.ndarray | None = None) -> np.ndarray:
-    from .data import Split
-    from .sampling import chunks
+    from .datasets.data import Split
+    from .datasets.sampling import chunks
     n = len(images)
     if not isinstance(images, (Split, torch.Tensor)):  # decoded on demand (files, records)
         source = chunks(images, batch_size)

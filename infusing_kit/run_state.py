@@ -17,9 +17,9 @@ import torch
 from . import distributed
 from .checkpoints import RunFolder
 from .models import VLM, train_mode
-from .regularizers import Quadratic, WeightAverage, adaptive_generic_share
-from .sampling import AdaptiveState, OfficialAdaptive
-from .terms import StepRule
+from .methods.regularizers import Quadratic, WeightAverage, adaptive_generic_share
+from .datasets.sampling import AdaptiveState, OfficialAdaptive
+from .methods.terms import StepRule
 from .trainconfig import TrainConfig
 
 

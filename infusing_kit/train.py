@@ -27,14 +27,14 @@ import torch
 
 from . import distributed
 from .checkpoints import RunFolder, tower_fingerprint
-from .inputs import INPUTS
-from .lora import add_lora, merge_lora
+from .methods.inputs import INPUTS
+from .methods.lora import add_lora, merge_lora
 from .losses import CosineClassifier, classification_loss
 from .models import VLM, param_groups, preprocess, progress_bar, train_mode
-from .regularizers import Quadratic, quadratic_penalty_
+from .methods.regularizers import Quadratic, quadratic_penalty_
 from .run_state import Anchors, RunState, TrainResult, TrainState
-from .sampling import ADAPTIVE, batches, domain_at, step_generator
-from .terms import TERMS, TERMS_BY_NAME, TermBatch, active, needed_inputs
+from .datasets.sampling import ADAPTIVE, batches, domain_at, step_generator
+from .methods.terms import TERMS, TERMS_BY_NAME, TermBatch, active, needed_inputs
 from .towers import layout
 from .trainconfig import TrainConfig
 

@@ -13,8 +13,8 @@ from typing import Literal
 from .losses import MarginLoss
 from .metrics import FINE
 from .models import Augment
-from .sampling import Sampler
-from .terms import TERMS, active
+from .datasets.sampling import Sampler
+from .methods.terms import TERMS, active
 
 
 @dataclass(frozen=True)

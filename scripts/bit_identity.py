@@ -19,8 +19,8 @@ def hashes(presets: list[str]) -> dict:
     import torch
     torch.set_num_threads(1)
     import infusing_kit
-    from infusing_kit.experiment import run_experiment
-    from infusing_kit.presets import PRESETS
+    from infusing_kit.protocol.experiment import run_experiment
+    from infusing_kit.protocol.presets import PRESETS
     out = {}
     for preset in presets:
         d = Path(tempfile.mkdtemp()) / preset

@@ -21,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from infusing_kit.results import (RESULTS, claim, load_results, markdown_table, paired, paired_table, points_table,
+from infusing_kit.protocol.results import (RESULTS, claim, load_results, markdown_table, paired, paired_table, points_table,
                                   rank_correlation, summarise, winners, world_summary, worlds_table)
 
 

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from infusing_kit.results import rank_correlation
+from infusing_kit.protocol.results import rank_correlation
 
 
 def main() -> int:

@@ -9,7 +9,7 @@ from the same part), pretrained vs the run's kept model.
 import sys
 
 from infusing_kit import world as W
-from infusing_kit.experiment import load_run
+from infusing_kit.protocol.experiment import load_run
 from infusing_kit.metrics import retrieval_metrics
 from infusing_kit.models import embed_images
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from infusing_kit import experiment, merges, posthoc
-from infusing_kit.chapters import load_run
+from infusing_kit.methods import merges, posthoc
+from infusing_kit.protocol import experiment
+from infusing_kit.teaching.chapters import load_run
 
 TARGETS = {  # (what, the target's test)
     "pretrained fine mAP@20": ("0.15-0.45 (off-the-shelf CLIP knows the domain in part)", lambda v: 0.15 <= v <= 0.45),

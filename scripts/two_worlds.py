@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from infusing_kit.results import world_summary, worlds_table
+from infusing_kit.protocol.results import world_summary, worlds_table
 
 
 def main() -> int:

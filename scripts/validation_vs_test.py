@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infusing_kit.experiment import load_run
+from infusing_kit.protocol.experiment import load_run
 from infusing_kit.evaluation import text_side
 from infusing_kit.identity import code_version
 from infusing_kit.metrics import image_text_recall, retrieval_metrics

@@ -63,7 +63,7 @@ def tiny_world_and_model():
 def smoke_study(tmp_path_factory):
     """The built-in world exported at smoke size (export-world --smoke) and its study file with toy-l2sp trials of a
     few seconds (20 target steps): configs/quick-study.toml."""
-    from infusing_kit.export import export_world
+    from infusing_kit.protocol.export import export_world
     out = tmp_path_factory.mktemp("exported") / "w"
     export_world(out, smoke=True, progress=False)
     text = (out / "configs" / "study.toml").read_text()
@@ -79,7 +79,7 @@ def toy_target(n_classes=8, per_class=6, seed=0):
     """A learnable target split: one random image per class plus noise, non-contiguous labels (train() remaps)."""
     import numpy as np
     import torch
-    from infusing_kit.data import Split
+    from infusing_kit.datasets.data import Split
     g = torch.Generator().manual_seed(seed)
     labels = np.repeat(np.arange(n_classes) * 7, per_class)
     base = torch.randint(0, 256, (n_classes, 3, 32, 32), generator=g)
@@ -91,7 +91,7 @@ def toy_generic():
     """47 random generic images in 5 classes."""
     import numpy as np
     import torch
-    from infusing_kit.data import Split
+    from infusing_kit.datasets.data import Split
     g = torch.Generator().manual_seed(5)
     return Split(torch.randint(0, 256, (47, 3, 32, 32), generator=g, dtype=torch.uint8), np.arange(47) % 5)
 

@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from infusing_kit import records as R
-from infusing_kit.config import FORMATS, load_config, setup_from_config
-from infusing_kit.data import FileSplit
-from infusing_kit.leakage import shared_images
+from infusing_kit.datasets import records as R
+from infusing_kit.datasets.textprobe import text_probe
+from infusing_kit.protocol.config import FORMATS, load_config, setup_from_config
+from infusing_kit.datasets.data import FileSplit
+from infusing_kit.datasets.leakage import shared_images
 
 ROOT = Path(__file__).resolve().parents[1]
 _SEED = iter(range(10 ** 6))
@@ -101,7 +102,7 @@ def test_folders_sharing_a_class_name_are_refused_and_label_space_per_split_keep
 def test_every_toml_block_of_the_readme_passes_the_config_checks(tmp_path):
     """Each config of docs/your-data.md (paths substituted, the files it names created empty) parses and passes `config`
     checks; the study block is checked with the [model] and [data] tables of the first block."""
-    from infusing_kit.study import load_study
+    from infusing_kit.protocol.study import load_study
     blocks = readme_blocks()
     assert len(blocks) >= 4
     for n, block in enumerate(blocks):
@@ -180,7 +181,7 @@ def test_non_finite_text_embeddings_are_refused_naming_file_and_row(tmp_path, ba
     _text_embeddings(tmp_path, 4, bad)
     with pytest.raises(ValueError, match=r"e.npy: 1 text embedding\(s\) hold NaN or infinity \(first: caption 'c2', "
                                          r"row 2"):
-        R.text_probe([tmp_path / "q.tfrecord"], tmp_path / "e.npy", tmp_path / "gt.npy", 8)
+        text_probe([tmp_path / "q.tfrecord"], tmp_path / "e.npy", tmp_path / "gt.npy", 8)
 
 
 def test_text_embeddings_of_another_width_are_refused_before_any_work(tmp_path):
@@ -294,7 +295,7 @@ def test_record_images_are_decoded_before_training_naming_file_and_record(tmp_pa
     R.write_tfrecord(tmp_path / "t.tfrecord", [R.encode_example(r) for r in recs])
     read = FORMATS["tfrecord"].read
     R.write_tfrecord(tmp_path / "ok.tfrecord", [R.encode_example(recs[0])])
-    from infusing_kit.leakage import content_hashes, pixel_hash
+    from infusing_kit.datasets.leakage import content_hashes, pixel_hash
     assert content_hashes(read({"path": str(tmp_path / "ok.tfrecord")}, 8)) == [pixel_hash(png)]  # decoded once
     with pytest.raises(ValueError, match=r"t.tfrecord: record 1 \(key 'k1'\) has no readable image"):
         read({"path": str(tmp_path / "t.tfrecord")}, 8)

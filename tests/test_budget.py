@@ -4,7 +4,9 @@ import json
 
 import torch
 
-from infusing_kit import budget, experiment, inputs
+from infusing_kit import budget
+from infusing_kit.methods import inputs
+from infusing_kit.protocol import experiment
 from infusing_kit.world import domains
 
 from conftest import tiny_world_and_model

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infusing_kit import comparison as C, search as S
+from infusing_kit.protocol import comparison as C, search as S
 
 
 class Calls(list):
@@ -46,7 +46,7 @@ def fake(monkeypatch):
                            "image_text": {"i2t_r@1": 0.2}} if test else None}
         (out / "metrics.json").write_text(json.dumps(m))
         if registry:
-            from infusing_kit.results import append_result
+            from infusing_kit.protocol.results import append_result
             append_result(registry, m, run_dir=out)
         return m
 

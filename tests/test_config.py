@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from infusing_kit.config import load_config, setup_from_config
-from infusing_kit.export import export_world
-from infusing_kit.experiment import toy_setup
+from infusing_kit.protocol.config import load_config, setup_from_config
+from infusing_kit.protocol.export import export_world
+from infusing_kit.protocol.experiment import toy_setup
 from infusing_kit.identity import IDENTITY
-from infusing_kit.presets import PRESETS
+from infusing_kit.protocol.presets import PRESETS
 from infusing_kit.pretrain import fingerprint
 from conftest import HANG
 

@@ -1,4 +1,4 @@
-"""The course layer of the chapters (`infusing_kit.course`): every chapter carries complete goals, questions with
+"""The course layer of the chapters (`infusing_kit.teaching.course`): every chapter carries complete goals, questions with
 answers and two exercises with asserting, hidden solutions; clean copies drop the answers and solutions and leave
 the chapter untouched; the syllabus plans every chapter. Cheap: JSON only, no notebook is executed."""
 import json
@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from infusing_kit import course
-from infusing_kit.notebook_runner import notebook_paths
+from infusing_kit.teaching import course
+from infusing_kit.teaching.notebook_runner import notebook_paths
 
 CHAPTERS = course.chapters()
 IDS = [p.stem for p in CHAPTERS]

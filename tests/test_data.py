@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from infusing_kit import data as D
+from infusing_kit.datasets import data as D
 from infusing_kit.models import load_model
 from infusing_kit.train import TrainConfig, train
 

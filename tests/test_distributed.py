@@ -22,10 +22,10 @@ SCRIPT = textwrap.dedent('''
     import sys, torch, numpy as np
     torch.set_num_threads(1)
     from infusing_kit import distributed
-    from infusing_kit.data import Split
-    from infusing_kit.experiment import validation_fn, Domains
+    from infusing_kit.datasets.data import Split
+    from infusing_kit.protocol.experiment import validation_fn, Domains
     from infusing_kit.models import load_model
-    from infusing_kit.teacher import extract_teacher
+    from infusing_kit.methods.teacher import extract_teacher
     from infusing_kit.train import TrainConfig, train
     distributed.init_from_env("cpu")
     g = torch.Generator().manual_seed(0)
@@ -95,8 +95,8 @@ def test_metrics_json_is_a_fresh_evaluation_of_model_pt_with_one_and_two_process
     """What a run reports is what its model.pt scores: the run's test metrics equal a fresh evaluation of the saved
     weights, run in one process and under torchrun with two (rank 0 evaluates and writes)."""
     import json
-    from infusing_kit.config import setup_from_config
-    from infusing_kit.experiment import evaluate
+    from infusing_kit.protocol.config import setup_from_config
+    from infusing_kit.protocol.experiment import evaluate
     from infusing_kit.models import load_model
     text = (smoke_study.parent / "toy-naive.toml").read_text()
     assert 'schedule = "smoke"' in text

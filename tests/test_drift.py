@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from conftest import tiny_world_and_model
-from infusing_kit import drift, experiment
+from infusing_kit.methods import drift
+from infusing_kit.protocol import experiment
 from infusing_kit.models import load_model
-from infusing_kit.merges import lines, model_stock, wise_ft
+from infusing_kit.methods.merges import lines, model_stock, wise_ft
 
 
 def _hsic(k, l):
@@ -109,7 +110,7 @@ def test_model_stock_by_hand():
 
 
 def test_lines_and_model_stock_candidates_are_labelled_and_validated():
-    from infusing_kit import posthoc
+    from infusing_kit.methods import posthoc
     world, vlm = tiny_world_and_model()
     theta0 = posthoc.states_of(vlm)
     runs = []

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from infusing_kit import comparison as C, search as S, spaces, storage
+from infusing_kit.protocol import comparison as C, search as S, spaces, storage
 from infusing_kit.__main__ import main
-from infusing_kit.study import Runner, Study, load_study
+from infusing_kit.protocol.study import Runner, Study, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = ROOT / "tests" / "data" / "builtin-study-v4.json"  # the presets at the v4 comparison's choices

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from infusing_kit import experiment, world
+from infusing_kit import world
+from infusing_kit.protocol import experiment
 from infusing_kit.metrics import image_text_recall
 from infusing_kit.models import embed_images, embed_texts
 from infusing_kit.pretrain import SMOKE_PRETRAIN, cache_path, load_pretrained_toy
@@ -107,7 +108,7 @@ def test_a_cached_run_of_settings_the_preset_no_longer_holds_is_set_aside_and_tr
     reused and not deleted; a run of the current settings is reused."""
     import json
     from dataclasses import asdict, replace
-    from infusing_kit import experiment
+    from infusing_kit.protocol import experiment
     current = asdict(replace(experiment.PRESETS["toy-naive"].smoke_train, seed=0))
     folder = tmp_path / "toy-naive-smoke-s0"
     folder.mkdir()

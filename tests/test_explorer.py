@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ARTIFACTS, ROOT
-from infusing_kit.explorer import AblationExplorer, gallery_from_run
+from infusing_kit.teaching.explorer import AblationExplorer, gallery_from_run
 
 
 def _rows(n_methods=3, seeds=(0, 1, 2)):
@@ -65,7 +65,7 @@ def test_a_run_shows_its_metrics_and_the_slider_walks_the_sweep():
 
 
 def test_the_page_reads_a_registry_or_a_compare_folder(tmp_path):
-    from infusing_kit.explorer import page_data
+    from infusing_kit.teaching.explorer import page_data
     rows = _rows()
     rows[0]["smoke"] = True
     write = lambda path, items: path.write_text("".join(json.dumps(r) + "\n" for r in items))
@@ -176,7 +176,7 @@ def test_the_explorer_page_works_in_a_real_browser(tmp_path, browser, smoke_refe
 def test_load_run_reads_model_files_from_before_they_named_their_model(tmp_path, smoke_reference):
     import shutil
     import torch
-    from infusing_kit.experiment import load_run
+    from infusing_kit.protocol.experiment import load_run
     run = tmp_path / "old-run"
     run.mkdir()
     shutil.copy(smoke_reference / "metrics.json", run / "metrics.json")

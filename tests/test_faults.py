@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from infusing_kit.data import Split
+from infusing_kit.datasets.data import Split
 from infusing_kit.models import load_model, save_finetuned
 from infusing_kit.train import TrainConfig, train
 from conftest import HANG, cheap_validate, toy_generic, toy_target, toy_vlm
@@ -87,7 +87,8 @@ def test_cli_run_killed_before_or_after_its_first_checkpoint_resumes_to_the_same
 def test_teacher_extraction_killed_part_way_continues_where_it_stopped(tmp_path):
     res = _python(f"""
         import os, signal, torch
-        from infusing_kit import models, teacher
+        from infusing_kit import models
+        from infusing_kit.methods import teacher
         from conftest import toy_generic
         vlm = models.load_model("toy-clip-tiny", None)
         calls = []
@@ -104,7 +105,7 @@ def test_teacher_extraction_killed_part_way_continues_where_it_stopped(tmp_path)
     """)
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert json.loads((tmp_path / "t.npy.json").read_text())["done"] == 20
-    from infusing_kit.teacher import extract_teacher
+    from infusing_kit.methods.teacher import extract_teacher
     torch.manual_seed(0)
     vlm = load_model("toy-clip-tiny", None)
     resumed = extract_teacher(vlm, toy_generic(), path=tmp_path / "t.npy", chunk=10, progress=False)
@@ -122,7 +123,7 @@ def test_a_search_killed_mid_trial_resumes_to_the_same_study(tmp_path):
     print(f"kill -9 during trial {k}")
     script = f"""
         import os, signal, math, sys
-        from infusing_kit import search as S
+        from infusing_kit.protocol import search as S
         calls = []
         def run(preset, out, smoke, seed, device, progress, overrides, test=True, hooks=(), keep_weights=True):
             calls.append(1)
@@ -142,7 +143,7 @@ def test_a_search_killed_mid_trial_resumes_to_the_same_study(tmp_path):
     assert run("killed.db", "kill").returncode == -signal.SIGKILL
     assert run("killed.db", "resume").returncode == 0
     assert run("whole.db", "resume").returncode == 0
-    from infusing_kit.search import trial_rows
+    from infusing_kit.protocol.search import trial_rows
     a, b = (sorted(round(r["params"]["l2sp"], 9) for r in trial_rows(tmp_path / db)) for db in ("killed.db", "whole.db"))
     assert len(a) == 12 and a == b
 

@@ -12,9 +12,9 @@ import pytest  # noqa: E402
 from matplotlib.colors import to_hex, to_rgb  # noqa: E402
 from matplotlib.container import BarContainer  # noqa: E402
 
-from infusing_kit import figures  # noqa: E402
+from infusing_kit.teaching import figures  # noqa: E402
 from infusing_kit.metrics import FINE, GENERIC  # noqa: E402
-from infusing_kit.presets import FAMILIES, PRESETS  # noqa: E402
+from infusing_kit.protocol.presets import FAMILIES, PRESETS  # noqa: E402
 
 METHODS = ("toy-naive", "toy-paper", "toy-l2sp", "toy-wise-ft")
 

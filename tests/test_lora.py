@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from infusing_kit.lora import add_lora, has_lora, merge_lora
+from infusing_kit.methods.lora import add_lora, has_lora, merge_lora
 from infusing_kit.towers import layout
 from infusing_kit.models import load_model, preprocess
 from infusing_kit.train import TrainConfig, train

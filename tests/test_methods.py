@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infusing_kit import merges, posthoc, regularizers as R
-from infusing_kit.data import Split
-from infusing_kit.inputs import random_text_embeddings
+from infusing_kit.methods import merges, posthoc, regularizers as R
+from infusing_kit.datasets.data import Split
+from infusing_kit.methods.inputs import random_text_embeddings
 from infusing_kit.models import load_model
-from infusing_kit.teacher import extract_teacher
+from infusing_kit.methods.teacher import extract_teacher
 from infusing_kit.train import TrainConfig, train
 
 CFG = TrainConfig(steps=8, batch_size=8, lr_backbone=1e-3, lr_head=1e-2, eval_every=4, ckpt_every=4, log_every=1,
@@ -219,7 +219,7 @@ def test_greedy_soup_adds_ingredients_only_while_validation_holds():
 @pytest.mark.parametrize("method", ["wise_ft", "lines", "model_stock", "soup_uniform", "soup_greedy"])
 def test_post_hoc_choice_is_the_validation_maximum_and_the_tower_is_left_there(method):
     from conftest import tiny_world_and_model
-    from infusing_kit.experiment import validation_fn
+    from infusing_kit.protocol.experiment import validation_fn
     world, vlm = tiny_world_and_model()
     theta0 = posthoc.states_of(vlm)
     g = torch.Generator().manual_seed(0)
@@ -236,7 +236,8 @@ def test_a_new_term_added_in_the_documented_places_trains_and_moves_the_weights(
     # CONTRIBUTING.md, "Adding things": a pure function, a TrainConfig field, one TERMS row; train() does not change
     import dataclasses
 
-    from infusing_kit import terms, train as T
+    from infusing_kit import train as T
+    from infusing_kit.methods import terms
 
     def mean_gap(student, teacher):
         """1/B sum_b ||s_b - t_b||_1: a toy loss, pulling the student's generic embeddings to the teacher's."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from infusing_kit.data import Split, load_image_folder
+from infusing_kit.datasets.data import Split, load_image_folder
 from infusing_kit.models import (embed_images, embed_texts, load_model, param_groups, preprocess, train_mode,
                                  trainable_parameters)
 

@@ -8,8 +8,8 @@ computed once per session."""
 import pytest
 
 from conftest import ARTIFACTS
-from infusing_kit.notebook_runner import count_images, notebook_paths, render_site, run_notebook
-from infusing_kit.results import current
+from infusing_kit.teaching.notebook_runner import count_images, notebook_paths, render_site, run_notebook
+from infusing_kit.protocol.results import current
 
 PATHS = notebook_paths()
 # figures each chapter shows in SMOKE mode (its executed copy's image outputs), counted from the code: a chapter
@@ -174,7 +174,7 @@ def test_the_site_shows_no_folder_of_the_building_machine(tmp_path):
     building machine's folders to their last part in every output that prints them; its pure check cell is
     collapsed behind a verdict, a cell that prints what it checks stays open."""
     import nbformat
-    from infusing_kit.notebook_runner import render_site
+    from infusing_kit.teaching.notebook_runner import render_site
     root = tmp_path / "build" / "results"
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell("# 99 · A chapter\n\nIt has $x^2$ in its summary."),

@@ -48,7 +48,7 @@ def test_notebooks_are_stored_without_outputs_and_have_one_parameters_cell():
 def test_every_module_is_on_the_module_map_and_stays_small():
     # the map in infusing_kit/__init__.py names every module; a module past 400 lines holds two concepts: split it
     import infusing_kit
-    for path in sorted((ROOT / "infusing_kit").glob("*.py")):
+    for path in sorted((ROOT / "infusing_kit").rglob("*.py")):
         if path.stem == "__init__":
             continue
         assert re.search(rf"(^|\s){path.stem}(\s|$)", infusing_kit.__doc__, re.M), f"{path.name} is not on the module map"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from infusing_kit.__main__ import main
-from infusing_kit.resolve import global_steps, resolve_file
+from infusing_kit.protocol.resolve import global_steps, resolve_file
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
 FILES = ("sop-baseline.toml", "sop-full-method.toml", "sop-kit-protocol.toml")
@@ -114,7 +114,7 @@ def test_with_stand_in_files_the_full_check_passes(tmp_path):
 def test_global_steps_of_the_fixed_samplers():
     from dataclasses import replace
 
-    from infusing_kit.sampling import schedule
+    from infusing_kit.datasets.sampling import schedule
     from infusing_kit.train import TrainConfig
     cfg = TrainConfig(steps=7, distill=1.0, sampler="round_robin")
     assert global_steps(cfg) == len(list(schedule("round_robin", 0, (10, 10), 7))) == 13

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infusing_kit import inputs as I, regularizers as R
+from infusing_kit.methods import inputs as I, regularizers as R
 from infusing_kit.losses import CosineClassifier, classification_loss
 from infusing_kit.models import embed_images, preprocess
 from infusing_kit.run_state import Anchors
-from infusing_kit.teacher import extract_teacher
+from infusing_kit.methods.teacher import extract_teacher
 from infusing_kit.train import TrainConfig, train, train_step
 from infusing_kit.trainconfig import with_defaults
 from test_methods import CFG, _data, _score, _vlm

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from infusing_kit import records as R
+from infusing_kit.datasets import records as R
+from infusing_kit.datasets.textprobe import text_probe
 
 
 def test_examples_round_trip_every_feature_kind():
@@ -61,7 +62,7 @@ def test_training_batches_from_records_come_from_fork_server_workers_after_the_m
     wraps its domains in one loader dataset, and the fork-server rule looked at the split alone, so training
     workers were forked with the main process's open readers. Here the main process reads first (as evaluation and
     the pre-check do), then the training stream decodes in a worker: the same pixels, from a fork-server worker."""
-    from infusing_kit import sampling
+    from infusing_kit.datasets import sampling
     write = R.write_array_record if kind == "array_record" else R.write_tfrecord
     import io
 
@@ -99,7 +100,7 @@ def test_a_damaged_tfrecord_file_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_a_config_on_array_record_shards_runs_the_same_experiment_as_split_files(smoke_study, tmp_path):
-    from infusing_kit.config import run_config
+    from infusing_kit.protocol.config import run_config
     world = smoke_study.parents[1]
     text = (world / "configs" / "toy-naive.toml").read_text().replace('schedule = "smoke"', 'schedule = "smoke"\nsteps = 12')
     shards = world / "shards"
@@ -138,7 +139,7 @@ def test_the_papers_release_and_test_protocols_run_end_to_end_from_a_config(smok
     import csv
 
     from infusing_kit.__main__ import main
-    from infusing_kit.chapters import load_run
+    from infusing_kit.teaching.chapters import load_run
     from infusing_kit.metrics import image_text_recall, merged_retrieval_metrics, retrieval_metrics
     from infusing_kit.models import embed_images, embed_texts, load_model
     world = smoke_study.parents[1]
@@ -211,15 +212,15 @@ def test_a_text_probe_with_a_hole_names_the_file(tmp_path):
     emb = {f"c{j}": np.full(4, j, np.float32) for j in range(5)}
     np.save(tmp_path / "e.npy", emb, allow_pickle=True)
     np.save(tmp_path / "gt.npy", {0: ["c0", "c1"], 1: ["c2"], 2: ["c3", "c4"]}, allow_pickle=True)
-    probe = R.text_probe([tmp_path / "q.tfrecord"], tmp_path / "e.npy", tmp_path / "gt.npy", 8)
+    probe = text_probe([tmp_path / "q.tfrecord"], tmp_path / "e.npy", tmp_path / "gt.npy", 8)
     assert probe.caption_image.tolist() == [0, 0, 1, 2, 2] and probe.caption_ids == ["c0", "c1", "c2", "c3", "c4"]
     assert probe.text_embeddings[:, 0].tolist() == [0, 1, 2, 3, 4] and tuple(probe.take([1]).shape) == (1, 3, 8, 8)
     np.save(tmp_path / "gt2.npy", {0: ["c0"], 1: ["c9"], 2: ["c3"]}, allow_pickle=True)
     with pytest.raises(ValueError, match="e.npy: 1 captions"):
-        R.text_probe([tmp_path / "q.tfrecord"], tmp_path / "e.npy", tmp_path / "gt2.npy", 8)
+        text_probe([tmp_path / "q.tfrecord"], tmp_path / "e.npy", tmp_path / "gt2.npy", 8)
     np.save(tmp_path / "gt3.npy", {0: ["c0"], 1: ["c1"]}, allow_pickle=True)
     with pytest.raises(ValueError, match="gt3.npy: image '2'"):
-        R.text_probe([tmp_path / "q.tfrecord"], tmp_path / "e.npy", tmp_path / "gt3.npy", 8)
+        text_probe([tmp_path / "q.tfrecord"], tmp_path / "e.npy", tmp_path / "gt3.npy", 8)
 
 
 def _png() -> bytes:
@@ -232,7 +233,7 @@ def _png() -> bytes:
 
 
 def test_a_records_folder_reads_its_shards_not_the_side_files_the_release_keeps_beside_them(tmp_path):
-    from infusing_kit.config import _record_files
+    from infusing_kit.protocol.config import _record_files
     for name in ("imagenet.train_info_data.json", "sop.array_record-00000-of-00002", "sop.array_record-00001-of-00002",
                  ".hidden", "README.md"):
         (tmp_path / name).write_bytes(b"x")

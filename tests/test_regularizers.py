@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infusing_kit.data import Split
+from infusing_kit.datasets.data import Split
 from infusing_kit.models import load_model, preprocess
-from infusing_kit.regularizers import (embedding_distillation, ewc_penalty, fisher_diagonal, l2_zero, l2sp,
+from infusing_kit.methods.regularizers import (embedding_distillation, ewc_penalty, fisher_diagonal, l2_zero, l2sp,
                                        lwf_distillation, Quadratic, quadratic_penalty_, relational_distillation)
-from infusing_kit.merges import wise_ft
-from infusing_kit.teacher import extract_teacher
+from infusing_kit.methods.merges import wise_ft
+from infusing_kit.methods.teacher import extract_teacher
 from infusing_kit.train import TERMS_BY_NAME, TrainConfig, train
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from infusing_kit import data as D
-from infusing_kit.config import load_config, run_config, setup_from_config
+from infusing_kit.datasets import data as D
+from infusing_kit.protocol.config import load_config, run_config, setup_from_config
 from conftest import HANG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +56,8 @@ def test_a_random_init_config_gives_the_same_model_twice_and_resumes(world, tmp_
         assert m1[k] == m2[k], k
     # an interrupted run of the same config resumes (its starting weights are the same again)
     interrupted = tmp_path / "three"
-    from infusing_kit.config import setup_from_config as s2
-    from infusing_kit.experiment import run_setup
+    from infusing_kit.protocol.config import setup_from_config as s2
+    from infusing_kit.protocol.experiment import run_setup
     with pytest.raises(KeyboardInterrupt):
         def stop(state):
             if state.target_step == 3:
@@ -206,8 +206,8 @@ def test_a_full_disk_says_so_and_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_bad_registry_select_and_single_class_are_refused_before_any_model_work(world, tmp_path):
-    from infusing_kit.config import setup_from_config as setup
-    from infusing_kit.experiment import run_setup
+    from infusing_kit.protocol.config import setup_from_config as setup
+    from infusing_kit.protocol.experiment import run_setup
     path = _short(world)
     calls = []
     s = setup(path)
@@ -250,7 +250,8 @@ def test_config_users_get_hints_in_config_terms(world, monkeypatch, capsys):
     with pytest.raises(ValueError, match=r"pretrained = 'toy': the toy VLM is a checkpoint file in a config"):
         load_config(_config(world, ('pretrained = "../model/toy-clip-seed0.pt"', 'pretrained = "toy"'), name="t.toml"))
     # Ctrl-C during a run: one line that says how to continue, no traceback
-    from infusing_kit import __main__ as cli, experiment
+    from infusing_kit import __main__ as cli
+    from infusing_kit.protocol import experiment
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
@@ -272,7 +273,7 @@ def test_a_pretrained_tag_offline_is_one_clear_error(world):
 
 def test_non_finite_teacher_rows_are_named():
     from infusing_kit.models import load_model
-    from infusing_kit.teacher import TeacherEmbeddings
+    from infusing_kit.methods.teacher import TeacherEmbeddings
     torch.manual_seed(0)
     vlm = load_model("toy-clip-tiny", None)
     t = TeacherEmbeddings(torch.ones(4, vlm.embed_dim), "x")
@@ -287,7 +288,7 @@ def test_a_finished_run_keeps_model_metrics_and_log_and_a_trial_keeps_no_weights
     run_config(path, tmp_path / "r", progress=False)
     kept = sorted(str(p.relative_to(tmp_path / "r")) for p in (tmp_path / "r").rglob("*") if p.is_file())
     assert kept == [".lock", "metrics.json", "model.pt", "run/.lock", "run/log.jsonl"], kept
-    from infusing_kit.experiment import run_setup
-    from infusing_kit.config import setup_from_config as setup
+    from infusing_kit.protocol.experiment import run_setup
+    from infusing_kit.protocol.config import setup_from_config as setup
     run_setup(setup(path), tmp_path / "trial", progress=False, test=False, keep_weights=False)
     assert not (tmp_path / "trial" / "model.pt").exists() and (tmp_path / "trial" / "metrics.json").exists()

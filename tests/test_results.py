@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import tiny_world_and_model
-from infusing_kit import experiment
-from infusing_kit.presets import CHOSEN_FILE, PRESETS
+from infusing_kit.protocol import experiment
+from infusing_kit.protocol.presets import CHOSEN_FILE, PRESETS
 from infusing_kit.pretrain import fingerprint, load_pretrained_toy
-from infusing_kit.merges import wise_ft
-from infusing_kit.results import claim, current, dominating, label, load_results, load_trials, summarise, winners
+from infusing_kit.methods.merges import wise_ft
+from infusing_kit.protocol.results import claim, current, dominating, label, load_results, load_trials, summarise, winners
 
 ROOT = Path(__file__).resolve().parents[1]
 CHOSEN = ROOT / "results" / CHOSEN_FILE
@@ -87,7 +87,7 @@ def test_wise_ft_curve_endpoints_are_the_two_models():
     theta1 = {k: v.clone() for k, v in vlm.visual.state_dict().items()}
     validate = experiment.validation_fn(world)
     at1 = validate(vlm)
-    from infusing_kit import posthoc
+    from infusing_kit.methods import posthoc
     curve, chosen = posthoc.choose("wise_ft", vlm, theta0, [theta1], validate, "generic_map@20")
     assert [r["alpha"] for r in curve] == list(posthoc.ALPHAS)
     assert curve[-1] == {"alpha": 1.0, **at1}
@@ -118,7 +118,8 @@ def test_current_names_existing_files_and_none_for_a_missing_kind(tmp_path):
 
 
 def test_a_chapter_reads_its_worlds_current_comparison_and_trains_here_when_there_is_none(tmp_path, monkeypatch):
-    from infusing_kit import chapters, results
+    from infusing_kit.protocol import results
+    from infusing_kit.teaching import chapters
     res = tmp_path / "results"
     res.mkdir()
     (res / "reg.jsonl").write_text("".join(json.dumps(_row(m, s, 0.5, -0.3, -0.6)) + "\n"
@@ -150,7 +151,7 @@ def test_a_chapter_reads_its_worlds_current_comparison_and_trains_here_when_ther
 
 
 def test_rank_correlation_compares_validation_with_test_orders_and_keeps_tagged_variants_apart():
-    from infusing_kit.results import rank_correlation
+    from infusing_kit.protocol.results import rank_correlation
 
     def row(method, seed, val, test, **extra):
         r = _row(method, seed, test, test / 2, 0.0)
@@ -235,7 +236,7 @@ def test_finish_comparison_reports_every_table_and_refuses_an_unfinished_one(tmp
 
 
 def test_main_choices_shared_seeds_and_the_two_worlds_table(tmp_path):
-    from infusing_kit.results import main_choices, world_summary, worlds_table
+    from infusing_kit.protocol.results import main_choices, world_summary, worlds_table
     rows = [_row("toy-naive", s, 0.4, -0.2, -0.4) for s in (0, 1, 2)] + \
            [_row("toy-paper", s, 0.3 + 0.1 * s, -0.1, -0.1) for s in (0, 1)] + \
            [{**_row("toy-paper", 0, 0.9, 0.0, 0.0), "tags": {"rule": "constraint"}}]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from infusing_kit.sampling import OfficialAdaptive, official_block, official_counts, official_weights
+from infusing_kit.datasets.sampling import OfficialAdaptive, official_block, official_counts, official_weights
 
 
 # ---------------------------------------------------------------------------- the rule, by hand
@@ -125,7 +125,7 @@ def test_a_state_saved_mid_block_draws_the_same_domains():
 def test_train_with_the_official_rule_runs_resumes_bit_identically_and_keeps_the_generic_share(tmp_path):
     from test_methods import CFG, _data, _score, _vlm
 
-    from infusing_kit.teacher import extract_teacher
+    from infusing_kit.methods.teacher import extract_teacher
     from infusing_kit.train import count_updates, train
     target, generic = _data(), _data(n_classes=5, seed=9)
     cfg = replace(CFG, steps=4, eval_every=2, ckpt_every=2, batch_size=4, distill=5.0, sampler="adaptive_official",

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from infusing_kit import experiment, search as S, spaces, storage
+from infusing_kit.protocol import experiment, search as S, spaces, storage
 from infusing_kit.__main__ import main
-from infusing_kit.comparison import choose_schedule, flat_length
+from infusing_kit.protocol.comparison import choose_schedule, flat_length
 
 
 def _fake(monkeypatch, score):
@@ -209,7 +209,7 @@ def test_a_search_with_a_noise_estimate_maps_the_transition_and_reports_flatness
 def _pop_queued(path: str, out) -> None:
     """A worker that starts queued trials until none is left (what each parallel search worker does first)."""
     import optuna
-    from infusing_kit.storage import open_storage
+    from infusing_kit.protocol.storage import open_storage
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.load_study(study_name="queued", storage=open_storage(path))
     got = []
@@ -228,7 +228,7 @@ def test_parallel_workers_on_one_sqlite_file_never_start_a_queued_trial_twice(tm
     import multiprocessing as mp
 
     import optuna
-    from infusing_kit.storage import open_storage
+    from infusing_kit.protocol.storage import open_storage
     path = str(tmp_path / "search.db")
     study = optuna.create_study(study_name="queued", storage=open_storage(path))
     for i in range(60):
@@ -248,7 +248,7 @@ def test_a_lost_study_comes_back_from_its_committed_trials(tmp_path, monkeypatch
     """restore_trials is trial_rows' inverse: a study searched here, read back as rows (a trials.jsonl), restored into
     a new storage gives the same rows and the same best trial; restoring twice is refused."""
     import optuna
-    from infusing_kit.storage import open_storage, restore_trials
+    from infusing_kit.protocol.storage import open_storage, restore_trials
     _fake(monkeypatch, lambda x: 1 / (1 + abs(math.log10(x) - 2)))  # (as in the pruning test: some are pruned)
     first = tmp_path / "a.db"
     best = S.search("toy-l2sp", first, tmp_path / "runs", trials=16, base={"steps": 100}, extend=False)
@@ -269,8 +269,8 @@ def test_no_search_range_can_grow_past_what_its_field_accepts():
     1: sparse = 3.1 was refused by TrainConfig mid-search)."""
     from dataclasses import replace
 
-    from infusing_kit.spaces import hard_limits
-    from infusing_kit.study import Runner
+    from infusing_kit.protocol.spaces import hard_limits
+    from infusing_kit.protocol.study import Runner
     for name, preset in experiment.PRESETS.items():
         for field, lo, hi, log in S._space_of(Runner(), name, preset.train):  # the ranges a search starts from
             hard_lo, hard_hi = hard_limits(field, preset.train.steps, 4 if field == "freeze_blocks" else None)

@@ -1,4 +1,4 @@
-"""The static course site's rules (`infusing_kit.site`), without a browser and without executing a notebook: the
+"""The static course site's rules (`infusing_kit.teaching.site`), without a browser and without executing a notebook: the
 syllabus page links every chapter, every page carries the contents sidebar with its own entry marked, the index
 summaries say what a chapter teaches (no raw markdown), only pure check cells collapse, the parameters cells are
 not shown, the reference pages exist, and nothing is fetched from the network. Small hand-made chapters, plus the
@@ -10,8 +10,8 @@ from html.parser import HTMLParser
 import nbformat
 import pytest
 
-from infusing_kit import course
-from infusing_kit.site import _table_pipes, is_pure_check, markdown_html, render_site
+from infusing_kit.teaching import course
+from infusing_kit.teaching.site import _table_pipes, is_pure_check, markdown_html, render_site
 
 GOALS = ("**You will learn**\n- to tell a *pure* check from a **teaching** cell\n- the formula $x^2$\n\n"
          "**Before you start:** nothing.\n\n**Time:** about 15 min of study")
@@ -284,7 +284,7 @@ def test_the_kit_chapters_show_no_parameters_cell_and_keep_teaching_checks_open(
 
 
 def test_an_unmatched_emphasis_marker_is_dropped_not_shown():
-    from infusing_kit.site import inline_html
+    from infusing_kit.teaching.site import inline_html
     assert inline_html("plain *em* and **strong**") == "plain <em>em</em> and <strong>strong</strong>"
     cut = inline_html("a sentence cut inside **bold, with `a*b` in code")
     assert "*" not in cut.replace("<code>a*b</code>", ""), cut
@@ -292,7 +292,7 @@ def test_an_unmatched_emphasis_marker_is_dropped_not_shown():
 
 
 def test_make_run_says_each_chapters_expected_time_and_how_to_go_on_after_a_failure(tmp_path, monkeypatch, capsys):
-    from infusing_kit import notebook_runner as nr
+    from infusing_kit.teaching import notebook_runner as nr
     ch04 = next(p for p in nr.notebook_paths() if p.name.startswith("04"))
     assert "runs in" in nr.expected(ch04) and "min" in nr.expected(ch04)
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from infusing_kit import comparison as C
-from infusing_kit.export import study_text
-from infusing_kit.presets import LR_SPACE
-from infusing_kit.results import label, load_results
-from infusing_kit.study import Protocol, Study, load_study
+from infusing_kit.protocol import comparison as C
+from infusing_kit.protocol.export import study_text
+from infusing_kit.protocol.presets import LR_SPACE
+from infusing_kit.protocol.results import label, load_results
+from infusing_kit.protocol.study import Protocol, Study, load_study
 
 METHODS = ["toy-naive", "toy-l2sp", "toy-wise-ft"]
 PROTOCOL = Protocol(search_seeds=(0, 1), final_seeds=(0,), heldout_seeds=(), heldout=(), second_search=(),

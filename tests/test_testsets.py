@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infusing_kit.config import load_config, setup_from_config
-from infusing_kit.testsets import official_mean
+from infusing_kit.protocol.config import load_config, setup_from_config
+from infusing_kit.protocol.testsets import official_mean
 
 MARKS = '''
 [data.tests.marks]                # a second generic image-image test domain (export.marks_domain, testsets.py)
@@ -31,8 +31,8 @@ def _config(world, extra: str, name: str = "extra.toml"):
 
 
 def test_the_exported_world_names_a_second_generic_test_domain(world):
-    from infusing_kit.experiment import world_config
-    from infusing_kit.export import marks_domain
+    from infusing_kit.protocol.experiment import world_config
+    from infusing_kit.protocol.export import marks_domain
     setup = setup_from_config(world / "configs" / "toy-naive.toml", progress=False)
     marks = setup.domains.tests["marks"]
     want = marks_domain(world_config(0, True))
@@ -90,8 +90,8 @@ def test_a_test_set_with_training_images_is_refused(world):
 def _query_index_domain(world):
     """A third image domain as queries against a gallery (InShop's form): marks of another seed, one query per
     class, written here."""
-    from infusing_kit.experiment import world_config
-    from infusing_kit.export import marks_domain
+    from infusing_kit.protocol.experiment import world_config
+    from infusing_kit.protocol.export import marks_domain
     split = marks_domain(replace(world_config(0, True), seed=7))
     folder = world / "images-qi"
     folder.mkdir()
@@ -115,7 +115,7 @@ def test_each_test_set_and_the_averages_are_the_numbers_computed_by_hand(world, 
     from infusing_kit.__main__ import main
     from infusing_kit.metrics import image_text_recall, merged_retrieval_metrics, retrieval_metrics
     from infusing_kit.models import embed_images, embed_texts, load_model
-    from infusing_kit.results import load_results
+    from infusing_kit.protocol.results import load_results
     _query_index_domain(world)
     rows = list(csv.DictReader(open(world / "text" / "test.csv")))
     images = list(dict.fromkeys(r["image"] for r in rows))[:40]  # a second image-text set: 40 of the probe's images

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from infusing_kit.data import Split
+from infusing_kit.datasets.data import Split
 from infusing_kit.models import load_model
-from infusing_kit.regularizers import quadratic_weights
-from infusing_kit.teacher import extract_teacher
+from infusing_kit.methods.regularizers import quadratic_weights
+from infusing_kit.methods.teacher import extract_teacher
 from infusing_kit.towers import fused_parts, layout
 from infusing_kit.train import TrainConfig, train
 
@@ -73,10 +73,10 @@ EVERY = {  # one row per method of presets.PRESETS (post-hoc ones below): its Tr
 
 @pytest.mark.slow
 def test_every_method_trains_on_every_tower_kind(tower):
-    from infusing_kit import posthoc
-    from infusing_kit.data import Split
-    from infusing_kit.experiment import Domains, validation_fn
-    from infusing_kit.regularizers import fisher_diagonal
+    from infusing_kit.methods import posthoc
+    from infusing_kit.datasets.data import Split
+    from infusing_kit.protocol.experiment import Domains, validation_fn
+    from infusing_kit.methods.regularizers import fisher_diagonal
     g = torch.Generator().manual_seed(1)
     target = Split(torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8), np.repeat(np.arange(4), 4))
     generic = Split(torch.randint(0, 256, (12, 3, 32, 32), generator=g, dtype=torch.uint8), np.arange(12) % 3)
@@ -95,7 +95,7 @@ def test_every_method_trains_on_every_tower_kind(tower):
             with pytest.raises(ValueError, match="LoRA on a open_clip-resnet tower: ModifiedResNet's blocks are conv"):
                 train(tower, target, cfg, generic=generic, progress=False)
             continue
-        need = {k: v for k, v in inputs.items() if k in __import__("infusing_kit.terms").terms.needed_inputs(cfg)}
+        need = {k: v for k, v in inputs.items() if k in __import__("infusing_kit.methods.terms").terms.needed_inputs(cfg)}
         calls = iter(range(10))  # the score rises with each validation: the last step is kept (LP-FT's is its first backbone step)
         head, res = train(tower, target, cfg, generic=generic, progress=False,
                           validate=lambda v: {"score": float(next(calls))}, **need)
@@ -118,7 +118,7 @@ def test_each_tower_kind_names_its_stem_blocks_and_head(tower):
     assert blocks == set(range(lay.n_blocks)) and lay.n_blocks == len(lay.blocks(tower.visual))
     assert any(n.startswith(lay.stem) for n in names), "no stem parameter"
     assert any(lay.block_of(n) is None and not n.startswith(lay.stem) for n in names), "no head parameter"
-    from infusing_kit.drift import block_outputs
+    from infusing_kit.methods.drift import block_outputs
     g = torch.Generator().manual_seed(0)
     outs = block_outputs(tower, torch.randint(0, 256, (3, 3, 32, 32), generator=g, dtype=torch.uint8))
     assert len(outs) == lay.n_blocks + 1 and all(o.shape[0] == 3 for o in outs)

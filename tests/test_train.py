@@ -131,7 +131,7 @@ def test_a_run_that_gets_worse_than_the_pretrained_model_says_so(tmp_path):
 
 
 def test_updates_are_counted_per_domain_and_lp_ft_skips_generic_batches_in_its_warm_up():
-    from infusing_kit.teacher import extract_teacher
+    from infusing_kit.methods.teacher import extract_teacher
     vlm = toy_vlm()
     generic = toy_target(n_classes=5, seed=3)
     cfg = replace(CFG, sampler="round_robin", distill=1.0, lp_ft_steps=2, eval_every=0, ckpt_every=0)

@@ -10,8 +10,8 @@ import json
 import sys
 from dataclasses import asdict
 
-from infusing_kit import search as S, spaces
-from infusing_kit.study import Study
+from infusing_kit.protocol import search as S, spaces
+from infusing_kit.protocol.study import Study
 
 
 def snapshot() -> dict:

@@ -1,0 +1,396 @@
+"""Hyper-parameter search on validation only (docs/method.md, "Protocol"), with Optuna.
+
+  python -m infusing_kit search --preset toy-paper --storage runs/search.db [--trials N] [--jobs 2] [--final-seeds 0 1 2]
+
+A study explores before it exploits, never stops silently at the edge of its range, and spends a fixed budget of
+finished trials (`study_budget`: 12 for one searched field, 20 for two), every phase included:
+1. **Space-filling start.** The first 6 x d trials (d = number of searched fields) are a Latin hypercube over
+   the whole range (log scale where the range is), seeded per study: every one-dimensional projection has one
+   point in each of 6 x d equal slices, so no part of a range goes untried.
+2. **Model-based refinement.** Then Optuna's TPE sampler (its own seed per study) proposes more, up to the budget
+   less a reserve (3 points for one field, 2 for two). These trials report their running best validation score
+   at every validation, and a median pruner stops those that trail the median of earlier trials at the same step
+   (multi-fidelity: the budget buys more points). Start-up trials are never pruned.
+3. **Edges extend the range.** When the best value of a field lies in the outer 5% of a log range (15% of a
+   linear one), no tried value beyond it scores more than twice the seed noise below the best, and the score is
+   still rising there (the best beats every tried value in the next quarter of the range inward by more than the
+   noise), the range grows on that side (by half its width, log units where the range is log) up to the field's
+   hard limit, and space-filling points in the new strip (up to 4, from the reserve) explore it; at most 3 times.
+   (What the reserve does not need goes to TPE at the end.)
+   A choice still at an edge is reported in the result (`at_edge`), never silent.
+4. **Transitions get what is left of the budget** (one-field searches, given the seed noise of the score): the
+   midpoint between two neighbouring tried values whose scores differ by more than twice the noise goes where a
+   selection rule decides: first beside the best (the edge of its plateau), then where fine-grained validation
+   crosses the constraint rule's threshold; gaps on the collapsed side of a range get none.
+5. **Flat studies say so.** When every finished trial scores within twice the seed noise of the best, the study
+   is `flat`; when the best scores within twice the noise of the range's inert end (`inert`: the baseline's own
+   validation score, what the method gives at strength 0), it has `no_gain`: no setting of its range beats
+   the baseline beyond what another fine-tuning seed would, and the report says that instead of crowning a point.
+Two selection rules read the same trials: the mean of the validations (the study's objective) and a constraint
+rule (`constrained_choice`: the best generic validation among trials whose fine-grained validation reaches a stated
+fraction of naive's).
+
+Each trial runs the preset with the sampled values and returns the validation score of its kept checkpoint
+(the preset's selection key: the mean of fine-grained and generic validation mAP@20 for regularized methods,
+fine-grained validation for naive fine-tuning). Test sets are never evaluated in a trial. Trials store their
+whole TrainConfig. The study lives in its storage (`storage.open_storage`): an SQLite file on one machine, or a database URL
+(postgresql://...) that workers on many machines share. An interrupted search resumes where it stopped (finished
+trials are kept; on SQLite a start-up point that was running when the process died is queued again; on a shared
+database a dead worker's trial is failed and queued again once its heartbeat is GRACE seconds old, and a joining
+machine never touches its peers' live trials). With jobs > 1, that many worker processes share the study on this
+machine; under torchrun one data-parallel worker trains each trial on all its processes.
+`final_runs` then runs the chosen configuration once per seed with test evaluation.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from ..budget import BudgetSpent, deadline_passed
+from .choices import summary  # noqa: F401 (search.summary)
+from .experiment import run_experiment
+from .spaces import (MAX_EXTENSIONS, _reserve, extend_space, hard_limits, is_int, startup_count,  # noqa: F401
+                     startup_points, study_budget, transition_points)
+from .storage import (fail_dead_trials, is_url, open_storage, open_study, study_seed, trial_rows,  # noqa: F401
+                      worker_tag)
+from .study import Runner
+
+def study_name(method: str, smoke: bool, seed: int, runner: Runner | None = None) -> str:
+    """The study's name in its storage (unique per study file, method and seed); what it is lives in its user
+    attributes ("method", "seed", "runner")."""
+    if runner is not None and runner.kind == "config":
+        return f"{Path(runner.path).stem}:{method}-seed{seed}"
+    return f"{method}{'-smoke' if smoke else ''}-seed{seed}"
+
+
+def seed_key(method: str, seed: int, runner: Runner | None = None) -> str:
+    """What a study's sampler seed is drawn from: the method, the seed and whether it runs the smoke schedule (not the
+    storage name), so a study file of the built-in world draws exactly the points the built-in comparison draws."""
+    smoke = runner is not None and (runner.smoke or (runner.kind == "config" and
+                                                     runner.method_table(method).get("schedule") == "smoke"))
+    return f"{method}{'-smoke' if smoke else ''}-seed{seed}"
+
+
+# ---------------------------------------------------------------------------- the study
+def _space_of(runner: Runner, method: str, cfg) -> list[tuple]:
+    """The method's search ranges, each inside its field's hard limits (e.g. lp_ft_steps below the schedule)."""
+    out = []
+    for f, lo, hi, log in runner.method(method).search:
+        hard_lo, hard_hi = hard_limits(f, cfg.steps, None)
+        out.append((f, lo if hard_lo is None else max(lo, hard_lo), hi if hard_hi is None else min(hi, hard_hi), log))
+    return out
+
+
+def _prepare(method: str, storage, runner: Runner, seed: int, base: dict) -> tuple:
+    """Open (or create) the study, check it is this method's on this runner and schedule, queue its start-up
+    design once, and (a SQLite file: one machine) re-queue start-up points that a killed process left running. On
+    a shared database running trials belong to other machines; dead ones are retried through their heartbeats."""
+    import optuna
+    m = runner.method(method)
+    if not m.search:
+        raise ValueError(f"method {method!r} has no search space (it has no strength to choose)")
+    name, key = study_name(method, runner.smoke, seed, runner), seed_key(method, seed, runner)
+    cfg = replace(runner.train_config(method), **base)
+    space = _space_of(runner, method, cfg)
+    n_startup = startup_count(len(space))
+    study = open_study(name, open_storage(storage), n_startup, prune_warmup=max(1, int(0.4 * cfg.steps)), key=key)
+    attrs = study.user_attrs
+    if "base" in attrs and attrs["base"] != base:
+        raise ValueError(f"study {name} in {storage} was run with base settings {attrs['base']}, not {base}; use "
+                         "another --storage (a study's trials must share one schedule)")
+    import json
+    if "runner" in attrs and attrs["runner"] != json.loads(json.dumps(runner.describe())):
+        raise ValueError(f"study {name} in {storage} belongs to {attrs['runner']}, not {runner.describe()}; use "
+                         "another --storage")
+    from .fingerprint import check_study
+    check_study(study, runner, method, base, storage)  # the same model, data and fixed fields, or a clear refusal
+    if "space" not in attrs:
+        for key, value in (("method", method), ("seed", seed), ("runner", runner.describe()), ("base", base),
+                           ("space", [list(s) for s in space]), ("extensions", [])):
+            study.set_user_attr(key, value)
+        for params in startup_points(space, n_startup, study_seed(key)):
+            study.enqueue_trial(params, user_attrs={"design": "startup"})
+    if _sqlite(storage):  # a dead worker's trial fails (its design point queued again); a live one runs on
+        fail_dead_trials(study)
+    return study, cfg
+
+
+def _sqlite(storage) -> bool:
+    return not is_url(storage) or str(storage).startswith("sqlite")
+
+
+def _run(runner: Runner, method: str, out, seed: int, device: str, overrides: dict, hooks: tuple) -> dict:
+    if runner.kind == "builtin":  # (module-level run_experiment: tests replace it)
+        return run_experiment(method, out, smoke=runner.smoke, seed=seed, device=device, progress=False,
+                              overrides=overrides, test=False, hooks=hooks, keep_weights=False)
+    return runner.run(method, out, seed=seed, overrides=overrides, test=False, hooks=hooks, device=device,
+                      keep_weights=False)
+
+
+def _objective(runner: Runner, method: str, study_name_: str, out_root: Path, seed: int, device: str, base: dict,
+               space: list[tuple]):
+    import optuna
+    from .. import distributed
+    select = runner.method(method).train.select
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", worker_tag())  # which machine and process runs it (first: liveness reads it)
+        params = {}
+        for f, lo, hi, log in space:
+            if is_int(lo, hi, log, f):
+                params[f] = trial.suggest_int(f, lo, hi)
+            else:
+                params[f] = trial.suggest_float(f, lo, hi, log=log)
+        startup = trial.user_attrs.get("design") in ("startup", "extension", "transition")
+        best = [-math.inf]
+        out = Path(out_root) / study_name_.replace(":", "-") / f"trial{trial.number:03d}"
+        distributed.broadcast_object(("trial", params, str(out)))  # data-parallel trial: every rank trains these
+        _record_params(out, params)
+
+        def report(state) -> bool | None:  # multi-fidelity: report the running best, stop a trailing trial
+            if state.val is None:
+                return None
+            best[0] = max(best[0], state.val[select])
+            trial.report(best[0], state.target_step)
+            stop = not startup and trial.should_prune()
+            if distributed.broadcast_object(stop):  # the other ranks stop with rank 0
+                trial.set_user_attr("pruned_at", state.target_step)
+                return False
+            return None
+
+        m = _run(runner, method, out, seed, device, {**base, **params}, (report,))
+        from ..identity import check_identity
+        study = trial.study
+        ident = check_identity(study.user_attrs.get("identity"), m, f"trial {trial.number} of study {study_name_}")
+        if "identity" not in study.user_attrs:
+            study.set_user_attr("identity", ident)
+        for k, v in m["val"].items():
+            trial.set_user_attr(k, v)
+        trial.set_user_attr("train", m["train"])
+        trial.set_user_attr("updates", m["updates"])
+        trial.set_user_attr("best_step", m["best_step"])
+        trial.set_user_attr("code", m.get("code"))  # the code that made it (a study may span several versions)
+        if "pruned_at" in trial.user_attrs:
+            raise optuna.TrialPruned()
+        return m["val"][select]
+
+    return objective
+
+
+def _follow(runner: Runner, method: str, seed: int, device: str, base: dict) -> None:
+    """Ranks > 0 of a data-parallel search: train each trial rank 0 announces (its parameters), stop with it."""
+    from .. import distributed
+    while True:
+        msg = distributed.broadcast_object(None)
+        if msg[0] in ("done", "finished"):
+            return msg
+        _, params, out = msg
+        _record_params(out, params)
+
+        def follow(state):
+            return False if state.val is not None and distributed.broadcast_object(None) else None
+        _run(runner, method, out, seed, device, {**base, **params}, (follow,))
+
+
+def _record_params(out, params: dict) -> None:
+    """Under torchrun, each rank writes the parameters it trains a trial with (TRIAL/params-rankR.json)."""
+    from .. import distributed
+    if distributed.active():
+        import json
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"params-rank{distributed.rank()}.json").write_text(json.dumps(params))
+
+
+def _worker(runner, method, storage, out_root, seed, device, base, space, total, threads):
+    """One process of a (possibly parallel) search: run trials until the study holds `total` finished ones. Under
+    torchrun rank 0 asks the study for trials and the other ranks train each with it (`_follow`)."""
+    import optuna
+    import torch
+    from .. import distributed
+    if threads:
+        torch.set_num_threads(threads)
+    if not distributed.is_main():
+        return _follow(runner, method, seed, device, base)
+    name = study_name(method, runner.smoke, seed, runner)
+    cfg = replace(runner.train_config(method), **base)
+    study = open_study(name, open_storage(storage), startup_count(len(space)),
+                       prune_warmup=max(1, int(0.4 * cfg.steps)), key=seed_key(method, seed, runner))
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+    def budget(study, trial):  # --budget: no new trial once the deadline has passed (the running one finishes)
+        if deadline_passed():
+            study.stop()
+    try:
+        if len(study.get_trials(deepcopy=False, states=done)) < total and not deadline_passed():
+            study.optimize(_objective(runner, method, name, Path(out_root), seed, device, base, space),
+                           callbacks=[optuna.study.MaxTrialsCallback(total, states=done), budget],
+                           catch=(FloatingPointError,))
+    finally:
+        distributed.broadcast_object(("done",))
+
+
+def _run_workers(args: tuple, jobs: int, device: str) -> None:
+    if jobs <= 1:
+        _worker(*args, threads=None)
+        return
+    import multiprocessing as mp
+    threads = max(1, (os.cpu_count() or 1) // jobs) if device == "cpu" else 2
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=args, kwargs={"threads": threads}) for _ in range(jobs)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [p.exitcode for p in procs if p.exitcode]
+    if failed:
+        raise RuntimeError(f"{len(failed)} search worker(s) failed (exit codes {failed}); run the same command again "
+                           "to resume the study")
+
+
+def wait_for_trials(study_name_: str, storage, args: tuple, jobs: int, device: str, poll: float = 10.0) -> None:
+    """Until no trial of the study is running or waiting: trials other machines run are awaited (a dead one is
+    failed by its heartbeat and queued again, and then run here)."""
+    import time
+
+    import optuna
+    while True:
+        study = optuna.load_study(study_name=study_name_, storage=open_storage(storage))
+        if _sqlite(storage):  # a worker that died while we wait: its trial fails and its point is queued again
+            fail_dead_trials(study)
+        else:
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        waiting = states.count(optuna.trial.TrialState.WAITING)
+        if waiting and deadline_passed():  # queued points wait for the next call
+            return
+        if waiting:
+            done = sum(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states)
+            _run_workers(args[:-1] + (done + waiting,), jobs, device)
+            continue
+        if optuna.trial.TrialState.RUNNING not in states:
+            return
+        time.sleep(poll)
+
+
+def search(method: str, storage: str | Path, out_root: str | Path, trials: int | None = None, smoke: bool = False,
+           seed: int = 0, device: str = "cpu", jobs: int = 1, base: dict | None = None, n_blocks: int | None = None,
+           extend: bool = True, noise: float = 0.0, constraint: tuple | None = None,
+           runner: Runner | None = None, inert: float | None = None) -> dict:
+    """Explore, refine, extend (where the best value sits at an edge) and map transitions; returns the choice.
+
+    method: a preset on the built-in world (runner None: Runner("builtin", smoke)), or a method of the study file
+    of `runner`. storage: a SQLite file, or a database URL that several machines share (they join the same
+    study; each returns once every trial has finished). trials: finished (complete or pruned) trials before the
+    whole study, extension and transition points included (default `study_budget(d)`). base: TrainConfig fields every trial shares (e.g. the schedule
+    and learning rates chosen for naive). noise: the seed noise of the objective (the spread of one configuration
+    over fine-tuning seeds): with it, transitions get points and a flat study is reported as such. constraint:
+    (fine key, generic key, threshold) for the constraint rule. inert: the baseline's score on the study's
+    selection key (the range's inert end), for `no_gain`. A --budget deadline (`budget.set_deadline`) stops it
+    between trials with `BudgetSpent`; the same call resumes. Returns {"method", "params", "value", "trials",
+    "distinct", "val", "space", "extensions", "at_edge", "flat", "spread", "constraint"}."""
+    from .. import distributed
+    runner = runner or Runner("builtin", smoke)
+    base = dict(base or {})
+    if distributed.active():
+        if jobs > 1:
+            raise ValueError("under torchrun each trial is data-parallel: use --jobs 1")
+        if not distributed.is_main():  # follow rank 0's trials, phase after phase, until it has the summary
+            while (msg := _follow(runner, method, seed, device, base))[0] != "finished":
+                pass
+            return msg[1]
+        try:
+            result = _search(method, storage, out_root, trials, seed, device, jobs, base, n_blocks, extend, noise,
+                             constraint, runner, inert)
+        except BaseException:
+            distributed.broadcast_object(("finished", None))
+            raise
+        distributed.broadcast_object(("finished", result))
+        return result
+    return _search(method, storage, out_root, trials, seed, device, jobs, base, n_blocks, extend, noise, constraint,
+                   runner, inert)
+
+
+def _search(method, storage, out_root, trials, seed, device, jobs, base, n_blocks, extend, noise, constraint, runner,
+            inert=None):
+    import optuna
+    study, cfg = _prepare(method, storage, runner, seed, base)
+    d = len(runner.method(method).search)
+    total = trials if trials is not None else study_budget(d)
+    if total < startup_count(d):
+        raise ValueError(f"trials={total} is below the {startup_count(d)} space-filling start-up points of a "
+                         f"{d}-field search")
+    space = [tuple(s) for s in study.user_attrs["space"]]
+    states = lambda *s: len(study.get_trials(deepcopy=False, states=s))
+    T = optuna.trial.TrialState
+    # points a killed session had queued (start-up, an edge extension, a transition) run before anything is decided
+    queued, finished = states(T.WAITING), states(T.COMPLETE, T.PRUNED)
+    args = lambda sp, n: (runner, method, str(storage), str(out_root), seed, device, base, sp, n)
+
+    def run_to(sp, n):
+        _run_workers(args(sp, n), jobs, device)
+        wait_for_trials(study.study_name, storage, args(sp, n), jobs, device)
+        if deadline_passed():
+            raise BudgetSpent(f"the --budget ran out during study {study.study_name} (its finished trials are kept)")
+
+    run_to(space, max(total - _reserve(d, total), finished + queued))
+    while extend:
+        study = optuna.load_study(study_name=study.study_name, storage=open_storage(storage))
+        finished = [t for t in study.trials if t.state == T.COMPLETE]
+        space = [tuple(s) for s in study.user_attrs["space"]]
+        n_now = states(T.COMPLETE, T.PRUNED)
+        history = study.user_attrs.get("extensions", [])
+        if n_now >= total or len(history) >= MAX_EXTENSIONS:
+            break
+        new, grown, stuck = extend_space(space, [t.params for t in finished], study.best_trial.params, cfg.steps,
+                                         n_blocks, [t.value for t in finished], noise)
+        if not grown:
+            break
+        study.set_user_attr("space", [list(s) for s in new])
+        study.set_user_attr("extensions", history + [grown])
+        per_strip = max(1, min(4, (total - n_now) // len(grown)))
+        n_new = 0
+        for f, lo, hi, log in new:  # space-filling points in each new strip, the other fields at the best values
+            old = next(s for s in space if s[0] == f)
+            if (lo, hi) == tuple(old[1:3]):
+                continue
+            strip = (lo, old[1], log) if lo < old[1] else (old[2], hi, log)
+            for u in startup_points([(f, *strip)], per_strip,
+                                    study_seed(seed_key(method, seed, runner)) + len(study.trials)):
+                study.enqueue_trial({**study.best_trial.params, **u}, user_attrs={"design": "extension"})
+                n_new += 1
+        run_to(new, n_now + n_new)
+    for _ in range(2 if noise > 0 else 0):  # points where a selection rule decides (one-field studies)
+        study = optuna.load_study(study_name=study.study_name, storage=open_storage(storage))
+        left = total - states(T.COMPLETE, T.PRUNED)
+        if left <= 0:
+            break
+        space = [tuple(s) for s in study.user_attrs["space"]]
+        done = [(t.params, t.value, t.user_attrs.get(constraint[0]) if constraint else None)
+                for t in study.trials if t.state == T.COMPLETE]
+        queued = {tuple(sorted(t.params.items())) for t in study.trials if t.state == T.WAITING}
+        points = [p for p in transition_points(space, done, noise, max_points=left,
+                                               threshold=constraint[2] if constraint else None)
+                  if tuple(sorted(p.items())) not in queued]
+        if not points:
+            break
+        for p in points:
+            study.enqueue_trial(p, user_attrs={"design": "transition"})
+        run_to(space, states(T.COMPLETE, T.PRUNED) + len(points))
+    study = optuna.load_study(study_name=study.study_name, storage=open_storage(storage))
+    if states(T.COMPLETE, T.PRUNED) < total:  # what no extension or transition needed goes to TPE
+        run_to([tuple(s) for s in study.user_attrs["space"]], total)
+    return summary(study.study_name, storage, n_blocks=n_blocks, steps=cfg.steps, noise=noise, constraint=constraint,
+                   inert=inert)
+
+
+def final_runs(method: str, params: dict, seeds: list[int], out_root: str | Path, registry: str | Path,
+               smoke: bool = False, device: str = "cpu", progress: bool = False, runner: Runner | None = None) -> list[dict]:
+    """The chosen configuration, once per seed, with test evaluation; one registry row each."""
+    runner = runner or Runner("builtin", smoke)
+    return [runner.run(method, Path(out_root) / f"{method}{'-smoke' if runner.smoke else ''}-s{s}", seed=s,
+                       overrides=params, registry=registry, device=device, progress=progress) for s in seeds]
