@@ -85,6 +85,39 @@ def label(row: dict) -> str:
     return row["method"] + (f" [{', '.join(extra)}]" if extra else "")
 
 
+def main_choices(rows: list[dict], seeds: str | None = None) -> list[dict]:
+    """Each method's main-choice rows with test metrics (not the constraint rule's or a second search seed's: those
+    carry tags, `label`); seeds="shared": only the seeds every method ran, so that means compare like with like."""
+    rows = [r for r in rows if r.get("finetuned") and label(r) == r["method"]]
+    if seeds == "shared" and rows:
+        keep = set.intersection(*({r["seed"] for r in rows if r["method"] == m} for m in {r["method"] for r in rows}))
+        rows = [r for r in rows if r["seed"] in keep]
+    return rows
+
+
+def world_summary(path: str | Path) -> dict[str, dict]:
+    """A registry's `summarise` by method (main choices, every seed each ran, against the registry's baseline)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such registry (a results .jsonl file written by `compare`)")
+    rows = load_results(path, smoke=False)
+    return {s["method"]: s for s in summarise(main_choices(rows), baseline=baseline_of(rows))}
+
+
+def worlds_table(worlds: dict[str, dict[str, dict]]) -> str:
+    """Markdown: each method of every world (`world_summary`) in points against its own world's baseline, with the
+    share of the baseline's gain kept and of its drops left in brackets."""
+    pct = lambda x: "" if x != x else f" ({x:.0%})"
+    cells = lambda s: [""] * 3 if s is None else [
+        f"{100 * s['fine_mean']:+.1f}{pct(s.get('gain_kept', float('nan')))}",
+        f"{100 * s['generic_mean']:+.1f}{pct(s.get('generic_drop_left', float('nan')))}",
+        f"{100 * s['i2t_mean']:+.1f}{pct(s.get('i2t_drop_left', float('nan')))}"]
+    head = [f"{w}: {a}" for w in worlds for a in ("gain (kept)", "generic (left)", "image-text R@1 (left)")]
+    lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for m in dict.fromkeys(m for w in worlds.values() for m in w):
+        lines.append(f"| {m} | " + " | ".join(c for w in worlds.values() for c in cells(w.get(m))) + " |")
+    return "\n".join(lines)
+
+
 def baseline_of(rows: list[dict]) -> str:
     """The baseline of a registry, by its role: rows a comparison tagged {"role": "baseline"}, else toy-naive."""
     tagged = {r["method"] for r in rows if (r.get("tags") or {}).get("role") == "baseline"}

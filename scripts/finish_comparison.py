@@ -16,23 +16,14 @@ then repoints results/current.json's `world` entries at them, and moves --state 
 a result). Commit what it prints. --dry-run prints the report and writes nothing.
 """
 import argparse
-import importlib.util
 import json
 import shutil
 import sys
 from pathlib import Path
 
 from infusing_kit.results import (RESULTS, claim, load_results, markdown_table, paired, paired_table, points_table,
-                                  rank_correlation, summarise, winners)
+                                  rank_correlation, summarise, winners, world_summary, worlds_table)
 
-HERE = Path(__file__).resolve().parent
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def posthoc_choices(folder: str | Path) -> list[dict]:
@@ -112,15 +103,10 @@ def report(rows: list[dict], chosen: dict, far: str | None, folder: str | Path |
         md += [f"| {c['method']} | {c['seed']} | " + ", ".join(f"{k} {v}" for k, v in c["chosen"].items())
                + f" | {c['candidates']} | {', '.join(c['merged']) or '-'} |" for c in out["posthoc"]]
     if far:
-        tw = _script("two_worlds")
-        out["two_worlds"] = {"far": far, "summaries": {"far": tw.world_summary(far)}}
+        out["two_worlds"] = {"far": far, "summaries": {"far": world_summary(far)}}
         near = {s["method"]: s for s in summary}
         md += ["", "## Two worlds (each method against its own world's naive; points, share kept / left)",
-               "| method | near: gain | near: generic | near: i2t | far: gain | far: generic | far: i2t |",
-               "|---|---|---|---|---|---|---|"]
-        farw = out["two_worlds"]["summaries"]["far"]
-        for m in dict.fromkeys(list(near) + list(farw)):
-            md.append(f"| {m} | " + " | ".join(tw.cell(near.get(m)) + tw.cell(farw.get(m))) + " |")
+               worlds_table({"near": near, "far": out["two_worlds"]["summaries"]["far"]})]
     return out, "\n".join(md) + "\n"
 
 

@@ -232,3 +232,23 @@ def test_finish_comparison_reports_every_table_and_refuses_an_unfinished_one(tmp
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "finish_comparison.py"), str(out), "--world", "near",
                         "--tag", "t", "--results", str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 2 and "has not finished" in p.stderr
+
+
+def test_main_choices_shared_seeds_and_the_two_worlds_table(tmp_path):
+    from infusing_kit.results import main_choices, world_summary, worlds_table
+    rows = [_row("toy-naive", s, 0.4, -0.2, -0.4) for s in (0, 1, 2)] + \
+           [_row("toy-paper", s, 0.3 + 0.1 * s, -0.1, -0.1) for s in (0, 1)] + \
+           [{**_row("toy-paper", 0, 0.9, 0.0, 0.0), "tags": {"rule": "constraint"}}]
+    assert len(main_choices(rows)) == 5  # the constraint rule's row is a variant, not the main choice
+    assert sorted({r["seed"] for r in main_choices(rows, seeds="shared")}) == [0, 1]  # toy-paper has no seed 2
+    path = tmp_path / "reg.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    near = world_summary(path)
+    assert set(near) == {"toy-naive", "toy-paper"} and near["toy-paper"]["seeds"] == 2
+    assert near["toy-paper"]["fine_mean"] == pytest.approx(0.35) and near["toy-paper"]["gain_kept"] == pytest.approx(
+        0.35 / 0.4) and near["toy-paper"]["generic_drop_left"] == pytest.approx(0.5)
+    table = worlds_table({"near": near, "far": {"toy-naive": near["toy-naive"]}}).splitlines()
+    assert table[0].startswith("| method | near: gain (kept)") and len(table) == 4
+    assert table[3] == "| toy-paper | +35.0 (88%) | -10.0 (50%) | -10.0 (25%) |  |  |  |"  # no far row: blank
+    with pytest.raises(FileNotFoundError, match="no such registry"):
+        world_summary(tmp_path / "missing.jsonl")
