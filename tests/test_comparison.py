@@ -156,3 +156,24 @@ def test_seed_noise_and_the_naive_reference_by_hand():
     n = C.seed_noise(logs, steps=50)
     assert n["kept"] == [0.6, 0.7] and n["noise"] == pytest.approx(0.0707107, rel=1e-5)
     assert n["naive_fine"] == pytest.approx(0.75)
+
+
+def test_a_preset_holding_the_comparisons_own_choice_is_not_a_change_but_another_value_is():
+    from infusing_kit.protocol.fingerprint import differences, own_choices
+    old = {"model": "m", "methods": {"toy-naive": {"steps": 200, "scale": 16.0},
+                                     "toy-l2sp": {"steps": 200, "lr_backbone": 1e-3, "scale": 16.0}}}
+    chosen = {"toy-naive": {"params": {"lr_backbone": 5e-4, "steps": 325}}, "toy-l2sp": {"params": {"l2sp": 3.0}}}
+    # the presets now hold what the comparison chose (naive's schedule and learning rate, which every run overrides)
+    now = {"model": "m", "methods": {"toy-naive": {"steps": 325, "scale": 16.0},
+                                     "toy-l2sp": {"steps": 325, "lr_backbone": 5e-4, "scale": 16.0},
+                                     "toy-new": {"steps": 325, "scale": 16.0}}}
+    assert differences(old, now)  # compared as they are, they differ
+    kept = own_choices(old, now, chosen, "toy-naive")
+    assert differences(old, kept) == [] and kept["methods"]["toy-new"] == now["methods"]["toy-new"]
+    # a fixed field the comparison never chose, or a value other than its choice, is still a change
+    for m, k, v in (("toy-naive", "scale", 32.0), ("toy-l2sp", "steps", 300)):
+        other = json.loads(json.dumps(now))
+        other["methods"][m][k] = v
+        assert differences(old, own_choices(old, other, chosen, "toy-naive")) == [f"{m}: fixed field {k} "
+                                                                                   f"{old['methods'][m][k]!r} -> {v!r}"]
+    assert own_choices(None, now, chosen, "toy-naive") is now

@@ -15,7 +15,7 @@ from infusing_kit.__main__ import main
 from infusing_kit.protocol.study import Runner, Study, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAPSHOT = ROOT / "tests" / "data" / "builtin-study-v4.json"  # the presets at the v4 comparison's choices
+SNAPSHOT = ROOT / "tests" / "data" / "builtin-study-v4b.json"  # the presets at the v4b comparison's choices
 
 
 

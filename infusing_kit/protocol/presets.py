@@ -145,10 +145,12 @@ PRESETS: dict[str, Preset] = {
     "toy-tracer": _method("distillation (MSE) on generic batches to a Beta moving average of the fine-tuning "
                           "trajectory's weights instead of the frozen pretrained model (TRACER's teacher, 2026; "
                           "CLIPood's BMA, Shu et al. 2023, alpha = beta = 0.5), round robin", "function space",
-                          tracer=38.1850100403239, sampler="round_robin", search=(("tracer", 0.1, 1e3, True),)),
+                          tracer=228.12275657632787, smoke=dict(tracer=38.1850100403239), sampler="round_robin",
+                          search=(("tracer", 0.1, 1e3, True),)),
     "toy-dive-avl": _method("DiVE's average vector loss on generic batches: the difference vectors (fine-tuned minus "
                             "pretrained embedding) kept equal to their batch mean, so the embeddings' geometry is kept "
-                            "(Suzuki et al. 2026, image side), round robin", "function space", avl=1.0,
+                            "(Suzuki et al. 2026, image side), round robin", "function space",
+                            avl=0.17849397803521533, smoke=dict(avl=1.0),
                             sampler="round_robin", search=(("avl", 0.01, 1e3, True),)),
     # --- data mixing
     "toy-mix-balanced": _method("embedding distillation with the balanced sampler (generic with probability 1/2)",
@@ -163,7 +165,8 @@ PRESETS: dict[str, Preset] = {
                                 search=(("distill", 0.1, 1e3, True),)),
     "toy-flow": _method("FLOW: the target cross-entropy reweighted per sample by exp(-L0/tau), L0 the pretrained "
                         "tower's loss under a class-mean head, mean weight 1 (Sanyal et al. 2025; strength 1/tau "
-                        "chosen on validation)", "data", flow=1.0, search=(("flow", 0.01, 10.0, True),)),
+                        "chosen on validation)", "data", flow=0.8503936530108309, smoke=dict(flow=1.0),
+                        search=(("flow", 0.01, 10.0, True),)),
     # --- optimisation side
     "toy-low-lr": _method("naive fine-tuning with its backbone learning rate chosen on the mean of fine-grained and "
                           "generic validation (the retention-aware choice)", "optimisation",
@@ -196,7 +199,7 @@ PRESETS: dict[str, Preset] = {
 }
 # Every searched preset holds its choice in the near world's current comparison, at full precision, so that
 # `experiment --preset NAME --seed S` retrains that comparison's row of seed S (tests/test_results.py checks both).
-CHOSEN_FILE = "toy-chosen-near-cpu-v4.json"
+CHOSEN_FILE = "toy-chosen-near-cpu-v4b.json"
 NOT_IN_THE_TABLE = {  # methods a reviewer expects that have no row, and why
     "FLYP": "contrastive fine-tuning against class-name prompts needs class names; the built-in fine-grained classes "
             "have none (their captions name the shape and colour family shared by 8 classes). `lipsum` and `lwf` are "
