@@ -126,3 +126,18 @@ def test_a_cached_run_of_settings_the_preset_no_longer_holds_is_set_aside_and_tr
     assert trained == ["toy-naive-smoke-s0"] and old["lr_backbone"] == 2 * current["lr_backbone"]
     experiment.cached_run("toy-naive", tmp_path, smoke=True)  # now current: reused
     assert trained == ["toy-naive-smoke-s0"] and not (tmp_path / "toy-naive-smoke-s0.stale-2").exists()
+
+
+def test_a_post_hoc_row_says_what_validation_chose_and_a_plain_row_has_no_such_keys(tmp_path):
+    # users of soups and WiSE-FT ask which interpolation or ingredients a number comes from (wise-ft#5,
+    # model-soups#10): the registry row carries the chosen candidate (validation only) and the runs it merged
+    reg = tmp_path / "reg.jsonl"
+    m = experiment.run_experiment("toy-wise-ft", tmp_path / "wise", smoke=True, registry=reg)
+    best = max(m["post_hoc_curve"], key=lambda r: r["mean_map@20"])
+    row = json.loads(reg.read_text().splitlines()[-1])
+    assert row["post_hoc"] == "wise_ft" and row["post_hoc_chosen"] == m["post_hoc_chosen"] == {"alpha": best["alpha"]}
+    assert "merged" not in row  # WiSE-FT interpolates the seed's own run with the pretrained weights, nothing else
+    plain = experiment.run_experiment("toy-naive", tmp_path / "naive", smoke=True, registry=reg,
+                                      overrides={"steps": 4, "eval_every": 2})
+    row = json.loads(reg.read_text().splitlines()[-1])
+    assert plain["post_hoc_chosen"] is None and "post_hoc_chosen" not in row and "merged" not in row

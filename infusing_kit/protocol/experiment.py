@@ -10,7 +10,8 @@ the regularizers, val for selection, test for reporting) + an image-text test se
 out_dir/metrics.json:
     {"preset", "description", "seed", "smoke", "model", "device", "source": {...what data and model},
      "train": TrainConfig, "overrides", "best_step", "val", "updates", "warnings", "train_seconds", "seconds",
-     "pretrained": {"in_domain": {...}, "generic_image": {...}, "image_text": {...}}, "finetuned": {...}}
+     "pretrained": {"in_domain": {...}, "generic_image": {...}, "image_text": {...}}, "finetuned": {...},
+     post-hoc runs also "post_hoc", "post_hoc_curve" (every candidate's validation), "post_hoc_chosen", "merged"}
 in_domain: fine-grained test retrieval (class-disjoint from training): map@20, mmp@20, r@1.
 generic_image: generic test image-image retrieval, same keys.
 image_text: image-caption pairs: i2t_r@1/5/10, t2i_r@1/5/10 (captions by the frozen text tower, or precomputed).
@@ -218,6 +219,7 @@ def _run_setup(setup, out, device, progress, test, registry, hooks, resume, reus
                "model": vlm.name, "device": f"{where.type} (bf16 autocast)" if where.type == "cuda" else
                f"{where.type} (float32)", **setup.source, "train": asdict(cfg), "overrides": setup.overrides,
                "best_step": result.best_step, "val": val, "post_hoc": setup.post_hoc, "post_hoc_curve": curve,
+               "post_hoc_chosen": {k: v for k, v in chosen.items() if "@" not in k} if setup.post_hoc else None,
                "reused": str(reuse) if reuse is not None else None, "merged": [str(m) for m in merge_with],
                "updates": result.updates,
                "stopped_at": result.updates["target"] if result.updates["target"] < cfg.steps else None,

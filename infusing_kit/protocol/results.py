@@ -4,7 +4,7 @@ A registry is a JSON-lines file, one row per finished run (append-only: rows are
 comparison writes a new file):
   {"method", "seed", "smoke", "overrides", "train": TrainConfig, "val": {...}, "best_step", "updates":
    {"target", "generic", "backbone"}, "pretrained": {...}, "finetuned": {...}, "warnings", "seconds", "device",
-   "code", "run_dir", "finished"}
+   "code", "run_dir", "finished", and on post-hoc rows "post_hoc_chosen" and "merged"}
 `summarise(rows)` turns rows into one line per method: mean and standard deviation over seeds of the
 three deltas vs the pretrained model (fine-grained mAP@20 gain, generic mAP@20 change, i2t R@1 change),
 plus the share of the naive gain kept and of the naive forgetting left.
@@ -38,8 +38,8 @@ def append_result(path: str | Path, metrics: dict, run_dir: str | Path | None = 
            "weights": metrics.get("weights"), "threads": metrics.get("threads"), "torch": metrics.get("torch"),
            "tags": metrics.get("tags", {}), "post_hoc": metrics.get("post_hoc"),
            "run_dir": str(run_dir) if run_dir else None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if metrics.get("tests"):  # extra test sets and their averages (testsets.py); rows without them are unchanged
-        row["tests"] = metrics["tests"]
+    # only where present: extra test sets and their means (testsets.py); a post-hoc row's choice and the runs it merged
+    row |= {k: metrics[k] for k in ("tests", "post_hoc_chosen", "merged") if metrics.get(k)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
