@@ -233,7 +233,7 @@ def _png() -> bytes:
 
 
 def test_a_records_folder_reads_its_shards_not_the_side_files_the_release_keeps_beside_them(tmp_path):
-    from infusing_kit.protocol.config import _record_files
+    from infusing_kit.protocol.formats import _record_files
     for name in ("imagenet.train_info_data.json", "sop.array_record-00000-of-00002", "sop.array_record-00001-of-00002",
                  ".hidden", "README.md"):
         (tmp_path / name).write_bytes(b"x")
