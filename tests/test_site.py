@@ -193,8 +193,8 @@ def test_the_reference_pages_render_offline(small_site):
 def test_the_site_template_drops_every_script_from_a_cdn():
     from pathlib import Path
 
-    import infusing_kit
-    folder = Path(infusing_kit.__file__).parent / "templates" / "site"
+    from infusing_kit import teaching
+    folder = Path(teaching.__file__).parent / "templates" / "site"
     template = (folder / "index.html.j2").read_text()
     for block in ("html_head_js_requirejs", "jupyter_widgets", "html_head_js_mathjax", "html_head_js_mermaidjs"):
         assert re.search(rf"{{%-? block {block} -?%}}{{%-? endblock {block} -?%}}", template), block  # emptied
