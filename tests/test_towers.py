@@ -10,6 +10,7 @@ from infusing_kit.datasets.data import Split
 from infusing_kit.models import load_model
 from infusing_kit.methods.regularizers import quadratic_weights
 from infusing_kit.methods.teacher import extract_teacher
+from infusing_kit.methods.terms import needed_inputs
 from infusing_kit.towers import fused_parts, layout
 from infusing_kit.train import TrainConfig, train
 
@@ -95,7 +96,7 @@ def test_every_method_trains_on_every_tower_kind(tower):
             with pytest.raises(ValueError, match="LoRA on a open_clip-resnet tower: ModifiedResNet's blocks are conv"):
                 train(tower, target, cfg, generic=generic, progress=False)
             continue
-        need = {k: v for k, v in inputs.items() if k in __import__("infusing_kit.methods.terms").terms.needed_inputs(cfg)}
+        need = {k: v for k, v in inputs.items() if k in needed_inputs(cfg)}
         calls = iter(range(10))  # the score rises with each validation: the last step is kept (LP-FT's is its first backbone step)
         head, res = train(tower, target, cfg, generic=generic, progress=False,
                           validate=lambda v: {"score": float(next(calls))}, **need)
