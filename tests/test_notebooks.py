@@ -190,3 +190,19 @@ def test_the_site_shows_no_folder_of_the_building_machine(tmp_path):
     checks = page.split('<details class="kit-check">')
     assert len(checks) == 2 and "the pure check" in checks[1] and "toy-naive-s0" in checks[0]
     assert "<math" in index.read_text()
+
+
+def test_a_chapters_kernel_waits_passively_unless_the_user_says_otherwise(tmp_path, monkeypatch):
+    # threads that spin at barriers crawl on a shared machine (benchmarks/bench_load.py): the runner's kernels
+    # start with OMP_WAIT_POLICY=PASSIVE, and a value the user exported wins
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("SMOKE = True\nWANT = None", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import os\nassert os.environ.get('OMP_WAIT_POLICY') == WANT, "
+                                          "os.environ.get('OMP_WAIT_POLICY')")]
+    nbformat.write(nb, tmp_path / "99_env.ipynb")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    run_notebook(tmp_path / "99_env.ipynb", tmp_path / "out", True, parameters={"WANT": "PASSIVE"})
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    run_notebook(tmp_path / "99_env.ipynb", tmp_path / "out", True, parameters={"WANT": "ACTIVE"})

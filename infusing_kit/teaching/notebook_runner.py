@@ -11,7 +11,10 @@ about 3 min on 2 CPU cores"), and one when it ends. No cell timeout that a slow 
 limit (CELL_TIMEOUT, 4 h) only catches a hung kernel. A failing cell stops the series with a message naming the
 chapter, the cell and its error, the executed copy (everything up to the failure), and how to continue: the
 chapters share their runs through RESULTS_DIR, so running again (all chapters, or `--from NN`) reuses every run
-already made instead of training it again. --html renders the executed chapters into a site (one page per chapter,
+already made instead of training it again. Kernels start with OMP_WAIT_POLICY=PASSIVE (KERNEL_ENV; a value you set
+wins): on a machine other jobs share, torch's threads otherwise spin at every barrier while their partner waits for
+a core (benchmarks/bench_load.py: a short training 2.2x faster beside two busy loops, 8% slower on an idle machine).
+--html renders the executed chapters into a site (one page per chapter,
 figures embedded, an index, a syllabus and the reference pages; infusing_kit.teaching.site) that opens without Jupyter.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .site import math_to_mathml, render_site  # noqa: F401 (the course site; im
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 IMAGE_TYPES = ("image/png", "image/svg+xml", "image/jpeg")
+KERNEL_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # read by OpenMP when a kernel starts; it changes no arithmetic
 
 
 def notebook_paths(only: list[str] | None = None) -> list[Path]:
@@ -56,7 +60,11 @@ def run_notebook(path: Path, out_dir: Path, smoke: bool, results_dir: Path | Non
     parameters: more values for its `parameters` cell (e.g. CONFIG, the study file it runs on). timeout: seconds a
     cell may run (None: no limit); the default only catches a hung kernel, since a busy laptop runs a chapter's
     longest cell (a live search, 10-30 min idle) several times slower and slowness must not become failure."""
+    import os
+
     import papermill as pm
+    for k, v in KERNEL_ENV.items():
+        os.environ.setdefault(k, v)  # the kernel inherits this process's environment
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {"SMOKE": smoke, **(parameters or {})}
     if results_dir is not None:
