@@ -86,6 +86,61 @@ def _trials(url):
     return names, (optuna.load_study(study_name=names[0], storage=store).trials if names else [])
 
 
+@pytest.mark.parametrize("where", ["sqlite", "postgresql"])
+def test_two_searches_opening_one_new_study_at_once_queue_each_decision_once(where, tmp_path, monkeypatch, request):
+    """Two machines that open a new study at the same moment: without a lock both found it empty, both queued its
+    start-up design and every point ran twice (a fresh-clone CI run: 12 trials, 6 points). Here the check before
+    the design, the design and each edge extension are made slow, so that both searches are inside them at once;
+    each is still queued once. The experiment is a cheap fake whose best value sits above the range (the study
+    extends it). SQLite: two processes creating the schema at once also failed ("table studies already exists")."""
+    import math
+    import threading
+
+    from infusing_kit.protocol import fingerprint, search as S, spaces
+    storage = str(tmp_path / "s.db") if where == "sqlite" else request.getfixturevalue("postgres")
+
+    def run(preset, out, smoke, seed, device, progress, overrides, test=True, hooks=(), keep_weights=True):
+        x = overrides["l2sp"]
+        return {"val": {"fine_map@20": 0.5, "generic_map@20": 0.5, "mean_map@20": 0.9 - abs(math.log10(x) - 6) / 20},
+                "train": {"steps": 100, **overrides}, "updates": {"target": 100}, "best_step": 100}
+
+    def slowly(f):
+        def slow(*a, **k):
+            time.sleep(1.0)  # wide enough for the other search to arrive at the same decision
+            return f(*a, **k)
+        return slow
+    monkeypatch.setattr(S, "run_experiment", run)
+    monkeypatch.setattr(fingerprint, "check_study", slowly(fingerprint.check_study))  # between reading and queueing
+    monkeypatch.setattr(S, "startup_points", slowly(spaces.startup_points))
+    monkeypatch.setattr(S, "extend_space", slowly(spaces.extend_space))
+    results, errors = [], []
+
+    def one():
+        try:
+            results.append(S.search("toy-l2sp", storage, tmp_path / "runs", trials=14, base={"steps": 100}))
+        except BaseException as e:  # noqa: BLE001 (the test reports it)
+            errors.append(e)
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert not errors, errors
+    rows = S.trial_rows(storage)
+    points = [r["params"]["l2sp"] for r in rows]
+    assert len(points) == len(set(points)), f"a point was run twice: {sorted(points)}"
+    assert sum(r["design"] == "startup" for r in rows) == spaces.startup_count(1)
+    assert sum(r["design"] == "extension" for r in rows) > 0, "the study should have extended its range"
+    assert 14 <= len(rows) <= 15, "the budget, and at most one trial more (both finish a last trial at once)"
+    history = results[0]["extensions"]
+    assert history == results[1]["extensions"] and sum(r["design"] == "extension" for r in rows) <= 4 * len(history), \
+        "an extension's points (at most 4 per grown field) were queued by both searches"
+    S.search("toy-l2sp", tmp_path / "alone.db", tmp_path / "alone", trials=14, base={"steps": 100})
+    alone = S.trial_rows(tmp_path / "alone.db")  # one search: the start-up design the two must have shared
+    assert (sorted(r["params"]["l2sp"] for r in rows if r["design"] == "startup")
+            == sorted(r["params"]["l2sp"] for r in alone if r["design"] == "startup"))
+
+
 @pytest.mark.slow
 def test_two_workers_finish_one_study_with_no_point_run_twice(postgres, study_file, tmp_path):
     procs = [_worker(study_file, postgres, tmp_path / "shared") for _ in range(2)]

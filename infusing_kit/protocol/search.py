@@ -53,9 +53,16 @@ from .choices import summary  # noqa: F401 (search.summary)
 from .experiment import run_experiment
 from .spaces import (MAX_EXTENSIONS, _reserve, extend_space, hard_limits, is_int, startup_count,  # noqa: F401
                      startup_points, study_budget, transition_points)
-from .storage import (fail_dead_trials, is_url, open_storage, open_study, study_seed, trial_rows,  # noqa: F401
+from .storage import (fail_dead_trials, is_url, open_storage, open_study, study_lock, study_seed, trial_rows,  # noqa: F401
                       worker_tag)
 from .study import Runner
+
+# The seed of every study's start-up design (the space-filling points in the unit cube, scaled to its space). Since
+# the first comparison it has been this one key, not the study's own (a loop variable named `key` took the last
+# attribute's name): studies of one dimension start from the same unit-cube points, which is fair across methods.
+# Kept so that every registry's studies re-run to the same points; TPE's seed is the study's own (`open_study`).
+DESIGN_KEY = "extensions"
+
 
 def study_name(method: str, smoke: bool, seed: int, runner: Runner | None = None) -> str:
     """The study's name in its storage (unique per study file, method and seed); what it is lives in its user
@@ -95,7 +102,18 @@ def _prepare(method: str, storage, runner: Runner, seed: int, base: dict) -> tup
     cfg = replace(runner.train_config(method), **base)
     space = _space_of(runner, method, cfg)
     n_startup = startup_count(len(space))
-    study = open_study(name, open_storage(storage), n_startup, prune_warmup=max(1, int(0.4 * cfg.steps)), key=key)
+    store = open_storage(storage)
+    study = open_study(name, store, n_startup, prune_warmup=max(1, int(0.4 * cfg.steps)), key=key)
+    with study_lock(store, name):  # one machine sets a new study up; the others then find it set up
+        _set_up(study, runner, method, seed, base, storage, space, n_startup, key)
+    if _sqlite(storage):  # a dead worker's trial fails (its design point queued again); a live one runs on
+        fail_dead_trials(study)
+    return study, cfg
+
+
+def _set_up(study, runner: Runner, method: str, seed: int, base: dict, storage, space: list, n_startup: int,
+            key: str) -> None:
+    name = study.study_name
     attrs = study.user_attrs
     if "base" in attrs and attrs["base"] != base:
         raise ValueError(f"study {name} in {storage} was run with base settings {attrs['base']}, not {base}; use "
@@ -107,14 +125,11 @@ def _prepare(method: str, storage, runner: Runner, seed: int, base: dict) -> tup
     from .fingerprint import check_study
     check_study(study, runner, method, base, storage)  # the same model, data and fixed fields, or a clear refusal
     if "space" not in attrs:
-        for key, value in (("method", method), ("seed", seed), ("runner", runner.describe()), ("base", base),
-                           ("space", [list(s) for s in space]), ("extensions", [])):
-            study.set_user_attr(key, value)
-        for params in startup_points(space, n_startup, study_seed(key)):
+        for attr, value in (("method", method), ("seed", seed), ("runner", runner.describe()), ("base", base),
+                            ("space", [list(s) for s in space]), ("extensions", [])):
+            study.set_user_attr(attr, value)
+        for params in startup_points(space, n_startup, study_seed(DESIGN_KEY)):
             study.enqueue_trial(params, user_attrs={"design": "startup"})
-    if _sqlite(storage):  # a dead worker's trial fails (its design point queued again); a live one runs on
-        fail_dead_trials(study)
-    return study, cfg
 
 
 def _sqlite(storage) -> bool:
@@ -338,18 +353,44 @@ def _search(method, storage, out_root, trials, seed, device, jobs, base, n_block
             raise BudgetSpent(f"the --budget ran out during study {study.study_name} (its finished trials are kept)")
 
     run_to(space, max(total - _reserve(d, total), finished + queued))
-    while extend:
-        study = optuna.load_study(study_name=study.study_name, storage=open_storage(storage))
+    store = open_storage(storage)
+    made = study.user_attrs.get("decisions", 0)  # extensions and transition rounds queued so far, by any machine
+
+    def decide_once(decide) -> bool:
+        """Make one decision (queue an extension's or a transition round's points) once across the machines that
+        share the study, on a settled study (nothing waiting or running), then run what it queued. Under the lock
+        a machine that finds the decision made by another runs its points instead. False: nothing to decide."""
+        nonlocal study, made
+        while True:
+            with study_lock(store, study.study_name):
+                study = optuna.load_study(study_name=study.study_name, storage=store)
+                now = study.user_attrs.get("decisions", 0)
+                if now > made:  # another machine made this decision while this one ran or waited
+                    made, settled = now, True
+                elif states(T.WAITING, T.RUNNING):  # trials of another machine: run them, then decide
+                    settled = False
+                else:
+                    if decide(study) is None:
+                        return False
+                    made += 1
+                    study.set_user_attr("decisions", made)
+                    settled = True
+                target = states(T.COMPLETE, T.PRUNED, T.WAITING, T.RUNNING)
+            run_to([tuple(s) for s in study.user_attrs["space"]], target)
+            if settled:
+                return True
+
+    def extension(study) -> int | None:
         finished = [t for t in study.trials if t.state == T.COMPLETE]
         space = [tuple(s) for s in study.user_attrs["space"]]
         n_now = states(T.COMPLETE, T.PRUNED)
         history = study.user_attrs.get("extensions", [])
         if n_now >= total or len(history) >= MAX_EXTENSIONS:
-            break
+            return None
         new, grown, stuck = extend_space(space, [t.params for t in finished], study.best_trial.params, cfg.steps,
                                          n_blocks, [t.value for t in finished], noise)
         if not grown:
-            break
+            return None
         study.set_user_attr("space", [list(s) for s in new])
         study.set_user_attr("extensions", history + [grown])
         per_strip = max(1, min(4, (total - n_now) // len(grown)))
@@ -363,12 +404,12 @@ def _search(method, storage, out_root, trials, seed, device, jobs, base, n_block
                                     study_seed(seed_key(method, seed, runner)) + len(study.trials)):
                 study.enqueue_trial({**study.best_trial.params, **u}, user_attrs={"design": "extension"})
                 n_new += 1
-        run_to(new, n_now + n_new)
-    for _ in range(2 if noise > 0 else 0):  # points where a selection rule decides (one-field studies)
-        study = optuna.load_study(study_name=study.study_name, storage=open_storage(storage))
+        return n_new
+
+    def transition(study) -> int | None:  # points where a selection rule decides (one-field studies)
         left = total - states(T.COMPLETE, T.PRUNED)
         if left <= 0:
-            break
+            return None
         space = [tuple(s) for s in study.user_attrs["space"]]
         done = [(t.params, t.value, t.user_attrs.get(constraint[0]) if constraint else None)
                 for t in study.trials if t.state == T.COMPLETE]
@@ -377,10 +418,16 @@ def _search(method, storage, out_root, trials, seed, device, jobs, base, n_block
                                                threshold=constraint[2] if constraint else None)
                   if tuple(sorted(p.items())) not in queued]
         if not points:
-            break
+            return None
         for p in points:
             study.enqueue_trial(p, user_attrs={"design": "transition"})
-        run_to(space, states(T.COMPLETE, T.PRUNED) + len(points))
+        return len(points)
+
+    while extend and decide_once(extension):
+        pass
+    for _ in range(2 if noise > 0 else 0):
+        if not decide_once(transition):
+            break
     study = optuna.load_study(study_name=study.study_name, storage=open_storage(storage))
     if states(T.COMPLETE, T.PRUNED) < total:  # what no extension or transition needed goes to TPE
         run_to([tuple(s) for s in study.user_attrs["space"]], total)
