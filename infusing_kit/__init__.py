@@ -43,6 +43,7 @@ protocol/   from one experiment to the whole comparison
   spaces      storage       search ranges and the constraint rule; SQLite or a shared database
   study       fingerprint   the protocol on a study file; what a study or comparison was made on
   choices     calibration   what a finished study chose; the schedule length and seed noise from naive's curves
+  trials                    a study's trials run: the objective, worker processes, other machines' trials awaited
   search      results       Optuna searches on validation; registries, paired intervals, tables
   comparison  export        the whole comparison, resumable; the built-in world as files
 teaching/   the course

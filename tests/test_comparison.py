@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infusing_kit.protocol import comparison as C, search as S
+from infusing_kit.protocol import comparison as C, search as S, trials
 
 
 class Calls(list):
@@ -53,7 +53,7 @@ def fake(monkeypatch):
     fake = run
     fake.weights = "w0"
     monkeypatch.setattr(C, "run_experiment", run)
-    monkeypatch.setattr(S, "run_experiment", run)
+    monkeypatch.setattr(trials, "run_experiment", run)
     calls.fake = fake
     return calls
 

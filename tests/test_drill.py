@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infusing_kit.protocol import comparison as C, search as S, spaces, storage
+from infusing_kit.protocol import comparison as C, search as S, spaces, storage, trials
 from infusing_kit.__main__ import main
 from infusing_kit.protocol.study import Runner, Study, load_study
 
@@ -183,7 +183,7 @@ def _truncated(path: Path) -> Path:
 ])
 def test_6_a_bad_storage_is_one_line_before_any_trial(tmp_path, monkeypatch, capsys, make, message):
     calls = []
-    monkeypatch.setattr(S, "run_experiment", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(trials, "run_experiment", lambda *a, **k: calls.append(1))
     with pytest.raises(SystemExit) as e:
         main(["search", "--preset", "toy-l2sp", "--storage", str(make(tmp_path)), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
@@ -193,7 +193,7 @@ def test_6_a_bad_storage_is_one_line_before_any_trial(tmp_path, monkeypatch, cap
 
 def test_6_a_read_only_storage_is_refused_for_search_and_read_for_trials(tmp_path, monkeypatch, capsys):
     db = _sqlite_with_trials(tmp_path / "t.db")
-    monkeypatch.setattr(S, "run_experiment", lambda *a, **k: pytest.fail("a trial ran on a read-only storage"))
+    monkeypatch.setattr(trials, "run_experiment", lambda *a, **k: pytest.fail("a trial ran on a read-only storage"))
     real = os.access
     monkeypatch.setattr(storage.os, "access", lambda p, mode: False if mode == os.W_OK else real(p, mode))
     with pytest.raises(SystemExit):

@@ -96,7 +96,7 @@ def test_two_searches_opening_one_new_study_at_once_queue_each_decision_once(whe
     import math
     import threading
 
-    from infusing_kit.protocol import fingerprint, search as S, spaces
+    from infusing_kit.protocol import fingerprint, search as S, spaces, trials
     storage = str(tmp_path / "s.db") if where == "sqlite" else request.getfixturevalue("postgres")
 
     def run(preset, out, smoke, seed, device, progress, overrides, test=True, hooks=(), keep_weights=True):
@@ -109,7 +109,7 @@ def test_two_searches_opening_one_new_study_at_once_queue_each_decision_once(whe
             time.sleep(1.0)  # wide enough for the other search to arrive at the same decision
             return f(*a, **k)
         return slow
-    monkeypatch.setattr(S, "run_experiment", run)
+    monkeypatch.setattr(trials, "run_experiment", run)
     monkeypatch.setattr(fingerprint, "check_study", slowly(fingerprint.check_study))  # between reading and queueing
     monkeypatch.setattr(S, "startup_points", slowly(spaces.startup_points))
     monkeypatch.setattr(S, "extend_space", slowly(spaces.extend_space))

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from infusing_kit.protocol import experiment, search as S, spaces, storage
+from infusing_kit.protocol import experiment, search as S, spaces, storage, trials
 from infusing_kit.__main__ import main
 from infusing_kit.protocol.comparison import choose_schedule, flat_length
 
@@ -29,7 +29,7 @@ def _fake(monkeypatch, score):
         return {"val": {"fine_map@20": 0.5, "generic_map@20": x / (1 + x), "mean_map@20": val},
                 "train": {"steps": 100, **overrides}, "updates": {"target": stopped or 100}, "best_step": 100}
 
-    monkeypatch.setattr(S, "run_experiment", run)
+    monkeypatch.setattr(trials, "run_experiment", run)
     return calls
 
 
@@ -278,3 +278,29 @@ def test_no_search_range_can_grow_past_what_its_field_accepts():
             for v in (hard_lo, hard_hi):
                 if v is not None:
                     replace(preset.train, **{field: v})  # raises where TrainConfig refuses the value
+
+
+def test_a_fields_limits_live_in_one_row_that_validation_and_search_both_read(monkeypatch):
+    """trainconfig.LIMITS is the one place a field's limits live: every numeric field's search limits are values its
+    check accepts, a value past its row's bound is refused naming the field, and changing the row changes both the
+    check and how far a search may grow (nothing else holds a copy)."""
+    import dataclasses
+
+    from infusing_kit import trainconfig as tc
+    from infusing_kit.protocol.spaces import hard_limits
+    cfg = tc.TrainConfig()
+    for f in dataclasses.fields(cfg):
+        if f.type not in ("int", "float"):
+            continue
+        row = tc.limits(f.name)
+        lo, hi = hard_limits(f.name, cfg.steps, 4)
+        for v in (lo, hi):
+            row.check(f.name, type(getattr(cfg, f.name))(v))  # a search never proposes a value the check refuses
+        if row.lo is not None:
+            bad = row.lo - 1
+            with pytest.raises(ValueError, match=rf"TrainConfig\.{f.name} must be"):
+                dataclasses.replace(cfg, **{f.name: type(getattr(cfg, f.name))(bad)})
+    monkeypatch.setitem(tc.LIMITS, "lr_head", tc.Limits(0, 0.5, above=True, search=(1e-5, 0.25)))
+    with pytest.raises(ValueError, match=r"lr_head must be in \(0, 0.5\]"):
+        tc.TrainConfig(lr_head=0.6)
+    assert hard_limits("lr_head", 100, None) == (1e-5, 0.25)
