@@ -52,12 +52,7 @@ class Anchors:
     theta0: list[torch.Tensor] = field(default_factory=list)         # their starting values
     quad: list[tuple[str, Quadratic]] = field(default_factory=list)   # weight-space penalties, prepared once
     steps: list[StepRule] = field(default_factory=list)               # step rules, prepared once
-    teacher_emb: torch.Tensor | None = None           # (N_generic, D) pre-extracted teacher embeddings
-    live_teacher: torch.nn.Module | None = None       # or a frozen copy of the pretrained tower
-    target_teacher: torch.Tensor | None = None        # (N_target, D) the pretrained model's target embeddings
-    class_emb: torch.Tensor | None = None             # (C, D) generic class-prompt embeddings (LwF)
-    logit_scale: float = 100.0
-    inputs: dict = field(default_factory=dict)        # every input (inputs.INPUTS rows), on the model's device
+    inputs: dict = field(default_factory=dict)        # every input the terms need (inputs.INPUTS rows), made ready
 
 
 class RunState:

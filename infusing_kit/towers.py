@@ -76,36 +76,63 @@ def _sequence_index(pattern: str, counts: list[int], first_of: str | None = None
     return index
 
 
-def layout(tower: nn.Module) -> Layout:
-    """The layout of an image tower; a clear error for towers the kit does not know."""
+def _open_clip_vit(tower):
     blocks = getattr(getattr(tower, "transformer", None), "resblocks", None)
-    if blocks is not None:
-        return Layout("open_clip-vit", ("conv1.", "class_embedding", "positional_embedding", "ln_pre."), len(blocks),
-                      ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
-                      _prefix_index("transformer.resblocks."), lambda t: list(t.transformer.resblocks),
-                      batch_first=getattr(tower.transformer, "batch_first", True))
+    if blocks is None:
+        return None
+    return Layout("open_clip-vit", ("conv1.", "class_embedding", "positional_embedding", "ln_pre."), len(blocks),
+                  ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
+                  _prefix_index("transformer.resblocks."), lambda t: list(t.transformer.resblocks),
+                  batch_first=getattr(tower.transformer, "batch_first", True))
+
+
+def _timm_vit(tower):
     trunk = getattr(tower, "trunk", None)
-    if trunk is not None and hasattr(trunk, "blocks") and hasattr(trunk, "patch_embed"):
-        return Layout("timm-vit", ("trunk.patch_embed.", "trunk.pos_embed", "trunk.cls_token", "trunk.reg_token"),
-                      len(trunk.blocks), ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight",
-                                          "attn_pool.q.weight", "attn_pool.kv.weight", "attn_pool.proj.weight"),
-                      _prefix_index("trunk.blocks."), lambda t: list(t.trunk.blocks))
-    if trunk is not None and hasattr(trunk, "stages") and hasattr(trunk, "stem"):
-        counts = [len(s.blocks) for s in trunk.stages]
-        return Layout("timm-convnext", ("trunk.stem.",), sum(counts), ("mlp.fc1.weight", "mlp.fc2.weight"),
-                      _sequence_index(r"trunk\.stages\.(\d+)\.blocks\.(\d+)\.", counts,
-                                      r"trunk\.stages\.(\d+)\.downsample\."),
-                      lambda t: [b for s in t.trunk.stages for b in s.blocks])
-    if all(hasattr(tower, f"layer{i}") for i in range(1, 5)) and hasattr(tower, "attnpool"):
-        counts = [len(getattr(tower, f"layer{i}")) for i in range(1, 5)]
-        return Layout("open_clip-resnet", ("conv1.", "bn1.", "conv2.", "bn2.", "conv3.", "bn3."), sum(counts), (),
-                      _sequence_index(r"layer(\d)\.(\d+)\.", counts),
-                      lambda t: [b for i in range(1, 5) for b in getattr(t, f"layer{i}")],
-                      no_lora="ModifiedResNet's blocks are convolutions and LoRA here adapts linear weights; use "
-                              "another method (freezing, L2-SP, ...) or a ViT tower")
+    if trunk is None or not (hasattr(trunk, "blocks") and hasattr(trunk, "patch_embed")):
+        return None
+    return Layout("timm-vit", ("trunk.patch_embed.", "trunk.pos_embed", "trunk.cls_token", "trunk.reg_token"),
+                  len(trunk.blocks), ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight",
+                                      "attn_pool.q.weight", "attn_pool.kv.weight", "attn_pool.proj.weight"),
+                  _prefix_index("trunk.blocks."), lambda t: list(t.trunk.blocks))
+
+
+def _timm_convnext(tower):
+    trunk = getattr(tower, "trunk", None)
+    if trunk is None or not (hasattr(trunk, "stages") and hasattr(trunk, "stem")):
+        return None
+    counts = [len(s.blocks) for s in trunk.stages]
+    return Layout("timm-convnext", ("trunk.stem.",), sum(counts), ("mlp.fc1.weight", "mlp.fc2.weight"),
+                  _sequence_index(r"trunk\.stages\.(\d+)\.blocks\.(\d+)\.", counts,
+                                  r"trunk\.stages\.(\d+)\.downsample\."),
+                  lambda t: [b for s in t.trunk.stages for b in s.blocks])
+
+
+def _open_clip_resnet(tower):
+    if not (all(hasattr(tower, f"layer{i}") for i in range(1, 5)) and hasattr(tower, "attnpool")):
+        return None
+    counts = [len(getattr(tower, f"layer{i}")) for i in range(1, 5)]
+    return Layout("open_clip-resnet", ("conv1.", "bn1.", "conv2.", "bn2.", "conv3.", "bn3."), sum(counts), (),
+                  _sequence_index(r"layer(\d)\.(\d+)\.", counts),
+                  lambda t: [b for i in range(1, 5) for b in getattr(t, f"layer{i}")],
+                  no_lora="ModifiedResNet's blocks are convolutions and LoRA here adapts linear weights; use "
+                          "another method (freezing, L2-SP, ...) or a ViT tower")
+
+
+# The tower kinds the kit knows, one row each: a function tower -> its Layout, or None when the tower is not of
+# that kind. The first row that recognises a tower gives its layout. A new kind of tower is one row here.
+KINDS = [_open_clip_vit, _timm_vit, _timm_convnext, _open_clip_resnet]
+
+
+def layout(tower: nn.Module) -> Layout:
+    """The layout of an image tower (the first row of KINDS that recognises it); a clear error for towers the kit
+    does not know."""
+    for kind in KINDS:
+        found = kind(tower)
+        if found is not None:
+            return found
     raise ValueError(f"the kit does not know the parts of a {type(tower).__name__} image tower (freezing, LoRA, drift "
                      "need them): it knows open_clip's VisionTransformer and ModifiedResNet, and timm ViT and ConvNeXt "
-                     "towers (TimmModel)")
+                     "towers (TimmModel); a new kind is one row of towers.KINDS")
 
 
 def fused_parts(name: str) -> int:

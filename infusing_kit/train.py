@@ -34,12 +34,11 @@ from .models import VLM, param_groups, preprocess, progress_bar, train_mode
 from .methods.regularizers import Quadratic, quadratic_penalty_
 from .run_state import Anchors, RunState, TrainResult, TrainState
 from .datasets.sampling import ADAPTIVE, batches, domain_at, step_generator
-from .methods.terms import TERMS, TERMS_BY_NAME, TermBatch, active, needed_inputs
+from .methods.terms import TermBatch, active, needed_inputs
 from .towers import layout
 from .trainconfig import TrainConfig
 
-__all__ = ["TrainConfig", "TrainResult", "TrainState", "train", "train_step", "count_updates", "needed_inputs",
-           "TERMS", "TERMS_BY_NAME"]
+__all__ = ["TrainConfig", "TrainResult", "TrainState", "train", "train_step", "count_updates", "needed_inputs"]
 
 
 def train_step(vlm: VLM, head: CosineClassifier, images: torch.Tensor, labels: torch.Tensor | None, idx: torch.Tensor,
@@ -95,17 +94,22 @@ def _embed(tower: torch.nn.Module, pixels: torch.Tensor, blocks: bool) -> tuple[
 
 def _teacher(vlm: VLM, images: torch.Tensor, idx: torch.Tensor, domain: int, anchors: Anchors, blocks: bool):
     """The frozen pretrained model's view of the batch; None when no switched-on term needs it (a term with a
-    teacher of its own, TRACER's)."""
-    if domain == 0:  # target terms: the pretrained model's embeddings of the target images
-        if anchors.target_teacher is None:
-            return None, None
-        return anchors.target_teacher[idx.to(anchors.target_teacher.device)], None
-    if anchors.live_teacher is not None and (blocks or anchors.teacher_emb is None):
+    teacher of its own, TRACER's). Target batches: its embeddings of the target images; generic batches: the
+    pre-extracted embeddings, or a frozen copy of the tower (teacher='live', and LDIFS's block features)."""
+    inputs = anchors.inputs
+    if domain == 0:
+        emb = inputs.get("target_teacher")
+        return (None, None) if emb is None else (emb[idx.to(emb.device)], None)
+    emb = inputs.get("teacher")
+    live = emb if isinstance(emb, torch.nn.Module) else inputs.get("live_teacher")
+    if not isinstance(emb, torch.Tensor):
+        emb = None
+    if live is not None and (blocks or emb is None):
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=vlm.device.type == "cuda"):
-            return _embed(anchors.live_teacher, preprocess(vlm, images), blocks)
-    if anchors.teacher_emb is None:
+            return _embed(live, preprocess(vlm, images), blocks)
+    if emb is None:
         return None, None
-    return anchors.teacher_emb[idx.to(anchors.teacher_emb.device)], None
+    return emb[idx.to(emb.device)], None
 
 
 def train(vlm: VLM, target, cfg: TrainConfig, out_dir: str | Path | None = None, generic=None,
@@ -293,40 +297,22 @@ def _anchors(vlm: VLM, cfg: TrainConfig, target, generic, head, labels, inputs: 
     need = needed_inputs(cfg)
     for name in sorted(need):
         if inputs.get(name) is None and not INPUTS[name].in_train:
-            users = [t.name for t in TERMS if name in t.needs and getattr(cfg, t.name) > 0]
+            users = [t.name for t in active(cfg) if name in t.needs]
             raise ValueError(f"{users} need {INPUTS[name].hint} (inputs.prepare_inputs builds it)")
     if cfg.weight_terms() or cfg.step_terms() or cfg.average != "none":
         a.theta0 = [p.detach().clone() for p in a.params]
-    ctx = {"head": head, "labels": labels, "params": a.params}
+    ctx = {"head": head, "labels": labels, "params": a.params, "names": a.names, "target": target, "generic": generic}
     inputs = dict(inputs)
-    for name in sorted(need):
+    for name in sorted(need):  # built here first (in_train rows), then the given ones made ready, in name order
         if INPUTS[name].in_train:
             inputs[name] = INPUTS[name].build(vlm, target, cfg, ctx)
-    if inputs.get("teacher") == "live":
-        inputs["live_teacher"] = INPUTS["live_teacher"].build(vlm, target, cfg, ctx)
+    for name in sorted(need):
+        if not INPUTS[name].in_train:
+            inputs[name] = INPUTS[name].ready(inputs[name], vlm, cfg, ctx)
     params = dict(named)
-    if "fisher" in inputs and inputs["fisher"] is not None:
-        inputs["fisher"] = {n: inputs["fisher"][n].to(vlm.device) for n in a.names}
-    for name in cfg.weight_terms():
-        t = TERMS_BY_NAME[name]
-        a.quad.append((name, Quadratic.build(t.weights(params, cfg, inputs), getattr(cfg, name),
-                                             a.theta0 if t.centre == "pretrained" else None)))
+    for t in active(cfg, "weights"):
+        a.quad.append((t.name, Quadratic.build(t.weights(params, cfg, inputs), getattr(cfg, t.name),
+                                               a.theta0 if t.centre == "pretrained" else None)))
     a.steps = [t.step(cfg, a, inputs) for t in active(cfg) if t.step is not None]  # step rules, in TERMS order
-    a.live_teacher = inputs.get("live_teacher")
-    if cfg.generic_terms() and "teacher" in need:
-        if inputs["teacher"] == "live":
-            a.live_teacher = inputs["live_teacher"]
-        else:
-            inputs["teacher"].check(vlm, generic)
-            a.teacher_emb = inputs["teacher"].embeddings.to(vlm.device)
-    if "target_teacher" in need:
-        inputs["target_teacher"].check(vlm, target, "target")
-        a.target_teacher = inputs["target_teacher"].embeddings.to(vlm.device)
-    if "random_texts" in need:
-        inputs["random_texts"] = torch.nn.functional.normalize(torch.as_tensor(inputs["random_texts"]).float(),
-                                                               dim=-1).to(vlm.device)
-    if inputs.get("class_emb") is not None and cfg.lwf > 0:
-        a.class_emb = torch.nn.functional.normalize(torch.as_tensor(inputs["class_emb"]).float(), dim=-1).to(vlm.device)
-        a.logit_scale = float(vlm.model.logit_scale.exp())
     a.inputs = inputs
     return a

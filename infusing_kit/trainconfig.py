@@ -14,7 +14,8 @@ from .losses import MarginLoss
 from .metrics import FINE
 from .models import Augment
 from .datasets.sampling import Sampler
-from .methods.terms import TERMS, active
+from .methods import terms
+from .methods.terms import active
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,6 @@ class TrainConfig:
             raise ValueError(f"sampler={self.sampler!r} draws generic batches, but no loss term applies to them: "
                              "they would only move the optimiser's momentum. Set a generic-data loss weight "
                              "or use sampler='target_only'.")
-        if self.sparse > 1:
-            raise ValueError(f"TrainConfig.sparse={self.sparse} is a fraction of the tower's entries: use (0, 1]")
         if self.average == "ema" and self.average_tau < 1:
             raise ValueError(f"TrainConfig.average_tau={self.average_tau} must be >= 1 step")
 
@@ -130,12 +129,61 @@ def with_defaults(recorded: dict) -> dict:
     return {**asdict(TrainConfig()), **recorded}
 
 
-# Allowed ranges, checked when a TrainConfig is made (a wrong setting is an error naming the field, never a silent
-# no-op or a run that trains wrongly). Every weight of terms.TERMS is >= 0; Literal fields take their allowed values.
-_AT_LEAST_ONE = ("steps", "batch_size", "log_every", "adaptive_every", "average_every", "lipsum_texts")
-_POSITIVE = ("lr_backbone", "lr_head", "scale", "ce_weight", "lwf_temperature", "bma_alpha", "bma_beta")
-_NON_NEGATIVE = ("weight_decay", "margin", "lp_ft_steps", "lora_rank", "eval_every", "ckpt_every", "seed",
-                 "adaptive_ema", *(t.name for t in TERMS))
+@dataclass(frozen=True)
+class Limits:
+    """The values a TrainConfig field takes, and how far a search may grow its range: one place for both.
+
+    lo <= value (lo < value when `above`), value <= hi (value < hi when `below`); None: no bound. `search`: the
+    range a search never grows past (`spaces.hard_limits`); a bound may be a function of the run, f(steps, n_blocks).
+    `why`: what the boundary value means, shown in the error."""
+    lo: float | None = None
+    hi: float | None = None
+    above: bool = False
+    below: bool = False
+    search: tuple | None = None  # None: [1e-8, 1e8] (a loss weight's), within [lo, hi]
+    why: str = ""
+
+    def search_range(self, steps: int, n_blocks: int | None) -> tuple:
+        """How far a search may grow this field's range, for a run of `steps` target steps on a tower of
+        `n_blocks` blocks."""
+        if self.search is not None:
+            return tuple(b(steps, n_blocks) if callable(b) else b for b in self.search)
+        return max(1e-8, self.lo or 0), min(1e8, self.hi if self.hi is not None else 1e8)
+
+    def check(self, name: str, v) -> None:
+        lo_bad = self.lo is not None and (v <= self.lo if self.above else v < self.lo)
+        hi_bad = self.hi is not None and (v >= self.hi if self.below else v > self.hi)
+        if lo_bad or hi_bad:
+            if self.hi is None:
+                want = f"{'>' if self.above else '>='} {self.lo:g}"
+            else:
+                want = f"in {'(' if self.above else '['}{self.lo:g}, {self.hi:g}{')' if self.below else ']'}"
+            raise ValueError(f"TrainConfig.{name} must be {want}, got {v!r}" + (f" ({self.why})" if self.why else ""))
+
+
+_ONE, _POS, _NONNEG = Limits(1), Limits(0, above=True), Limits(0)
+WEIGHT = Limits(0, why="0 switches it off")  # every weight of terms.TERMS (a search keeps it in [1e-8, 1e8])
+LIMITS = {
+    "steps": _ONE, "batch_size": _ONE, "log_every": _ONE, "adaptive_every": _ONE, "lipsum_texts": _ONE,
+    "average_every": Limits(1, search=(1, lambda steps, n_blocks: steps)),   # at most the schedule
+    "lr_backbone": Limits(0, above=True, search=(1e-7, 1.0)), "lr_head": Limits(0, above=True, search=(1e-6, 10.0)),
+    "scale": _POS, "ce_weight": _POS, "lwf_temperature": _POS, "bma_alpha": _POS, "bma_beta": _POS,
+    "weight_decay": _NONNEG, "margin": _NONNEG, "lora_rank": _NONNEG, "eval_every": _NONNEG,
+    "ckpt_every": _NONNEG, "seed": _NONNEG, "adaptive_ema": Limits(0, 1, below=True, search=(1e-8, 0.95)),
+    "lp_ft_steps": Limits(0, search=(0, lambda steps, n_blocks: steps - 1)),   # below the schedule (__post_init__)
+    "freeze_blocks": Limits(-1, why="-1: freeze nothing",
+                            search=(0, lambda steps, n_blocks: n_blocks if n_blocks is not None else 1_000)),
+    "sparse": Limits(0, 1, why="a fraction of the tower's entries; 0: all", search=(1e-6, 1.0)),
+    "average_tau": Limits(search=(1.0, 1e6)),  # an EMA's time constant in steps (>= 1 with average='ema')
+}
+
+
+def limits(name: str) -> Limits:
+    """The limits of a TrainConfig field: its LIMITS row, WEIGHT for a weight of terms.TERMS (read when asked, so a
+    row added to TERMS is checked too), no bounds otherwise."""
+    if name in LIMITS:
+        return LIMITS[name]
+    return WEIGHT if any(t.name == name for t in terms.TERMS) else Limits()
 
 
 def _check_fields(cfg) -> None:
@@ -154,16 +202,5 @@ def _check_fields(cfg) -> None:
                 raise ValueError(f"TrainConfig.{f.name} must be a finite {hint.__name__}, got {v!r}")
         elif hint is str and not (isinstance(v, str) and v):
             raise ValueError(f"TrainConfig.{f.name} must be a non-empty string, got {v!r}")
-    for name in _AT_LEAST_ONE:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(cfg, name)!r}")
-    for name in _POSITIVE:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(cfg, name)!r}")
-    for name in _NON_NEGATIVE:
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(cfg, name)!r} (0 switches it off)")
-    if cfg.freeze_blocks < -1:
-        raise ValueError(f"TrainConfig.freeze_blocks must be >= -1 (-1: freeze nothing), got {cfg.freeze_blocks}")
-    if cfg.adaptive_ema >= 1:
-        raise ValueError(f"TrainConfig.adaptive_ema must be in [0, 1), got {cfg.adaptive_ema}")
+        if hint in (int, float):
+            limits(f.name).check(f.name, v)

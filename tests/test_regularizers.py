@@ -13,7 +13,8 @@ from infusing_kit.methods.regularizers import (embedding_distillation, ewc_penal
                                        lwf_distillation, Quadratic, quadratic_penalty_, relational_distillation)
 from infusing_kit.methods.merges import wise_ft
 from infusing_kit.methods.teacher import extract_teacher
-from infusing_kit.train import TERMS_BY_NAME, TrainConfig, train
+from infusing_kit.methods.terms import TERMS_BY_NAME
+from infusing_kit.train import TrainConfig, train
 
 
 def _params(seed=0):

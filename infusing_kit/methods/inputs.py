@@ -6,7 +6,9 @@ Two kinds of row:
   ones a config needs): pre-extracted teacher embeddings, EWC's Fisher, class prompts, random-token texts;
 - built by train() itself from the model it starts from (`in_train=True`; `build(vlm, target, cfg, ctx)`): a frozen
   copy of the tower, the gradient scores of a sparse update, TRACER's averaged teacher, FLOW's pretrained losses.
-A new input is one row here; a term names it in its `needs`.
+A given input is made ready by its row before the first step (`ready(value, vlm, cfg, ctx)`: checked against the
+model and data, normalised, moved to the model's device); terms read the result as `anchors.inputs[name]`. A new
+input is one row here; a term names it in its `needs`, and train() never names it.
 """
 from __future__ import annotations
 
@@ -24,6 +26,17 @@ class Input:
     build: Callable
     hint: str
     in_train: bool = False
+    ready: Callable = lambda value, vlm, cfg, ctx: value  # what train() does with a given input before the first step
+
+
+@dataclass(frozen=True)
+class ClassPrompts:
+    """LwF's zero-shot classifier over the generic classes: normalised (C, D) prompt embeddings and the model's scale."""
+    emb: torch.Tensor
+    scale: float
+
+    def logits(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.scale * emb @ self.emb.T
 
 
 def _teacher(vlm, domains, cfg, ctx):
@@ -46,6 +59,24 @@ def _prompts(vlm, domains):
 
 def _class_emb(vlm, domains, cfg, ctx):
     return _prompts(vlm, domains)
+
+
+def _normalised(value, vlm) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.as_tensor(value).float(), dim=-1).to(vlm.device)
+
+
+def _teacher_ready(value, vlm, cfg, ctx):
+    """A pre-extracted teacher, checked against the model and the generic images, as a (N_generic, D) tensor on the
+    model's device; teacher='live': a frozen copy of the tower (an nn.Module)."""
+    if isinstance(value, str) and value == "live":
+        return _live_teacher(vlm, ctx["target"], cfg, ctx)
+    value.check(vlm, ctx["generic"])
+    return value.embeddings.to(vlm.device)
+
+
+def _target_teacher_ready(value, vlm, cfg, ctx):
+    value.check(vlm, ctx["target"], "target")
+    return value.embeddings.to(vlm.device)
 
 
 def _fisher(vlm, domains, cfg, ctx):
@@ -136,13 +167,18 @@ def _pretrained_losses(vlm, target, cfg, ctx):
 
 INPUTS = {i.name: i for i in (
     Input("teacher", _teacher, "a teacher: train(..., teacher=extract_teacher(pretrained_model, generic)) or "
-                               "teacher='live'"),
-    Input("fisher", _fisher, "a Fisher: train(..., fisher=fisher_diagonal(model, generic images, labels, prompts))"),
-    Input("class_emb", _class_emb, "class prompts: train(..., class_emb=(C, D) generic class-prompt embeddings)"),
+                               "teacher='live'", ready=_teacher_ready),
+    Input("fisher", _fisher, "a Fisher: train(..., fisher=fisher_diagonal(model, generic images, labels, prompts))",
+          ready=lambda value, vlm, cfg, ctx: {n: value[n].to(vlm.device) for n in ctx["names"]}),
+    Input("class_emb", _class_emb, "class prompts: train(..., class_emb=(C, D) generic class-prompt embeddings)",
+          ready=lambda value, vlm, cfg, ctx: ClassPrompts(_normalised(value, vlm),
+                                                          float(vlm.model.logit_scale.exp()))),
     Input("target_teacher", _target_teacher, "the pretrained model's embeddings of the target images: train(..., "
-                                             "target_teacher=extract_teacher(pretrained_model, target))"),
+                                             "target_teacher=extract_teacher(pretrained_model, target))",
+          ready=_target_teacher_ready),
     Input("random_texts", _random_texts, "random-token text embeddings: train(..., random_texts="
-                                         "inputs.random_text_embeddings(model))"),
+                                         "inputs.random_text_embeddings(model))",
+          ready=lambda value, vlm, cfg, ctx: _normalised(value, vlm)),
     Input("live_teacher", _live_teacher, "(built by train: a frozen copy of the tower)", in_train=True),
     Input("gradient_scores", _gradient_scores, "(built by train: |gradient| at the start)", in_train=True),
     Input("bma_teacher", _bma_teacher, "(built by train: a copy of the tower, averaged along training)",

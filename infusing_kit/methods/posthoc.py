@@ -1,5 +1,5 @@
 """Post-hoc methods: after training, move the tower to a weight-space merge chosen on validation. One table,
-`METHODS`, and one function, `choose`.
+`METHODS` (one `PostHoc` row each), and one function, `choose`.
 
 Each row turns the pretrained tower theta0 and the fine-tuned towers thetas (the run's own first, then any other
 runs it merges) into candidate state dicts, each with a label (its coefficients); `choose` validates every
@@ -16,6 +16,7 @@ No test data is ever used.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -51,9 +52,44 @@ def _soup_uniform(theta0, thetas, tower):
     return [({"ingredients": len(thetas)}, average_states(thetas))]
 
 
-METHODS: dict[str, Callable] = {"wise_ft": _wise_ft, "lines": _lines, "model_stock": _model_stock,
-                                "soup_uniform": _soup_uniform, "soup_greedy": None}
-SEVERAL_RUNS = ("model_stock", "soup_uniform", "soup_greedy")  # rows that merge other runs: a comparison trains them
+def _soup_greedy(vlm, thetas, score, key):
+    rows = []
+
+    def one(state):
+        rows.append({"candidate": len(rows), **score(state)})
+        return rows[-1][key]
+    soup, chosen = greedy_soup(thetas, one)
+    best = {"ingredients": [int(i) for i in chosen], **score(soup)}
+    return rows + [best], best
+
+
+@dataclass(frozen=True)
+class PostHoc:
+    """One post-hoc method. `candidates(theta0, thetas, tower) -> [(label, state dict)]`, every one validated; or,
+    for a sequential method whose candidates depend on earlier scores, `sequential(vlm, thetas, score, key) ->
+    (curve, chosen)` with score(state) -> validation scores (it leaves the tower at the chosen state).
+    `ingredients`: the other fine-tuned runs it merges, which a comparison trains: "seeds" (the same method on
+    another fine-tuning seed) or "lrs" (the baseline at its next-best learning rates); None: the run alone (an
+    experiment config, which trains one run, refuses the others)."""
+    candidates: Callable | None = None
+    sequential: Callable | None = None
+    ingredients: str | None = None
+
+
+METHODS: dict[str, PostHoc] = {
+    "wise_ft": PostHoc(_wise_ft), "lines": PostHoc(_lines),
+    "model_stock": PostHoc(_model_stock, ingredients="seeds"), "soup_uniform": PostHoc(_soup_uniform, ingredients="lrs"),
+    "soup_greedy": PostHoc(sequential=_soup_greedy, ingredients="lrs")}
+
+
+def ingredients_of(method: str | None) -> str | None:
+    """The other runs a post-hoc method merges ("seeds", "lrs"), None for one that needs none or for no method."""
+    return METHODS[method].ingredients if method in METHODS else None
+
+
+def several_runs(method: str | None) -> bool:
+    """Whether a post-hoc method merges other runs (read from its METHODS row when asked)."""
+    return ingredients_of(method) is not None
 
 
 def choose(method: str, vlm, theta0: dict, thetas: list[dict], validate: Callable, key: str) -> tuple[list[dict], dict]:
@@ -68,16 +104,10 @@ def choose(method: str, vlm, theta0: dict, thetas: list[dict], validate: Callabl
         vlm.visual.load_state_dict(state)
         return {k: float(v) for k, v in validate(vlm).items()}
 
-    if method == "soup_greedy":
-        rows = []
-
-        def one(state):
-            rows.append({"candidate": len(rows), **score(state)})
-            return rows[-1][key]
-        soup, chosen = greedy_soup(thetas, one)
-        best = {"ingredients": [int(i) for i in chosen], **score(soup)}
-        return rows + [best], best
-    candidates = METHODS[method](theta0, thetas, vlm.visual)
+    row = METHODS[method]
+    if row.sequential is not None:
+        return row.sequential(vlm, thetas, score, key)
+    candidates = row.candidates(theta0, thetas, vlm.visual)
     curve = [{**label, **score(state)} for label, state in candidates]
     i = int(np.argmax([r[key] for r in curve]))  # the first of equal scores
     vlm.visual.load_state_dict(candidates[i][1])

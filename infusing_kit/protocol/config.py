@@ -146,9 +146,9 @@ def check_method(m: dict, where: str) -> None:
 
 def _one_run_post_hoc(m: dict, where: str) -> None:
     """An experiment config trains one run: a merge of several runs (Model Stock, soups) has nothing to merge."""
-    from ..methods.posthoc import SEVERAL_RUNS
+    from ..methods.posthoc import several_runs
     ph = post_hoc_of(m)
-    if ph in SEVERAL_RUNS:
+    if several_runs(ph):
         source = f"post_hoc = {ph!r}" if "post_hoc" in m else f"preset {m.get('preset')!r} (its post_hoc {ph!r})"
         raise ValueError(f"{where}: {source} merges several fine-tuned runs, and an experiment config trains one. Make "
                          "it a method of a study file and run `python -m infusing_kit compare --config STUDY.toml` "

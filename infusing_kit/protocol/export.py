@@ -79,9 +79,9 @@ def export_world(out: str | Path, seed: int = 0, smoke: bool = False, image_form
     save_finetuned(vlm, out / model_file, extra={"pretrain": asdict(pcfg)})
     data = _DATA.format(model=pcfg.model, model_file=model_file, size=w.config.image_size)
     paths = []
-    from ..methods.posthoc import SEVERAL_RUNS
+    from ..methods.posthoc import several_runs
     for preset in PRESETS:
-        if PRESETS[preset].post_hoc in SEVERAL_RUNS:  # a merge of several runs: a method of study.toml (compare)
+        if several_runs(PRESETS[preset].post_hoc):  # a merge of several runs: a method of study.toml (compare)
             continue
         text = f'''# {preset}: {PRESETS[preset].description}
 # The built-in world (seed {seed}{", smoke size" if smoke else ""}) exported by `python -m infusing_kit export-world`.

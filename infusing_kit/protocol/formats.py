@@ -3,7 +3,8 @@ format/path/root, with their types, and its reader), the typed-key checks every 
 through (`check_table`), and `read_split`: one split a checked config names. config.py (experiment files),
 testsets.py (extra test sets) and study.py read through here.
 
-Add a format: a reader `read(part, size) -> split` and one row of FORMATS (README, "Extending the kit")."""
+Add a format: a reader `read(part, size) -> split` and one row of FORMATS (CONTRIBUTING.md, "Where each kind of row
+goes"; tests/test_recipes.py follows the recipe)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

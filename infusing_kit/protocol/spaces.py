@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import math
 
+from ..trainconfig import Limits, limits
+
 EDGE = 0.15            # outer share of a linear range that counts as its edge ...
 EDGE_LOG = 0.05        # ... and of a log range (a log range spans decades: 5% of it is already a wide strip)
 RISING = 0.25          # "still rising": the best beats every tried value within this share of the range inward
 MAX_EXTENSIONS = 3
-HARD_LIMITS = {        # a range never grows past these
-    "lr_backbone": (1e-7, 1.0), "lr_head": (1e-6, 10.0), "lp_ft_steps": (0, None), "freeze_blocks": (0, None),
-    "sparse": (1e-6, 1.0),        # a fraction of the tower's entries
-    "average_tau": (1.0, 1e6),    # an EMA's time constant, in steps
-    "average_every": (1, None),   # steps between the weights a uniform average takes (at most the schedule)
-}
-DEFAULT_LIMITS = (1e-8, 1e8)   # loss weights
+DEFAULT_LIMITS = Limits().search_range(0, None)  # a loss weight's range never grows past these (trainconfig.LIMITS)
 
 
 def study_budget(d: int) -> int:
@@ -84,14 +80,9 @@ def _field_types() -> dict:
 
 
 def hard_limits(field: str, steps: int, n_blocks: int | None) -> tuple:
-    lo, hi = HARD_LIMITS.get(field, DEFAULT_LIMITS)
-    if field == "lp_ft_steps":
-        hi = steps - 1
-    if field == "average_every":
-        hi = steps
-    if field == "freeze_blocks":
-        hi = n_blocks if n_blocks is not None else 1_000
-    return lo, hi
+    """How far a search may grow a field's range: its `trainconfig.limits(field).search`, with the bounds that
+    depend on the run (the schedule's length, the tower's blocks) worked out."""
+    return limits(field).search_range(steps, n_blocks)
 
 
 def transition_points(space: list[tuple], trials: list[tuple], noise: float, max_points: int = 3,

@@ -255,17 +255,15 @@ def _load_study(path: str, mtime: int) -> Study:
                  {k: v for k, v in cfg.items() if k != "study"}, written)
 
 
-MERGES = {"model_stock": "seeds", "soup_uniform": "lrs", "soup_greedy": "lrs"}  # post hoc on several runs: theirs
-
-
 def _ingredients(preset, post_hoc, space, where: str) -> str | None:
     """What a study method's post-hoc merge takes besides its own run (comparison.py makes them): Model Stock a
     second fine-tuning seed, soups the baseline at other learning rates. A merge of several runs has no search of
     its own (a trial has no other runs to merge: it would train and then fail)."""
-    if post_hoc in MERGES and space:
+    from ..methods.posthoc import ingredients_of
+    if ingredients_of(post_hoc) and space:
         raise ValueError(f"{where}: post_hoc = {post_hoc!r} merges several runs that the comparison makes; it has no "
                          "search of its own: set search = [] (its strength is chosen on validation as it merges)")
-    return preset.ingredients if preset.post_hoc == post_hoc else MERGES.get(post_hoc)
+    return preset.ingredients if preset.post_hoc == post_hoc else ingredients_of(post_hoc)
 
 
 def check_method_name(name, where: str) -> str:
