@@ -52,7 +52,7 @@ from .spaces import (MAX_EXTENSIONS, _reserve, extend_space, hard_limits, startu
                      startup_points, study_budget, transition_points)
 from .storage import fail_dead_trials, open_storage, open_study, study_lock, study_seed, trial_rows  # noqa: F401
 from .study import Runner
-from .trials import _run_workers, _sqlite, seed_key, study_name, wait_for_trials  # noqa: F401 (search.study_name)
+from .trials import _follow, _run_workers, _sqlite, seed_key, study_name, wait_for_trials  # noqa: F401 (search.study_name)
 
 # The seed of every study's start-up design (the space-filling points in the unit cube, scaled to its space). Since
 # the first comparison it has been this one key, not the study's own (a loop variable named `key` took the last
