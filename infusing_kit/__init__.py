@@ -37,6 +37,7 @@ methods/    what the kit compares
   merges      posthoc       weight-space merges (WiSE-FT, LiNeS, Model Stock, soups); post-hoc methods as one table
 protocol/   from one experiment to the whole comparison
   presets     testsets      the methods the kit compares (PRESETS); a config's extra test sets and their mean
+  registry                  the results registry: a row per finished run (row_of), written and read back
   experiment                one experiment: model -> fine-tune -> evaluate (metrics.json, the registry)
   formats                   the data formats a config may name (FORMATS) and its typed-key checks
   config      resolve       real runs from a TOML file; a config or study file checked and shown without its data

@@ -184,3 +184,27 @@ def test_load_run_reads_model_files_from_before_they_named_their_model(tmp_path,
     torch.save({"visual": new["visual"], "head": new["head"]}, run / "model.pt")  # the layout of commits <= 109d7af
     old, current = load_run(run)[1], load_run(smoke_reference)[1]
     assert all(torch.equal(v, current.visual.state_dict()[k]) for k, v in old.visual.state_dict().items())
+
+
+def test_the_sweep_marks_the_trial_chosen_on_the_key_the_trials_selected_on():
+    """A trial row carries its whole config: the sweep marks the best trial on that config's selection key (a
+    study of your own may select a baseline on the mean, or a method on fine-grained validation), not on a key
+    guessed from the method's name."""
+    e = AblationExplorer(_rows(), _trials())
+    assert e.sweep("toy-l2sp")["chosen"]["params"]["l2sp"] == 100  # no recorded key: the mean for a method
+    fine = [dict(t, train={"select": "fine_map@20"}) for t in _trials()]
+    assert AblationExplorer(_rows(), fine).sweep("toy-l2sp")["chosen"]["params"]["l2sp"] == 0.1
+
+
+def test_a_chapters_sweeps_are_one_figure_on_each_searchs_own_scale(tmp_path):
+    """Chapters 04-07 draw their strength sweeps through one call (`Compared.sweeps`); each panel's scale is the one
+    its preset's search used (LP-FT's steps: linear; strengths: log), and without trials there is no figure."""
+    from infusing_kit.teaching.chapters import Compared
+    lp = [{"method": "toy-lp-ft", "state": "complete", "params": {"lp_ft_steps": v},
+           "val": {"fine_map@20": 0.5, "generic_map@20": 0.5, "mean_map@20": 0.5}} for v in (0, 10, 100, 500)]
+    path = tmp_path / "trials.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in _trials() + lp))
+    fig, trials = Compared([], {}, "test", path).sweeps({"toy-l2sp": "l2sp", "toy-lp-ft": "lp_ft_steps"})
+    assert [a.get_xscale() for a in fig.axes] == ["log", "linear"]
+    assert [t["params"]["l2sp"] for t in trials["toy-l2sp"]] == [0.1, 1, 10, 100, 1e3, 1e4]
+    assert Compared([], {}, "trained here", None).sweeps({"toy-l2sp": "l2sp"}) == (None, {"toy-l2sp": []})

@@ -256,3 +256,24 @@ def test_main_choices_shared_seeds_and_the_two_worlds_table(tmp_path):
     assert table[3] == "| toy-paper | +35.0 (70%) | -10.0 (50%) | -10.0 (25%) |  |  |  |"  # no far row: blank
     with pytest.raises(FileNotFoundError, match="no such registry"):
         world_summary(tmp_path / "missing.jsonl")
+
+
+def test_every_registry_row_is_built_by_one_function(tmp_path):
+    """`registry.row_of` makes the row `append_result` writes and the rows a chapter compares; a field it does not
+    know is refused (a typo would otherwise give a row the tables silently ignore)."""
+    from infusing_kit.protocol.registry import append_result, row_of
+    zero = _row("x", 0, 0.0, 0.0, 0.0)["pretrained"]
+    metrics = {"preset": "toy-naive", "seed": 3, "smoke": False, "train": {"steps": 5}, "val": {"fine_map@20": 0.4},
+               "pretrained": zero, "finetuned": _row("x", 0, 0.5, -0.3, -0.6)["finetuned"], "seconds": 1.5,
+               "post_hoc_chosen": {"alpha": 0.4}}
+    written = append_result(tmp_path / "r.jsonl", metrics, run_dir=tmp_path / "run")
+    again = row_of(metrics, tmp_path / "run")
+    assert {k: v for k, v in written.items() if k != "finished"} == {k: v for k, v in again.items() if k != "finished"}
+    assert written["method"] == "toy-naive" and written["post_hoc_chosen"] == {"alpha": 0.4}
+    merged = row_of(metrics, method="toy-wise-ft", finetuned=zero)
+    assert merged["method"] == "toy-wise-ft" and merged["finetuned"] == zero and merged["seed"] == 3
+    assert summarise([written, merged])[1]["fine_mean"] == 0.0
+    with pytest.raises(ValueError, match=r"\['finetune'\] are not fields of a registry row"):
+        row_of(metrics, finetune=zero)
+    with pytest.raises(ValueError, match="no 'seconds'"):
+        append_result(tmp_path / "r.jsonl", {k: v for k, v in metrics.items() if k != "seconds"})

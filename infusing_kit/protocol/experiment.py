@@ -356,7 +356,7 @@ def chapter_rows(presets: list[str], root: str | Path, smoke: bool = False, seed
     comparison=<registry file>: every non-smoke row of those presets in that file (all its seeds); nothing
     trains and no histories come back. Teaching mode reads the kit's committed comparison this way
     (results/toy-comparison-cpu-v2.jsonl), because training every method on 2 CPU cores takes hours."""
-    from .results import load_results
+    from .registry import load_results, row_of
     unknown = set(presets) - set(PRESETS)
     if unknown:
         raise ValueError(f"unknown presets {sorted(unknown)}; choose from {sorted(PRESETS)}")
@@ -372,7 +372,6 @@ def chapter_rows(presets: list[str], root: str | Path, smoke: bool = False, seed
     for p in presets:
         m, *_ = cached_run(p, root, smoke=smoke, seed=seed, device=device, registry=Path(root) / "results.jsonl",
                            progress=progress)
-        rows.append({"method": p, "seed": seed, "smoke": smoke, "pretrained": m["pretrained"],
-                     "finetuned": m["finetuned"], "val": m["val"]})
+        rows.append(row_of(m, method=p))
         histories[p] = m["history"]
     return rows, histories

@@ -163,6 +163,20 @@ class Compared:
     source: str
     trials_path: Path | None
 
+    def sweeps(self, fields: dict[str, str]):
+        """The strength sweeps behind the chosen settings, one panel per method (fields: {method: the field its
+        search varied}): (the figure, or None when a method has no trials here; {method: its trials by field})."""
+        import matplotlib.pyplot as plt
+
+        from . import figures
+        trials = {m: sorted(self.trials(m), key=lambda t: t["params"][f]) for m, f in fields.items()}
+        if not all(trials.values()):
+            return None, trials
+        fig, axes = plt.subplots(1, len(fields), figsize=(5 * len(fields), 3.4), squeeze=False)
+        for ax, (m, f) in zip(axes[0], fields.items()):
+            figures.sweep(trials[m], f, ax=ax)
+        return fig, trials
+
     def trials(self, method: str) -> list[dict]:
         """The complete search trials of `method` (empty when the rows were trained here)."""
         from ..protocol.results import load_trials

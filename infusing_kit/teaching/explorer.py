@@ -182,7 +182,7 @@ class AblationExplorer:
             _show_text(self.sweep_out, "no search trials loaded")
             return s
         fig, ax = plt.subplots(figsize=(6.4, 3.4))
-        figures.sweep(s["trials"], s["field"], ax=ax, log=min(s["x"]) > 0, highlight=s["highlight"],
+        figures.sweep(s["trials"], s["field"], ax=ax, highlight=s["highlight"],
                       chosen=s["chosen"])
         _show_figure(self.sweep_out, fig)
         return s
@@ -249,8 +249,8 @@ def search_sweep(trials: list[dict], method: str, value: float | None = None) ->
         return {}
     field = searched_field(trials)
     trials = sorted(trials, key=lambda t: t["params"][field])
-    select = FINE if method.startswith("toy-naive") else MEAN
-    chosen = max(trials, key=lambda t: t["val"].get(select, -1))
+    select = (trials[0].get("train") or {}).get("select") or (FINE if method.startswith("toy-naive") else MEAN)
+    chosen = max(trials, key=lambda t: t["val"].get(select, -1))  # on the key the trials selected on (their config)
     value = chosen["params"][field] if value is None else value
     near = min(trials, key=lambda t: abs(np.log(t["params"][field] + 1e-12) - np.log(value + 1e-12)))
     return {"field": field, "trials": trials, "x": [t["params"][field] for t in trials],

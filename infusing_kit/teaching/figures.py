@@ -188,11 +188,11 @@ def tradeoff(summary: list[dict], forgetting: str = "i2t", ax=None, legend: bool
     return ax.figure
 
 
-def sweep(trials: list[dict], field: str, ax=None, log: bool = True, highlight: dict | None = None,
+def sweep(trials: list[dict], field: str, ax=None, log: bool | None = None, highlight: dict | None = None,
           chosen: dict | None = None):
     """Validation mAP@20 (fine-grained: solid, filled; generic: dashed, hollow) against one searched strength, one
-    point per search trial, in the method's colour and marker; `highlight` (a trial) is ringed and `chosen` (a
-    trial) marked by a vertical line. The legend sits below (sweeps often stand side by side)."""
+    point per trial, in the method's colour and marker; `highlight` (a trial) ringed, `chosen` (a trial) a vertical
+    line; the legend below. log=None: the preset's search scale, else log where the values span two decades."""
     trials = sorted(trials, key=lambda t: t["params"][field])
     if ax is None:
         _, ax = plt.subplots(figsize=(5.2, 3.4))
@@ -202,6 +202,8 @@ def sweep(trials: list[dict], field: str, ax=None, log: bool = True, highlight: 
     for key, ls, label in ((FINE, "-", "fine-grained val"), (GENERIC, "--", "generic val")):
         ax.plot(x, [t["val"][key] for t in trials], marker=st["marker"], ls=ls, color=st["color"],
                 mfc=st["color"] if key == FINE else "white", label=label)
+    scale = next((s[3] for s in PRESETS[method].search if s[0] == field), None) if method in PRESETS else None
+    log = log if log is not None else scale if scale is not None else bool(x) and min(x) > 0 and max(x) >= 100 * min(x)
     if log:
         ax.set_xscale("log")
     ax.set_xlabel(f"{field} (searched)")
