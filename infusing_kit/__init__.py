@@ -41,6 +41,7 @@ protocol/   from one experiment to the whole comparison
   experiment                one experiment: model -> fine-tune -> evaluate (metrics.json, the registry)
   formats                   the data formats a config may name (FORMATS) and its typed-key checks
   config      resolve       real runs from a TOML file; a config or study file checked and shown without its data
+  runners                   the one setup factory: a method, a seed, overrides -> an experiment (presets, study files)
   spaces      storage       search ranges and the constraint rule; SQLite or a shared database
   study       fingerprint   the protocol on a study file; what a study or comparison was made on
   choices     calibration   what a finished study chose; the schedule length and seed noise from naive's curves

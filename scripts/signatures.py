@@ -77,7 +77,7 @@ def main() -> None:
                    "WiSE-FT a=0.5: generic drop left": (generic(wise) - generic(pre)) / (generic(post) - generic(pre)),
                    "two-seed average: gain kept": (fine(soup) - fine(pre)) / gain,
                    "LP-FT - naive: teacher agreement": lpft["val"]["generic_agreement"] - m["val"]["generic_agreement"]}
-    print(f"| signature | target | " + " | ".join(f"seed {s}" for s in args.seeds) + " | met |")
+    print("| signature | target | " + " | ".join(f"seed {s}" for s in args.seeds) + " | met |")
     print("|---|---|" + "---|" * len(args.seeds) + "---|")
     for key, (target, ok) in TARGETS.items():
         values = [rows[s][key] for s in args.seeds]

@@ -1,8 +1,31 @@
-"""Shared fixtures: a headless Chromium driven by Playwright (for the course site and the explorer page)."""
+"""Shared fixtures: a headless Chromium driven by Playwright (for the course site and the explorer page), the small
+worlds and models tests train on, and `FakeRunner` (a study runner whose runs are a function)."""
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
+
+from infusing_kit.protocol.runners import Builtin
+
+
+@dataclass(frozen=True, eq=False)
+class FakeRunner(Builtin):
+    """The built-in runner with its runs replaced by `fake(method, out_dir, seed=, overrides=, test=, hooks=, ...)`
+    (what `Runner.run` receives, and smoke): searches, comparisons and the CLI are handed it instead of a module
+    being patched. Everything else (its presets, study names, seed keys, describe()) is the built-in runner's.
+    calls: each run asked for."""
+    fake: Callable = None
+    calls: list = field(default_factory=list)
+
+    def run(self, method, out_dir, seed=0, overrides=None, test=True, hooks=(), **kw):
+        overrides = dict(overrides or {})
+        self.calls.append({"preset": method, "seed": seed, "overrides": overrides, "test": test, "out": str(out_dir),
+                           "tags": kw.get("tags") or {},
+                           **{k: kw.get(k) for k in ("reuse", "merge_with")}})
+        return self.fake(method, out_dir, seed=seed, overrides=overrides, test=test, hooks=hooks, smoke=self.smoke,
+                         **kw)
 
 HANG = 5400  # seconds: subprocess hang guards sit at CI's own limit; a slow, loaded machine fails no test
 

@@ -212,18 +212,6 @@ def test_merged_index_with_one_test_split_for_both_domains_is_refused(tmp_path):
         setup_from_config(copy)
 
 
-# ---------------------------------------------------------------------------- 6. merges of several runs
-@pytest.mark.parametrize("change", ['preset = "toy-naive"\npost_hoc = "soup_uniform"',
-                                    'preset = "toy-naive"\npost_hoc = "soup_greedy"',
-                                    'preset = "toy-naive"\npost_hoc = "model_stock"', 'preset = "toy-model-stock"'])
-def test_an_experiment_config_refuses_merges_of_several_runs(tmp_path, change):
-    path = _edit(minimal_world(tmp_path), 'preset = "toy-naive"', change)
-    with pytest.raises(ValueError, match=r"\[method\]: .* merges several fine-tuned runs, and an experiment config "
-                                         r"trains one.*compare --config"):
-        load_config(path)
-    assert load_config(_edit(path, change, 'preset = "toy-naive"\npost_hoc = "lines"', "ok.toml"))
-
-
 # ---------------------------------------------------------------------------- 7. weight files
 def _tiny_vit(depth: int = 2, seed: int = 0):
     from timm.models.vision_transformer import VisionTransformer

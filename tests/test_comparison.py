@@ -10,22 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from infusing_kit.protocol import comparison as C, search as S, trials
-
-
-class Calls(list):
-    """The runs the fake was asked for; .fake is the fake itself (its .weights: the fingerprint it records)."""
+from conftest import FakeRunner
+from infusing_kit.protocol import comparison as C, search as S
 
 
 @pytest.fixture
-def fake(monkeypatch):
-    calls = Calls()
+def fake():
+    """A runner (conftest.FakeRunner) whose runs write what a real run writes; .calls: the runs it was asked for;
+    .weights[0]: the starting weights' fingerprint its runs record."""
+    weights = ["w0"]
 
-    def run(preset, out_dir, smoke=False, seed=0, device="cpu", progress=False, overrides=None, test=True,
-            registry=None, hooks=(), resume=False, tags=None, reuse=None, merge_with=None, keep_weights=True):
+    def run(preset, out_dir, seed, overrides, test=True, smoke=False, registry=None, tags=None, **_):
         o = dict(overrides)
-        calls.append({"preset": preset, "seed": seed, "overrides": o, "test": test, "tags": tags or {},
-                      "reuse": reuse, "merge_with": merge_with, "out": str(out_dir)})
         lr = o.get("lr_backbone", 1e-3)
         speed = 1 / (1 + abs(math.log10(lr) + 3))  # fastest at 1e-3
         steps = o["steps"]
@@ -38,7 +34,7 @@ def fake(monkeypatch):
         (out / "run" / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in log))
         val = {k[4:]: v for k, v in log[-1].items() if k.startswith("val/")}
         m = {"preset": preset, "seed": seed, "smoke": smoke, "overrides": o, "train": {**o, "seed": seed},
-             "tags": tags or {}, "weights": fake.weights, "threads": 1, "torch": "x", "device_kind": "cpu",
+             "tags": tags or {}, "weights": weights[0], "threads": 1, "torch": "x", "device_kind": "cpu",
              "val": val, "best_step": steps, "updates": {"target": steps, "generic": 0, "backbone": steps},
              "seconds": 1.0,
              "pretrained": {"in_domain": {"map@20": 0.0}, "generic_image": {"map@20": 0.8}, "image_text": {"i2t_r@1": 0.7}},
@@ -50,13 +46,9 @@ def fake(monkeypatch):
             append_result(registry, m, run_dir=out)
         return m
 
-    fake = run
-    fake.weights = "w0"
-    monkeypatch.setattr(C, "run_experiment", run)
-    monkeypatch.setattr(trials, "run_experiment", run)
-    calls.fake = fake
-    return calls
-
+    runner = FakeRunner(fake=run)
+    object.__setattr__(runner, "weights", weights)  # (a frozen dataclass)
+    return runner
 
 
 # toy-lines: a post-hoc row outside the core table (its row runs in the first block, with naive's runs it merges)
@@ -65,8 +57,8 @@ TRIALS = {"toy-naive": 16, "toy-l2sp": 8, "toy-paper": 16, "toy-l2-zero": 8}
 
 
 def test_compare_runs_every_stage_in_order_and_resumes(tmp_path, fake):
-    chosen = C.compare(tmp_path / "c", presets=PRESETS, trials=TRIALS, log=lambda *_: None)
-    naive_trials = [c for c in fake if c["preset"] == "toy-naive" and not c["test"] and c["overrides"]["steps"] == C.CALIBRATION_STEPS]
+    chosen = C.compare(tmp_path / "c", presets=PRESETS, trials=TRIALS, log=lambda *_: None, runner=fake)
+    naive_trials = [c for c in fake.calls if c["preset"] == "toy-naive" and not c["test"] and c["overrides"]["steps"] == C.CALIBRATION_STEPS]
     assert len(naive_trials) >= 16 + 5  # the search, then the calibration on seeds 0-4
     steps = chosen["schedule"]["steps"]
     assert chosen["schedule"]["all_flat"] and 0 < steps < C.CALIBRATION_STEPS and steps % 25 == 0
@@ -81,7 +73,7 @@ def test_compare_runs_every_stage_in_order_and_resumes(tmp_path, fake):
     assert chosen["toy-paper@search1"]["search"]["study"].endswith("seed1")
     assert chosen["toy-l2sp"]["search"]["constraint"]["threshold"] == pytest.approx(
         C.CONSTRAINT * chosen["noise"]["naive_fine"])
-    finals = [c for c in fake if c["test"]]
+    finals = [c for c in fake.calls if c["test"]]
     seeds = lambda p, **tag: sorted(c["seed"] for c in finals if c["preset"] == p and c["tags"] == tag)
     assert seeds("toy-naive", role="baseline") == seeds("toy-l2sp") == seeds("toy-paper") == [0, 1, 2, 3, 4, 5, 6, 7]
     assert seeds("toy-naive-long") == seeds("toy-paper-no-l2sp") == [0, 1, 2, 3, 4]
@@ -89,7 +81,7 @@ def test_compare_runs_every_stage_in_order_and_resumes(tmp_path, fake):
     assert seeds("toy-l2-zero") == [0, 1, 2], "outside the core table: 3 final seeds"
     assert all(len(seeds(p, rule="constraint")) in (0, 3) for p in PRESETS), "the constraint rule: 3 seeds"
     # the core table's runs all come before any search of the other methods
-    order = [c["preset"] for c in fake]
+    order = [c["preset"] for c in fake.calls]
     assert max(i for i, p in enumerate(order) if p == "toy-paper-no-l2sp") < order.index("toy-l2-zero")
     for c in finals:
         if c["tags"].get("rule") == "constraint":
@@ -101,38 +93,38 @@ def test_compare_runs_every_stage_in_order_and_resumes(tmp_path, fake):
     stock = [c for c in finals if c["preset"] == "toy-model-stock"]
     assert len(stock) == 5 and all(str(c["merge_with"][0]).endswith(f"stock-s{c['seed'] + C.STOCK_SEED}/model.pt")
                                    for c in stock)
-    searches = [c for c in fake if not c["test"] and "ingredients" not in c["out"]]
+    searches = [c for c in fake.calls if not c["test"] and "ingredients" not in c["out"]]
     assert all(c["seed"] in C.SEARCH_SEEDS for c in searches) and not any(c["seed"] in C.HELDOUT_SEEDS for c in searches)
     rows = [json.loads(l) for l in (tmp_path / "c" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == len(finals)
     assert (tmp_path / "c" / "trials.jsonl").exists() and (tmp_path / "c" / "chosen.json").exists()
 
-    n = len(fake)
-    again = C.compare(tmp_path / "c", presets=PRESETS, trials=TRIALS, log=lambda *_: None)
-    assert len(fake) == n, "a second call re-ran finished work"
+    n = len(fake.calls)
+    again = C.compare(tmp_path / "c", presets=PRESETS, trials=TRIALS, log=lambda *_: None, runner=fake)
+    assert len(fake.calls) == n, "a second call re-ran finished work"
     assert again["toy-l2sp"]["params"] == chosen["toy-l2sp"]["params"]
 
 
 def test_a_budget_stops_at_a_clean_point_and_a_fresh_checkout_resumes_from_the_state(tmp_path, fake):
     """--budget: no new trial or run starts after the deadline; --state keeps what a fresh checkout needs (no
     weights), and the comparison finished from it equals one that never stopped."""
-    whole = C.compare(tmp_path / "whole", presets=PRESETS, trials=TRIALS, log=lambda *_: None)
-    n_whole = len(fake)
+    whole = C.compare(tmp_path / "whole", presets=PRESETS, trials=TRIALS, log=lambda *_: None, runner=fake)
+    n_whole = len(fake.calls)
     state = tmp_path / "state"
     from infusing_kit import budget
     with pytest.MonkeyPatch.context() as mp:  # the deadline passes halfway through (deterministically)
-        passed = lambda: len(fake) >= n_whole + n_whole // 2
+        passed = lambda: len(fake.calls) >= n_whole + n_whole // 2
         for module in (S, C, budget):
             mp.setattr(module, "deadline_passed", passed)
-        first = C.compare(tmp_path / "a", presets=PRESETS, trials=TRIALS, log=lambda *_: None, budget=30, state=state)
+        first = C.compare(tmp_path / "a", presets=PRESETS, trials=TRIALS, log=lambda *_: None, runner=fake, budget=30, state=state)
     assert first["stopped"] and (state / "chosen.json").exists() and (state / "search.db").exists()
     assert not list(state.rglob("*.pt")), "the state holds no weights"
-    n_first = len(fake) - n_whole
+    n_first = len(fake.calls) - n_whole
     assert 0 < n_first < n_whole, "the first call should stop early"
     # a fresh checkout: a new --out, the same --state
-    rest = C.compare(tmp_path / "b", presets=PRESETS, trials=TRIALS, log=lambda *_: None, state=state)
+    rest = C.compare(tmp_path / "b", presets=PRESETS, trials=TRIALS, log=lambda *_: None, runner=fake, state=state)
     assert "stopped" not in rest
-    assert len(fake) - n_whole - n_first < n_whole, "resuming ran everything again"
+    assert len(fake.calls) - n_whole - n_first < n_whole, "resuming ran everything again"
     strip = lambda ch: json.loads(json.dumps({k: v for k, v in ch.items() if k not in ("codes", "stopped")}))
     assert strip(rest) == strip(whole)
     rows = lambda d: sorted(json.dumps({k: r[k] for k in ("method", "seed", "finetuned", "train")}, sort_keys=True)
@@ -143,10 +135,10 @@ def test_a_budget_stops_at_a_clean_point_and_a_fresh_checkout_resumes_from_the_s
 
 
 def test_a_run_with_other_starting_weights_is_refused(tmp_path, fake):
-    C.compare(tmp_path / "c", presets=["toy-l2sp"], trials=TRIALS, log=lambda *_: None, stop_after=2)
-    fake.fake.weights = "another model"
+    C.compare(tmp_path / "c", presets=["toy-l2sp"], trials=TRIALS, log=lambda *_: None, runner=fake, stop_after=2)
+    fake.weights[0] = "another model"
     with pytest.raises(ValueError, match="other starting weights"):
-        C.compare(tmp_path / "c", presets=["toy-l2sp"], trials=TRIALS, log=lambda *_: None)
+        C.compare(tmp_path / "c", presets=["toy-l2sp"], trials=TRIALS, log=lambda *_: None, runner=fake)
 
 
 def test_seed_noise_and_the_naive_reference_by_hand():

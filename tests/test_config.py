@@ -140,3 +140,32 @@ def test_the_cli_names_the_problem_and_exits_2(exported, tmp_path):
                                                                                   'schedule = "smoke"\ndistil = 3.0'))
     res = _cli("experiment", "--config", str(path), "--out", str(tmp_path / "x"))
     assert res.returncode == 2 and "distil" in res.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("post_hoc", ["wise_ft", "lines", "model_stock", "soup_uniform", "soup_greedy"])
+def test_an_experiment_config_runs_every_post_hoc_method_training_the_runs_a_merge_takes(world, tmp_path, post_hoc):
+    """`experiment --config` with each post-hoc method: the one setup factory carries what a merge of several runs
+    takes (Model Stock: another fine-tuning seed; soups: half and twice the backbone rate), so the runs it merges
+    are trained first, into OUT/ingredients/N, as `experiment --preset` does; the merge is then chosen on
+    validation. (These were refused before: the built-in path alone knew a merge's ingredients.)"""
+    from infusing_kit.__main__ import main
+    from infusing_kit.methods.posthoc import ingredients_of
+    text = (world / "configs" / "toy-naive.toml").read_text()
+    old = 'schedule = "smoke"'
+    assert old in text
+    cfg = world / "configs" / f"{post_hoc}.toml"
+    cfg.write_text(text.replace(old, f'{old}\nsteps = 12\neval_every = 6\npost_hoc = "{post_hoc}"'))
+    out = tmp_path / "run"
+    assert main(["experiment", "--config", str(cfg), "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    parts = [json.loads(p.read_text()) for p in sorted((out / "ingredients").glob("*/metrics.json"))]
+    want = {None: [], "seeds": [{"seed": m["train"]["seed"] + 1000}],
+            "lrs": [{"lr_backbone": m["train"]["lr_backbone"] * f} for f in (0.5, 2.0)]}[ingredients_of(post_hoc)]
+    assert m["post_hoc"] == post_hoc and len(m["merged"]) == len(parts) == len(want), (m["merged"], len(parts))
+    for part, change in zip(parts, want):  # the same training with only the ingredient's change, and no post hoc
+        assert part["post_hoc"] is None and part["finetuned"] is None  # (validation only: no test sets)
+        assert part["train"] == {**m["train"], **change}, change
+        assert part["config"] == m["config"]
+    assert m["merged"] == [str(out / "ingredients" / str(i) / "model.pt") for i in range(len(want))]
+    best = max(r["mean_map@20"] for r in m["post_hoc_curve"])  # validation chose the merge
+    assert m["val"]["mean_map@20"] == best and m["post_hoc_chosen"] and m["finetuned"] is not None

@@ -6,13 +6,15 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import pytest
 
-from infusing_kit.protocol import comparison as C, search as S, spaces, storage, trials
+from infusing_kit.protocol import comparison as C, search as S, spaces, storage
 from infusing_kit.__main__ import main
-from infusing_kit.protocol.study import Runner, Study, load_study
+from infusing_kit.protocol.runners import Builtin, StudyFile
+from infusing_kit.protocol.study import Study, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = ROOT / "tests" / "data" / "builtin-study-v4b.json"  # the presets at the v4b comparison's choices
@@ -34,19 +36,21 @@ def _study(world: Path, old: str = None, new: str = None, name: str = "s.toml") 
     return path
 
 
-def _fake_runs(monkeypatch):
-    """Every trial or run of a study file returns at once (a score that depends on the sampled values)."""
-    calls = []
+@dataclass(frozen=True, eq=False)
+class Quick(StudyFile):
+    """A study file's runner whose every trial or run returns at once (a score that depends on the sampled values)."""
 
     def run(self, method, out_dir, seed=0, overrides=None, test=True, hooks=(), **kw):
-        calls.append(dict(overrides or {}))
         x = sum(float(v) for k, v in (overrides or {}).items() if k != "steps") % 1.0
         val = {"fine_map@20": 0.5 + x / 10, "generic_map@20": 0.5, "mean_map@20": 0.5 + x / 20}
         return {"val": val, "train": dict(overrides or {}), "updates": {"target": 1}, "best_step": 1, "code": "x",
                 "weights": "w", "threads": 1, "torch": "t", "device_kind": "cpu"}
 
-    monkeypatch.setattr(Runner, "run", run)
-    return calls
+
+def quick(path) -> Study:
+    """The study of a file, its runs made by `Quick`."""
+    study = load_study(path)
+    return replace(study, runner=Quick(**{f.name: getattr(study.runner, f.name) for f in fields(study.runner)}))
 
 
 # ---------------------------------------------------------------------------- 1, 2: search ranges
@@ -92,9 +96,8 @@ def test_3_search_config_spends_the_study_files_trials(world, tmp_path, monkeypa
 # ---------------------------------------------------------------------------- 4: the same storage, other data or settings
 def test_4_a_study_or_comparison_continued_on_other_data_or_fixed_fields_is_refused(world, tmp_path, monkeypatch,
                                                                                     capsys):
-    _fake_runs(monkeypatch)
     path = _study(world)
-    db, run = tmp_path / "s.db", lambda p: S.search("toy-l2sp", db, tmp_path / "o", trials=6, runner=load_study(p).runner)
+    db, run = tmp_path / "s.db", lambda p: S.search("toy-l2sp", db, tmp_path / "o", trials=6, runner=quick(p).runner)
     run(path)
     _study(world, "eval_every = 10", "eval_every = 5")  # a fixed field of the searched method changes
     with pytest.raises(ValueError, match=r"changed fixed field eval_every 10 -> 5\. Continue it with the same"):
@@ -106,26 +109,25 @@ def test_4_a_study_or_comparison_continued_on_other_data_or_fixed_fields_is_refu
     # a storage made before fingerprints: accepted, recorded, said in a log line
     import optuna
     legacy = tmp_path / "legacy.db"
-    name = S.study_name("toy-l2sp", False, 0, load_study(path).runner)
+    name = load_study(path).runner.study_name("toy-l2sp", 0)
     attrs = {k: v for k, v in optuna.load_study(study_name=name, storage=storage.open_storage(db)).user_attrs.items()
              if k != "fingerprint"}
     rows = [r for r in S.trial_rows(db) if r["study"] == name]
     storage.restore_trials(rows, legacy, attrs["space"], "mean_map@20", attrs)
     capsys.readouterr()
-    S.search("toy-l2sp", legacy, tmp_path / "o", trials=6, runner=load_study(path).runner)
+    S.search("toy-l2sp", legacy, tmp_path / "o", trials=6, runner=quick(path).runner)
     assert "has no fingerprint (made before fingerprints were recorded): recorded" in capsys.readouterr().out
     assert "fingerprint" in optuna.load_study(study_name=name, storage=storage.open_storage(legacy)).user_attrs
 
 
-def test_4_compare_stopped_after_stage_1_refuses_an_edited_train_split(world, tmp_path, monkeypatch):
-    _fake_runs(monkeypatch)
+def test_4_compare_stopped_after_stage_1_refuses_an_edited_train_split(world, tmp_path):
     path = _study(world, "[study]\n", "[study]\ntrials = {toy-naive = 12}\n")
-    C.compare(tmp_path / "d", study=load_study(path), stop_after=1, log=lambda *_: None)
+    C.compare(tmp_path / "d", study=quick(path), stop_after=1, log=lambda *_: None)
     assert "fingerprint" in json.loads((tmp_path / "d" / "chosen.json").read_text())
     _edit_train_split(world)
     with pytest.raises(ValueError, match=r"chosen.json was made on another model, data or fixed settings: changed "
                                          r"the data \[data.target\] train"):
-        C.compare(tmp_path / "d", study=load_study(path), stop_after=2, log=lambda *_: None)
+        C.compare(tmp_path / "d", study=quick(path), stop_after=2, log=lambda *_: None)
 
 
 def _edit_train_split(world: Path) -> None:
@@ -181,24 +183,23 @@ def _truncated(path: Path) -> Path:
     (lambda d: (d / "e.db").write_bytes(b"") or d / "e.db", "is an empty file \\(0 bytes\\), not an Optuna storage"),
     (lambda d: _truncated(_sqlite_with_trials(d / "t.db")), "is damaged \\(SQLite: .*malformed"),
 ])
-def test_6_a_bad_storage_is_one_line_before_any_trial(tmp_path, monkeypatch, capsys, make, message):
-    calls = []
-    monkeypatch.setattr(trials, "run_experiment", lambda *a, **k: calls.append(1))
+def test_6_a_bad_storage_is_one_line_before_any_trial(tmp_path, capsys, make, message):
     with pytest.raises(SystemExit) as e:
         main(["search", "--preset", "toy-l2sp", "--storage", str(make(tmp_path)), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and not calls, err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("trial*")), "a trial started"
     assert __import__("re").search(message, err), err
 
 
 def test_6_a_read_only_storage_is_refused_for_search_and_read_for_trials(tmp_path, monkeypatch, capsys):
     db = _sqlite_with_trials(tmp_path / "t.db")
-    monkeypatch.setattr(trials, "run_experiment", lambda *a, **k: pytest.fail("a trial ran on a read-only storage"))
     real = os.access
     monkeypatch.setattr(storage.os, "access", lambda p, mode: False if mode == os.W_OK else real(p, mode))
     with pytest.raises(SystemExit):
         main(["search", "--preset", "toy-l2sp", "--storage", str(db), "--out", str(tmp_path / "o")])
     assert "cannot be written (a read-only file system" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("trial*")), "a trial ran on a read-only storage"
     assert storage.trial_rows(db) == []  # reading needs no write (its queued trials are not finished ones)
 
 
@@ -206,7 +207,7 @@ def test_6_a_read_only_storage_is_refused_for_search_and_read_for_trials(tmp_pat
 def test_7_a_second_search_never_fails_a_live_workers_trial(tmp_path):
     import optuna
     db = tmp_path / "s.db"
-    study, _ = S._prepare("toy-l2sp", db, Runner(), 0, {"steps": 100})
+    study, _ = S._prepare("toy-l2sp", db, Builtin(), 0, {"steps": 100})
     dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_pid.wait()
     live, dead, foreign = (study.ask() for _ in range(3))  # three queued start-up points, now RUNNING
@@ -216,7 +217,7 @@ def test_7_a_second_search_never_fails_a_live_workers_trial(tmp_path):
     live.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # this process: alive
     dead.set_user_attr("worker", f"{socket.gethostname()}:{dead_pid.pid}")
     foreign.set_user_attr("worker", "a-machine-this-file-was-copied-from:1")
-    study, _ = S._prepare("toy-l2sp", db, Runner(), 0, {"steps": 100})  # a second `search` joins
+    study, _ = S._prepare("toy-l2sp", db, Builtin(), 0, {"steps": 100})  # a second `search` joins
     state = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     assert state[live.number] == optuna.trial.TrialState.RUNNING
     assert state[dead.number] == state[foreign.number] == optuna.trial.TrialState.FAIL

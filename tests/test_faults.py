@@ -123,9 +123,13 @@ def test_a_search_killed_mid_trial_resumes_to_the_same_study(tmp_path):
     print(f"kill -9 during trial {k}")
     script = f"""
         import os, signal, math, sys
-        from infusing_kit.protocol import search as S, trials
+        from infusing_kit.protocol import search as S
+        from infusing_kit.protocol.runners import Builtin
         calls = []
-        def run(preset, out, smoke, seed, device, progress, overrides, test=True, hooks=(), keep_weights=True):
+        class Fake(Builtin):
+            def run(self, preset, out, seed=0, overrides=None, **_):
+                return run(overrides)
+        def run(overrides):
             calls.append(1)
             if KILL and len(calls) == {k} + 1:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -133,9 +137,9 @@ def test_a_search_killed_mid_trial_resumes_to_the_same_study(tmp_path):
             v = 1 / (1 + abs(math.log10(x) - 2))
             return {{"val": {{"mean_map@20": v, "fine_map@20": v, "generic_map@20": v}}, "train": overrides,
                     "updates": {{}}, "best_step": 1}}
-        trials.run_experiment = run
         KILL = sys.argv[2] == "kill"
-        S.search("toy-l2sp", sys.argv[1], "{tmp_path}/runs", trials=12, base={{"steps": 100}}, extend=False)
+        S.search("toy-l2sp", sys.argv[1], "{tmp_path}/runs", trials=12, base={{"steps": 100}}, extend=False,
+                 runner=Fake())
     """
     (tmp_path / "drill.py").write_text(textwrap.dedent(script))
     run = lambda db, mode: subprocess.run([sys.executable, str(tmp_path / "drill.py"), str(tmp_path / db), mode],

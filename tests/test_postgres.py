@@ -96,10 +96,11 @@ def test_two_searches_opening_one_new_study_at_once_queue_each_decision_once(whe
     import math
     import threading
 
-    from infusing_kit.protocol import fingerprint, search as S, spaces, trials
+    from conftest import FakeRunner
+    from infusing_kit.protocol import fingerprint, search as S, spaces
     storage = str(tmp_path / "s.db") if where == "sqlite" else request.getfixturevalue("postgres")
 
-    def run(preset, out, smoke, seed, device, progress, overrides, test=True, hooks=(), keep_weights=True):
+    def run(preset, out, seed, overrides, **_):
         x = overrides["l2sp"]
         return {"val": {"fine_map@20": 0.5, "generic_map@20": 0.5, "mean_map@20": 0.9 - abs(math.log10(x) - 6) / 20},
                 "train": {"steps": 100, **overrides}, "updates": {"target": 100}, "best_step": 100}
@@ -109,7 +110,7 @@ def test_two_searches_opening_one_new_study_at_once_queue_each_decision_once(whe
             time.sleep(1.0)  # wide enough for the other search to arrive at the same decision
             return f(*a, **k)
         return slow
-    monkeypatch.setattr(trials, "run_experiment", run)
+    fake = FakeRunner(fake=run)
     monkeypatch.setattr(fingerprint, "check_study", slowly(fingerprint.check_study))  # between reading and queueing
     monkeypatch.setattr(S, "startup_points", slowly(spaces.startup_points))
     monkeypatch.setattr(S, "extend_space", slowly(spaces.extend_space))
@@ -117,7 +118,8 @@ def test_two_searches_opening_one_new_study_at_once_queue_each_decision_once(whe
 
     def one():
         try:
-            results.append(S.search("toy-l2sp", storage, tmp_path / "runs", trials=14, base={"steps": 100}))
+            results.append(S.search("toy-l2sp", storage, tmp_path / "runs", trials=14, base={"steps": 100},
+                                    runner=fake))
         except BaseException as e:  # noqa: BLE001 (the test reports it)
             errors.append(e)
     threads = [threading.Thread(target=one) for _ in range(2)]
@@ -135,7 +137,7 @@ def test_two_searches_opening_one_new_study_at_once_queue_each_decision_once(whe
     history = results[0]["extensions"]
     assert history == results[1]["extensions"] and sum(r["design"] == "extension" for r in rows) <= 4 * len(history), \
         "an extension's points (at most 4 per grown field) were queued by both searches"
-    S.search("toy-l2sp", tmp_path / "alone.db", tmp_path / "alone", trials=14, base={"steps": 100})
+    S.search("toy-l2sp", tmp_path / "alone.db", tmp_path / "alone", trials=14, base={"steps": 100}, runner=fake)
     alone = S.trial_rows(tmp_path / "alone.db")  # one search: the start-up design the two must have shared
     assert (sorted(r["params"]["l2sp"] for r in rows if r["design"] == "startup")
             == sorted(r["params"]["l2sp"] for r in alone if r["design"] == "startup"))

@@ -7,16 +7,15 @@ import math
 
 import pytest
 
-from infusing_kit.protocol import experiment, search as S, spaces, storage, trials
+from conftest import FakeRunner
+from infusing_kit.protocol import experiment, search as S, spaces, storage
 from infusing_kit.__main__ import main
 from infusing_kit.protocol.comparison import choose_schedule, flat_length
 
 
-def _fake(monkeypatch, score):
-    calls = []
-
-    def run(preset, out, smoke, seed, device, progress, overrides, test=True, hooks=(), keep_weights=True):
-        calls.append({"preset": preset, "overrides": overrides, "test": test})
+def _fake(score, smoke=False):
+    """A runner whose runs are a validation curve rising towards score(l2sp) (conftest.FakeRunner); .calls: its runs."""
+    def run(preset, out, seed, overrides, test=True, hooks=(), **_):
         x = overrides.get("l2sp", 1.0)
         val = score(x)
         stopped = None
@@ -29,23 +28,22 @@ def _fake(monkeypatch, score):
         return {"val": {"fine_map@20": 0.5, "generic_map@20": x / (1 + x), "mean_map@20": val},
                 "train": {"steps": 100, **overrides}, "updates": {"target": stopped or 100}, "best_step": 100}
 
-    monkeypatch.setattr(trials, "run_experiment", run)
-    return calls
+    return FakeRunner(smoke, fake=run)
 
 
-def test_search_fills_the_range_uses_validation_only_and_resumes_without_repeats(tmp_path, monkeypatch):
-    calls = _fake(monkeypatch, lambda x: 0.5 - abs(math.log10(x) - 2) / 10)  # best at l2sp = 100, inside
+def test_search_fills_the_range_uses_validation_only_and_resumes_without_repeats(tmp_path):
+    fake = _fake(lambda x: 0.5 - abs(math.log10(x) - 2) / 10)  # best at l2sp = 100, inside
     db = tmp_path / "s.db"
     lo, hi = 0.1, 1e5
-    S.search("toy-l2sp", db, tmp_path / "runs", trials=8, base={"steps": 100})
-    assert len(calls) == 8 and not any(c["test"] for c in calls), "a trial evaluated test data"
-    first = sorted(c["overrides"]["l2sp"] for c in calls[:6])
+    S.search("toy-l2sp", db, tmp_path / "runs", trials=8, base={"steps": 100}, runner=fake)
+    assert len(fake.calls) == 8 and not any(c["test"] for c in fake.calls), "a trial evaluated test data"
+    first = sorted(c["overrides"]["l2sp"] for c in fake.calls[:6])
     # the start-up design: one point in each sixth of the log range
     slices = sorted(int(6 * (math.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo))) for v in first)
     assert slices == list(range(6)), first
-    assert all(c["overrides"]["steps"] == 100 for c in calls), "the shared base settings were not applied"
-    best = S.search("toy-l2sp", db, tmp_path / "runs", trials=12, base={"steps": 100})  # a second session continues
-    values = [c["overrides"]["l2sp"] for c in calls]
+    assert all(c["overrides"]["steps"] == 100 for c in fake.calls), "the shared base settings were not applied"
+    best = S.search("toy-l2sp", db, tmp_path / "runs", trials=12, base={"steps": 100}, runner=fake)  # a second session continues
+    values = [c["overrides"]["l2sp"] for c in fake.calls]
     assert len(values) == 12 and len(set(values)) == 12, f"resumed study repeated trials: {values}"
     assert best["trials"] == 12 and best["distinct"]["l2sp"] == 12 and best["at_edge"] == []
     assert 10 < best["params"]["l2sp"] < 1000
@@ -56,7 +54,7 @@ def test_search_fills_the_range_uses_validation_only_and_resumes_without_repeats
     assert all(r["train"]["steps"] == 100 for r in rows), "trials must keep their whole config"
     assert sum(r["design"] == "startup" for r in rows) == 6
     with pytest.raises(ValueError, match="base settings"):  # one study, one schedule
-        S.search("toy-l2sp", db, tmp_path / "runs", trials=12, base={"steps": 200})
+        S.search("toy-l2sp", db, tmp_path / "runs", trials=12, base={"steps": 200}, runner=fake)
 
     out = tmp_path / "trials.jsonl"
     assert main(["trials", "--storage", str(db), "--out", str(out)]) == 0
@@ -65,13 +63,13 @@ def test_search_fills_the_range_uses_validation_only_and_resumes_without_repeats
         main(["trials", "--storage", str(db), "--out", str(out)])
 
 
-def test_a_best_value_at_the_edge_extends_the_range(tmp_path, monkeypatch):
-    calls = _fake(monkeypatch, lambda x: 0.9 - abs(math.log10(x) - 6) / 20)  # best at 1e6, above the range [0.1, 1e5]
-    best = S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", base={"steps": 100})
+def test_a_best_value_at_the_edge_extends_the_range(tmp_path):
+    fake = _fake(lambda x: 0.9 - abs(math.log10(x) - 6) / 20)  # best at 1e6, above the range [0.1, 1e5]
+    best = S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", base={"steps": 100}, runner=fake)
     assert len(best["extensions"]) >= 1 and best["space"][0][2] > 1e6, best["extensions"]
     assert 1e5 < best["params"]["l2sp"] < 1e7 and best["at_hard_limit"] == []
-    assert max(c["overrides"]["l2sp"] for c in calls) > 1e5
-    assert len(calls) == best["trials"] == S.study_budget(1), "extension points come out of the study's budget"
+    assert max(c["overrides"]["l2sp"] for c in fake.calls) > 1e5
+    assert len(fake.calls) == best["trials"] == S.study_budget(1), "extension points come out of the study's budget"
 
 
 def test_a_range_grows_only_where_its_score_is_still_rising():
@@ -89,29 +87,29 @@ def test_a_range_grows_only_where_its_score_is_still_rising():
     assert not grow([0.88, 0.89, 0.895, 0.897, 0.905, 0.89]), "a value beyond the best falls: no growth"
 
 
-def test_a_choice_stuck_at_a_hard_limit_is_reported(tmp_path, monkeypatch):
-    _fake(monkeypatch, lambda x: math.log10(x) / 20)  # keeps rising: the best is always the largest value tried
-    best = S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", trials=16, base={"steps": 100})
+def test_a_choice_stuck_at_a_hard_limit_is_reported(tmp_path):
+    fake = _fake(lambda x: math.log10(x) / 20)  # keeps rising: the best is always the largest value tried
+    best = S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", trials=16, base={"steps": 100}, runner=fake)
     assert best["space"][0][2] == spaces.DEFAULT_LIMITS[1], best  # the range grew as far as the field allows
     top = [("l2sp", 0.1, spaces.DEFAULT_LIMITS[1], True)]
     tried = [{"l2sp": v} for v in (1.0, 1e4, 0.9e8)]
     assert spaces.extend_space(top, tried, tried[-1], 100, None, [0.1, 0.2, 0.4], 0.01)[2] == ["l2sp"]
 
 
-def test_trailing_trials_are_pruned_but_never_the_startup_design(tmp_path, monkeypatch):
-    _fake(monkeypatch, lambda x: 1 / (1 + abs(math.log10(x) - 2)))
-    S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", trials=16, base={"steps": 100}, extend=False)
+def test_trailing_trials_are_pruned_but_never_the_startup_design(tmp_path):
+    fake = _fake(lambda x: 1 / (1 + abs(math.log10(x) - 2)))
+    S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", trials=16, base={"steps": 100}, extend=False, runner=fake)
     rows = S.trial_rows(tmp_path / "s.db")
     assert all(r["state"] == "complete" for r in rows if r["design"] == "startup")
     assert any(r["state"] == "pruned" for r in rows), [(r["design"], r["state"], r["params"]) for r in rows]
 
 
-def test_presets_without_a_search_space_are_refused(tmp_path, monkeypatch):
-    _fake(monkeypatch, lambda x: 0.5)
+def test_presets_without_a_search_space_are_refused(tmp_path):
+    fake = _fake(lambda x: 0.5)
     with pytest.raises(ValueError, match="no search space"):
-        S.search("toy-wise-ft", tmp_path / "s.db", tmp_path / "runs")
+        S.search("toy-wise-ft", tmp_path / "s.db", tmp_path / "runs", runner=fake)
     with pytest.raises(ValueError, match="start-up points"):
-        S.search("toy-paper", tmp_path / "s.db", tmp_path / "runs", trials=10)  # 12 start-up points for 2 fields
+        S.search("toy-paper", tmp_path / "s.db", tmp_path / "runs", trials=10, runner=fake)  # 12 start-up points for 2 fields
 
 
 def test_every_search_space_is_valid():
@@ -153,18 +151,18 @@ def test_trials_running_at_once_draw_from_different_random_streams():
     assert sampler._rng.rng.random() == draws[0]
 
 
-def test_points_a_killed_session_queued_still_run(tmp_path, monkeypatch):
+def test_points_a_killed_session_queued_still_run(tmp_path):
     # a session killed after queuing an edge extension left those points WAITING; the next session ran nothing
     # (its trial budget was already met) and the extension's strip stayed unexplored
     import optuna
-    calls = _fake(monkeypatch, lambda x: 0.5 - abs(math.log10(x) - 2) / 10)
+    fake = _fake(lambda x: 0.5 - abs(math.log10(x) - 2) / 10)
     db = tmp_path / "s.db"
-    S.search("toy-l2sp", db, tmp_path / "runs", trials=8, base={"steps": 100}, extend=False)
-    study = optuna.load_study(study_name=S.study_name("toy-l2sp", False, 0), storage=f"sqlite:///{db}")
+    S.search("toy-l2sp", db, tmp_path / "runs", trials=8, base={"steps": 100}, extend=False, runner=fake)
+    study = optuna.load_study(study_name=fake.study_name("toy-l2sp", 0), storage=f"sqlite:///{db}")
     for x in (3e-2, 5e-2):
         study.enqueue_trial({"l2sp": x}, user_attrs={"design": "extension"})
-    S.search("toy-l2sp", db, tmp_path / "runs", trials=8, base={"steps": 100}, extend=False)
-    assert len(calls) == 10 and {c["overrides"]["l2sp"] for c in calls[-2:]} == {3e-2, 5e-2}
+    S.search("toy-l2sp", db, tmp_path / "runs", trials=8, base={"steps": 100}, extend=False, runner=fake)
+    assert len(fake.calls) == 10 and {c["overrides"]["l2sp"] for c in fake.calls[-2:]} == {3e-2, 5e-2}
 
 
 def test_transitions_get_points_where_the_score_changes_beyond_the_noise():
@@ -192,17 +190,17 @@ def test_flat_studies_and_the_constraint_rule():
     assert spaces.constrained_choice(rows, "fine", "generic", 0.999) is None
 
 
-def test_a_search_with_a_noise_estimate_maps_the_transition_and_reports_flatness(tmp_path, monkeypatch):
-    calls = _fake(monkeypatch, lambda x: 0.9 if x < 30 else 0.3)  # a step at 30: no effect below, too strong above
+def test_a_search_with_a_noise_estimate_maps_the_transition_and_reports_flatness(tmp_path):
+    fake = _fake(lambda x: 0.9 if x < 30 else 0.3)  # a step at 30: no effect below, too strong above
     best = S.search("toy-l2sp", tmp_path / "s.db", tmp_path / "runs", trials=8, base={"steps": 100}, extend=False,
-                    noise=0.01, constraint=("fine_map@20", "generic_map@20", 0.4))
-    transitions = [c["overrides"]["l2sp"] for c in calls[6:]]
+                    noise=0.01, constraint=("fine_map@20", "generic_map@20", 0.4), runner=fake)
+    transitions = [c["overrides"]["l2sp"] for c in fake.calls[6:]]
     assert transitions, "the jump got no points"
-    assert len(calls) == best["trials"] == 8, "transition points come out of the study's budget"
+    assert len(fake.calls) == best["trials"] == 8, "transition points come out of the study's budget"
     assert not best["flat"] and best["spread"] == pytest.approx(0.6)
     assert best["constraint"]["params"] is not None and best["constraint"]["threshold"] == 0.4
     flat = S.search("toy-ewc", tmp_path / "f.db", tmp_path / "runs", trials=8, base={"steps": 100}, extend=False,
-                    noise=0.01)
+                    noise=0.01, runner=fake)
     assert flat["flat"] and flat["spread"] == 0.0
 
 
@@ -244,14 +242,14 @@ def test_parallel_workers_on_one_sqlite_file_never_start_a_queued_trial_twice(tm
     assert sorted(started) == list(range(60)), f"{len(started)} starts of 60 queued trials"
 
 
-def test_a_lost_study_comes_back_from_its_committed_trials(tmp_path, monkeypatch):
+def test_a_lost_study_comes_back_from_its_committed_trials(tmp_path):
     """restore_trials is trial_rows' inverse: a study searched here, read back as rows (a trials.jsonl), restored into
     a new storage gives the same rows and the same best trial; restoring twice is refused."""
     import optuna
     from infusing_kit.protocol.storage import open_storage, restore_trials
-    _fake(monkeypatch, lambda x: 1 / (1 + abs(math.log10(x) - 2)))  # (as in the pruning test: some are pruned)
+    fake = _fake(lambda x: 1 / (1 + abs(math.log10(x) - 2)))  # (as in the pruning test: some are pruned)
     first = tmp_path / "a.db"
-    best = S.search("toy-l2sp", first, tmp_path / "runs", trials=16, base={"steps": 100}, extend=False)
+    best = S.search("toy-l2sp", first, tmp_path / "runs", trials=16, base={"steps": 100}, extend=False, runner=fake)
     rows = S.trial_rows(first)
     assert any(r["state"] == "pruned" for r in rows) and any(r["state"] == "complete" for r in rows)
     attrs = optuna.load_study(study_name=best["study"], storage=open_storage(first)).user_attrs
@@ -270,9 +268,9 @@ def test_no_search_range_can_grow_past_what_its_field_accepts():
     from dataclasses import replace
 
     from infusing_kit.protocol.spaces import hard_limits
-    from infusing_kit.protocol.study import Runner
+    from infusing_kit.protocol.runners import Builtin
     for name, preset in experiment.PRESETS.items():
-        for field, lo, hi, log in S._space_of(Runner(), name, preset.train):  # the ranges a search starts from
+        for field, lo, hi, log in S._space_of(Builtin(), name, preset.train):  # the ranges a search starts from
             hard_lo, hard_hi = hard_limits(field, preset.train.steps, 4 if field == "freeze_blocks" else None)
             assert hard_lo <= lo and (hard_hi is None or hi <= hard_hi), (name, field, (lo, hi), (hard_lo, hard_hi))
             for v in (hard_lo, hard_hi):

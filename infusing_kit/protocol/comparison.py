@@ -35,7 +35,7 @@ from pathlib import Path
 from ..budget import CACHE, BudgetSpent, deadline_passed, restore_state, save_state, set_deadline  # noqa: F401
 from ..checkpoints import FolderBusyError, atomic_write_text
 from .calibration import FLAT_FRAC, FLAT_TOL, MARGIN, choose_schedule, flat_length, seed_noise  # noqa: F401
-from .experiment import K, run_experiment
+from .experiment import K
 from .fingerprint import check, comparison_fingerprint, own_choices
 from ..identity import check_identity
 from .storage import check_storage
@@ -74,11 +74,7 @@ def _one(kw: dict, poll: float = 10.0) -> dict:
         return None  # --budget: not started (the same command runs it next time)
     while not (out / "metrics.json").exists():
         try:
-            if runner.kind == "builtin":  # (module-level run_experiment: tests replace it)
-                run_experiment(method, smoke=runner.smoke, **kw, resume=(out / "run").exists())
-            else:
-                kw.pop("smoke", None)
-                runner.run(method, **kw, resume=(out / "run").exists())
+            runner.run(method, **kw, resume=(out / "run").exists())
         except FolderBusyError:
             time.sleep(poll)
     m = json.loads((out / "metrics.json").read_text())
@@ -163,7 +159,7 @@ class Comparison:
 def compare(out: str | Path, presets: list[str] | None = None, jobs: int = 1, device: str = "cpu",
             smoke: bool = False, trials: dict | None = None, final_seeds=None, heldout_seeds=None, search_seeds=None,
             log=print, stop_after: int | None = None, study: Study | None = None, storage=None,
-            budget: float | None = None, state: str | Path | None = None) -> dict:
+            budget: float | None = None, state: str | Path | None = None, runner: Runner | None = None) -> dict:
     """Run (or resume) a whole comparison into `out`; returns the choices (chosen.json).
 
     study: a study (`study.load_study(FILE)`), or the built-in one (`Study.builtin(smoke, presets)`; its protocol's
@@ -174,7 +170,8 @@ def compare(out: str | Path, presets: list[str] | None = None, jobs: int = 1, de
     budget: minutes after which no new trial or run starts; the call returns at the next clean boundary with
     chosen["stopped"] set, and the same call resumes. state: a folder (e.g. results/in-progress/NAME, tracked by
     git) that holds the comparison's resumable state between sessions: read into `out` when `out` has none,
-    written back when the call returns (`save_state`, `restore_state`)."""
+    written back when the call returns (`save_state`, `restore_state`). runner: how the built-in study's runs are
+    made (default `runners.Builtin(smoke)`; a test gives its own)."""
     from dataclasses import replace
     if study is None:
         p = Study.builtin(smoke).protocol
@@ -182,7 +179,7 @@ def compare(out: str | Path, presets: list[str] | None = None, jobs: int = 1, de
                                             ("search_seeds", search_seeds)) if v is not None}
         if trials:
             changes["trials"] = tuple(sorted(trials.items()))
-        study = Study.builtin(smoke, presets, protocol=replace(p, **changes))
+        study = Study.builtin(smoke, presets, protocol=replace(p, **changes), runner=runner)
     study.protocol.check(f"study {study.name}:")
     if state is not None and not (Path(out) / "chosen.json").exists() and (Path(state) / "chosen.json").exists():
         restore_state(state, out)
@@ -278,7 +275,7 @@ def _stages(c: Comparison, stop_after: int | None) -> dict:
 def _searches(c: Comparison, names: list[str], base: dict, noise: float, threshold: float, inert, kw: dict) -> None:
     """Stage 3 for some methods: each one's search (and second search), then the ablations' settings."""
     from .search import search
-    study, pr, steps = c.study, c.protocol, base["steps"]
+    study, pr = c.study, c.protocol
     constraint = (f"fine_map@{K}", f"generic_map@{K}", threshold)
     studies = [(m, pr.search_seeds[0], m) for m in names if study.methods[m].search] + \
               [(m, 1, f"{m}@search1") for m in pr.second_search if m in names]
@@ -388,13 +385,6 @@ def _next_best_lrs(storage, study_name: str, n: int) -> list[dict]:
 def _n_blocks(runner: Runner) -> int | None:
     """The image tower's blocks (freeze_blocks' limit): from the model's open_clip config."""
     import open_clip
-    from .experiment import pretrain_config
-    name = pretrain_config(0).model if runner.kind == "builtin" else runner_model(runner)
-    cfg = open_clip.get_model_config(name) or {}
+    cfg = open_clip.get_model_config(runner.model_name()) or {}
     layers = cfg.get("vision_cfg", {}).get("layers")
     return int(layers) if isinstance(layers, int) else None
-
-
-def runner_model(runner: Runner) -> str:
-    from .study import load_study
-    return load_study(runner.path).config["model"]["name"]

@@ -21,8 +21,9 @@ complete example, and a minimal one:
   [data.tests.NAME] kind = "image" | "text" and a data part: extra test sets and their mean (testsets.py).
   [method]  preset = "toy-paper" (optional: its TrainConfig as the base; schedule = "full" | "smoke"),
             any TrainConfig field (steps, lr_backbone, l2sp, distill, sampler, ...),
-            post_hoc = "wise_ft" | "lines" (chosen on validation; wise_ft = true is the same; merges of several
-            runs, model_stock and soups, are refused here: they belong to a study's `compare --config`)
+            post_hoc = "wise_ft" | "lines" | "model_stock" | "soup_uniform" | "soup_greedy" (chosen on
+            validation; wise_ft = true is the same). A merge of several runs first trains the runs it merges
+            (Model Stock: another fine-tuning seed; soups: half and twice the backbone rate) into OUT/ingredients/.
 A study file (study.py) has the same [model] and [data] and a [study] table instead of [method].
 
 Formats of a data part: one row of `FORMATS` each, with the keys it takes besides format/path/root.
@@ -38,7 +39,7 @@ import tomllib
 from dataclasses import fields, replace
 from pathlib import Path
 
-from .experiment import PRESETS, Domains, Setup, check_overrides, run_setup
+from .experiment import PRESETS, Domains, Setup, check_overrides, run_merged
 from .formats import (_BOOL, _NONNEG_INT, _POS_INT, _STR, FORMATS, Format, check_table, check_value,  # noqa: F401
                       read_split)  # (config.FORMATS etc. stay importable)
 from ..models import config_embed_dim as _embed_dim
@@ -124,7 +125,6 @@ def load_config(path: str | Path, kind: str = "method") -> dict:
         d["generic"]["prompts"] = str(_exists(root / d["generic"]["prompts"], f"{path} [data.generic] prompts"))
     if kind == "method":
         check_method(cfg["method"], f"{path} [method]")
-        _one_run_post_hoc(cfg["method"], f"{path} [method]")
         train_config(cfg, str(path))  # every TrainConfig value checked now (types, ranges, allowed values)
     cfg["name"] = cfg.get("name", path.stem)
     cfg["_path"] = str(path.resolve())
@@ -142,18 +142,6 @@ def check_method(m: dict, where: str) -> None:
         from ..methods.posthoc import METHODS
         if m["post_hoc"] not in METHODS:
             raise ValueError(f"{where} post_hoc {m['post_hoc']!r} is unknown; choose one of {sorted(METHODS)}")
-
-
-def _one_run_post_hoc(m: dict, where: str) -> None:
-    """An experiment config trains one run: a merge of several runs (Model Stock, soups) has nothing to merge."""
-    from ..methods.posthoc import several_runs
-    ph = post_hoc_of(m)
-    if several_runs(ph):
-        source = f"post_hoc = {ph!r}" if "post_hoc" in m else f"preset {m.get('preset')!r} (its post_hoc {ph!r})"
-        raise ValueError(f"{where}: {source} merges several fine-tuned runs, and an experiment config trains one. Make "
-                         "it a method of a study file and run `python -m infusing_kit compare --config STUDY.toml` "
-                         "(which trains the runs it merges), or use `experiment --preset` on the built-in world; in "
-                         "this file choose post_hoc = \"wise_ft\" or \"lines\", or wise_ft = false for none")
 
 
 def train_config(cfg: dict, where: str = "the config", method: dict | None = None) -> TrainConfig:
@@ -209,15 +197,18 @@ def setup_from_config(cfg: dict | str | Path, device: str = "cpu", progress: boo
                                                                      "generic_train", "generic_val", "generic_test",
                                                                      "text_test")}}
     label = name or cfg["name"]
+    from ..methods.posthoc import ingredients_of
     return Setup(label, f"{label} (config file; method from preset {preset!r} and its overrides)", model, domains,
-                 train_config(cfg, where, m), post_hoc_of(m), seed, m.get("schedule") == "smoke", source, overrides)
+                 train_config(cfg, where, m), post_hoc_of(m), seed, m.get("schedule") == "smoke", source, overrides,
+                 ingredients_of(post_hoc_of(m)))
 
 
 def run_config(path: str | Path, out_dir: str | Path, device: str = "cpu", progress: bool = True,
                registry: str | Path | None = None, resume: bool = False, test: bool = True) -> dict:
-    """Run the experiment of a config file; writes out_dir/metrics.json (see experiment.run_setup)."""
+    """Run the experiment of a config file; writes out_dir/metrics.json (see experiment.run_setup). A merge of
+    several runs trains the runs it merges first (`experiment.run_merged`)."""
     setup = setup_from_config(path, device=device, progress=progress)
-    return run_setup(setup, out_dir, device=device, progress=progress, test=test, registry=registry, resume=resume)
+    return run_merged(setup, out_dir, device=device, progress=progress, test=test, registry=registry, resume=resume)
 
 
 def _prompts(generic: dict, generic_train, where: str) -> list[str] | None:

@@ -92,6 +92,7 @@ class Setup:
     smoke: bool = False
     source: dict = field(default_factory=dict)   # where model and data come from (echoed into metrics.json)
     overrides: dict = field(default_factory=dict)
+    ingredients: str | None = None    # a merge of several runs: what the others are ("seeds", "lrs"; `run_merged`)
 
 
 def toy_setup(preset: str, seed: int = 0, smoke: bool = False, device: str = "cpu", overrides: dict | None = None,
@@ -108,7 +109,7 @@ def toy_setup(preset: str, seed: int = 0, smoke: bool = False, device: str = "cp
     wcfg, pcfg = world_config(seed, smoke, world), pretrain_config(seed, smoke, world)
     model = lambda: load_pretrained_toy(pcfg.model, device=device, cache_dir=cache_dir, cfg=pcfg, progress=progress)
     return Setup(preset, p.description, model, W.domains(W.make_world(wcfg)), cfg, p.post_hoc, seed, smoke,
-                 {"world": asdict(wcfg), "pretrain": asdict(pcfg), "model": pcfg.model}, overrides)
+                 {"world": asdict(wcfg), "pretrain": asdict(pcfg), "model": pcfg.model}, overrides, p.ingredients)
 
 
 def _kept_validation(history: list[dict], best_step: int | None) -> dict[str, float]:
@@ -273,25 +274,34 @@ def run_experiment(preset: str, out_dir: str | Path, smoke: bool = False, seed: 
                    reuse: str | Path | None = None, merge_with: tuple | None = None, tags: dict | None = None,
                    keep_weights: bool = True) -> dict:
     """Run a preset on a built-in world end to end and write out_dir/metrics.json (see `run_setup`).
-    overrides: TrainConfig fields to change (a search trial). train_seed, world: see `toy_setup`. A merging preset
-    (Model Stock, soups) merges the model.pt files `merge_with`; without them it first trains the other runs it
-    merges, in out_dir/ingredients/ (`ingredient_overrides`). reuse: see `run_setup`. tags: labels echoed into
-    metrics.json and the registry row (e.g. the selection rule a comparison chose the settings by)."""
+    overrides: TrainConfig fields to change (a search trial). train_seed, world: see `toy_setup`. merge_with: see
+    `run_merged` (a merging preset, Model Stock or a soup, trains the runs it merges unless given them). reuse: see
+    `run_setup`. tags: labels echoed into metrics.json and the registry row (e.g. the selection rule a comparison
+    chose the settings by)."""
     setup = toy_setup(preset, seed, smoke, device, overrides, cache_dir, progress, train_seed, world)
     setup.source["tags"] = dict(tags or {})
-    if merge_with is not None:
-        return run_setup(setup, out_dir, device, progress, test, registry, hooks, resume, reuse, tuple(merge_with),
-                         keep_weights)
-    merge_with = []
-    for i, extra in enumerate(ingredient_overrides(preset, setup.train)):
-        extra = dict(extra)
-        sub = Path(out_dir) / "ingredients" / str(i)
-        if not (sub / "metrics.json").exists():
-            part = toy_setup(preset, seed, smoke, device, {**(overrides or {}), **extra} if "seed" not in extra else
-                             overrides, cache_dir, progress, extra.pop("seed", train_seed), world)
-            part.post_hoc = None  # the plain training the merge starts from
-            run_setup(part, sub, device, progress, test=False, resume=(sub / "run").exists())
-        merge_with.append(sub / "model.pt")
+    return run_merged(setup, out_dir, device, progress, test, registry, hooks, resume, reuse, merge_with,
+                      keep_weights)
+
+
+def run_merged(setup: Setup, out_dir: str | Path, device: str = "cpu", progress: bool = True, test: bool = True,
+               registry: str | Path | None = None, hooks: tuple = (), resume: bool = False,
+               reuse: str | Path | None = None, merge_with: tuple | None = None, keep_weights: bool = True) -> dict:
+    """`run_setup`, after the other runs a merge of several runs takes (`setup.ingredients`, `ingredient_overrides`)
+    when merge_with is None: each is the same setup with its TrainConfig changed (another fine-tuning seed, or other
+    learning rates; no post hoc), trained in out_dir/ingredients/N (a finished one is reused). A comparison
+    passes merge_with (the runs it made once for every seed); a setup without ingredients merges nothing."""
+    if merge_with is None:
+        merge_with = []
+        for i, extra in enumerate(ingredient_overrides(setup.ingredients, setup.train)):
+            sub = Path(out_dir) / "ingredients" / str(i)
+            if not (sub / "metrics.json").exists():
+                changed = {k: v for k, v in extra.items() if k != "seed"}
+                part = replace(setup, train=replace(setup.train, **extra), post_hoc=None, ingredients=None,
+                               overrides={**setup.overrides, **changed},
+                               source={k: v for k, v in setup.source.items() if k != "tags"})
+                run_setup(part, sub, device, progress, test=False, resume=(sub / "run").exists())
+            merge_with.append(sub / "model.pt")
     return run_setup(setup, out_dir, device, progress, test, registry, hooks, resume, reuse, tuple(merge_with),
                      keep_weights)
 

@@ -19,8 +19,8 @@ from .presets import PRESETS
 def export_world(out: str | Path, seed: int = 0, smoke: bool = False, image_format: str = "png",
                  progress: bool = True) -> list[Path]:
     """Write the built-in world of `seed` as files in the formats above, the toy VLM pretrained on it as a
-    checkpoint, and one config per preset (out/configs/<preset>.toml; the merges of several runs, soups and Model Stock,
-    are methods of out/configs/study.toml, for `compare`). Running such a config reproduces
+    checkpoint, and one config per preset (out/configs/<preset>.toml; a merge of several runs, a soup or Model Stock,
+    trains the runs it merges first, as the preset does). Running such a config reproduces
     `experiment --preset P --seed N [--smoke]`. Returns the config paths."""
     from PIL import Image
 
@@ -79,10 +79,7 @@ def export_world(out: str | Path, seed: int = 0, smoke: bool = False, image_form
     save_finetuned(vlm, out / model_file, extra={"pretrain": asdict(pcfg)})
     data = _DATA.format(model=pcfg.model, model_file=model_file, size=w.config.image_size)
     paths = []
-    from ..methods.posthoc import several_runs
     for preset in PRESETS:
-        if several_runs(PRESETS[preset].post_hoc):  # a merge of several runs: a method of study.toml (compare)
-            continue
         text = f'''# {preset}: {PRESETS[preset].description}
 # The built-in world (seed {seed}{", smoke size" if smoke else ""}) exported by `python -m infusing_kit export-world`.
 name = "{preset}"

@@ -55,23 +55,6 @@ def _table(t: dict, skip=("root", "cache_dir")) -> str:
     return hashlib.sha256(json.dumps(out, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def model_and_data(runner) -> dict:
-    """{"model": ..., "data": {part: ...}} of a study's runner (`study.Runner`)."""
-    if runner.kind == "builtin":
-        from .experiment import pretrain_config, world_config
-        key = lambda c: hashlib.sha256(json.dumps(asdict(c), sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return {"model": key(pretrain_config(0, runner.smoke, runner.world)),
-                "data": {"world": key(world_config(0, runner.smoke, runner.world))}}
-    from .study import load_study
-    cfg = load_study(runner.path).config
-    d = cfg["data"]
-    data = {f"[data.{g}] {part}": _table(v) for g in ("target", "generic", "text") for part, v in d[g].items()
-            if isinstance(v, dict)}
-    data["[data.generic] prompts"] = _table({k: v for k, v in d["generic"].items() if not isinstance(v, dict)})
-    data["[data]"] = _table({k: v for k, v in d.items() if not isinstance(v, dict)})
-    return {"model": _table(cfg["model"]), "data": data}
-
-
 def fixed_fields(runner, method: str, base: dict | None = None) -> dict:
     """A method's TrainConfig fields that no search of it sets (with `base` applied), and its post-hoc step."""
     from dataclasses import replace
@@ -84,11 +67,11 @@ def fixed_fields(runner, method: str, base: dict | None = None) -> dict:
 
 
 def study_fingerprint(runner, method: str, base: dict) -> dict:
-    return {**model_and_data(runner), "fixed": fixed_fields(runner, method, base)}
+    return {**runner.model_and_data(), "fixed": fixed_fields(runner, method, base)}
 
 
 def comparison_fingerprint(study) -> dict:
-    return {**model_and_data(study.runner), "methods": {m: fixed_fields(study.runner, m) for m in study.methods}}
+    return {**study.runner.model_and_data(), "methods": {m: fixed_fields(study.runner, m) for m in study.methods}}
 
 
 def own_choices(old: dict | None, new: dict, chosen: dict, base_method: str) -> dict:

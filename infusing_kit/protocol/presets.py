@@ -209,11 +209,11 @@ SMOKE_WORLD = dict(generic_train=1000, generic_val_combos=40, generic_test_combo
                    fine_train_classes=150, fine_val_classes=30, fine_test_classes=64, fine_per_class=8)
 
 
-def ingredient_overrides(preset: str, cfg, lrs: list[dict] | None = None) -> list[dict]:
-    """The other runs a merging preset needs besides its own (their TrainConfig overrides). "seeds": one more
-    fine-tuning seed (seed + 1000). "lrs": naive with other learning rates (`lrs`, e.g. the search's next best;
-    by default half and twice the backbone rate)."""
-    kind = PRESETS[preset].ingredients
+def ingredient_overrides(kind: str | None, cfg, lrs: list[dict] | None = None) -> list[dict]:
+    """The other runs a merge of several runs needs besides its own (their TrainConfig changes), by its
+    ingredients (`Preset.ingredients`, `Setup.ingredients`). "seeds": one more fine-tuning seed (seed + 1000).
+    "lrs": the same training with other learning rates (`lrs`, e.g. the search's next best; by default half and
+    twice the backbone rate). None: no other run."""
     if kind == "seeds":
         return [{"seed": cfg.seed + 1000}]
     if kind == "lrs":

@@ -51,8 +51,8 @@ from .choices import summary  # noqa: F401 (search.summary)
 from .spaces import (MAX_EXTENSIONS, _reserve, extend_space, hard_limits, startup_count,  # noqa: F401
                      startup_points, study_budget, transition_points)
 from .storage import fail_dead_trials, open_storage, open_study, study_lock, study_seed, trial_rows  # noqa: F401
-from .study import Runner
-from .trials import _follow, _run_workers, _sqlite, seed_key, study_name, wait_for_trials  # noqa: F401 (search.study_name)
+from .runners import Builtin, Runner
+from .trials import _follow, _run_workers, _sqlite, wait_for_trials
 
 # The seed of every study's start-up design (the space-filling points in the unit cube, scaled to its space). Since
 # the first comparison it has been this one key, not the study's own (a loop variable named `key` took the last
@@ -79,7 +79,7 @@ def _prepare(method: str, storage, runner: Runner, seed: int, base: dict) -> tup
     m = runner.method(method)
     if not m.search:
         raise ValueError(f"method {method!r} has no search space (it has no strength to choose)")
-    name, key = study_name(method, runner.smoke, seed, runner), seed_key(method, seed, runner)
+    name, key = runner.study_name(method, seed), runner.seed_key(method, seed)
     cfg = replace(runner.train_config(method), **base)
     space = _space_of(runner, method, cfg)
     n_startup = startup_count(len(space))
@@ -119,7 +119,7 @@ def search(method: str, storage: str | Path, out_root: str | Path, trials: int |
            runner: Runner | None = None, inert: float | None = None) -> dict:
     """Explore, refine, extend (where the best value sits at an edge) and map transitions; returns the choice.
 
-    method: a preset on the built-in world (runner None: Runner("builtin", smoke)), or a method of the study file
+    method: a preset on the built-in world (runner None: `runners.Builtin(smoke)`), or a method of the study file
     of `runner`. storage: a SQLite file, or a database URL that several machines share (they join the same
     study; each returns once every trial has finished). trials: finished (complete or pruned) trials before the
     whole study, extension and transition points included (default `study_budget(d)`). base: TrainConfig fields every trial shares (e.g. the schedule
@@ -130,7 +130,7 @@ def search(method: str, storage: str | Path, out_root: str | Path, trials: int |
     between trials with `BudgetSpent`; the same call resumes. Returns {"method", "params", "value", "trials",
     "distinct", "val", "space", "extensions", "at_edge", "flat", "spread", "constraint"}."""
     from .. import distributed
-    runner = runner or Runner("builtin", smoke)
+    runner = runner or Builtin(smoke)
     base = dict(base or {})
     if distributed.active():
         if jobs > 1:
@@ -222,7 +222,7 @@ def _search(method, storage, out_root, trials, seed, device, jobs, base, n_block
                 continue
             strip = (lo, old[1], log) if lo < old[1] else (old[2], hi, log)
             for u in startup_points([(f, *strip)], per_strip,
-                                    study_seed(seed_key(method, seed, runner)) + len(study.trials)):
+                                    study_seed(runner.seed_key(method, seed)) + len(study.trials)):
                 study.enqueue_trial({**study.best_trial.params, **u}, user_attrs={"design": "extension"})
                 n_new += 1
         return n_new
@@ -259,6 +259,6 @@ def _search(method, storage, out_root, trials, seed, device, jobs, base, n_block
 def final_runs(method: str, params: dict, seeds: list[int], out_root: str | Path, registry: str | Path,
                smoke: bool = False, device: str = "cpu", progress: bool = False, runner: Runner | None = None) -> list[dict]:
     """The chosen configuration, once per seed, with test evaluation; one registry row each."""
-    runner = runner or Runner("builtin", smoke)
+    runner = runner or Builtin(smoke)
     return [runner.run(method, Path(out_root) / f"{method}{'-smoke' if runner.smoke else ''}-s{s}", seed=s,
                        overrides=params, registry=registry, device=device, progress=progress) for s in seeds]

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .presets import PRESETS, Preset
+from .runners import Builtin, Runner, StudyFile  # noqa: F401 (study.Runner)
 
 PROTOCOL_KEYS = ("baseline", "methods", "search_seeds", "final_seeds", "heldout_seeds", "heldout", "second_search",
                  "calibration_steps", "constraint", "trials", "soup_ingredients", "stock_seed", "core",
@@ -91,70 +92,22 @@ class Protocol:
             tuple(s for s in self.other_final_seeds if s in self.final_seeds) or self.final_seeds
 
 
-@dataclass(frozen=True)
-class Runner:
-    """How one run of a study's method is made. Picklable: search workers and parallel runs receive it.
-    kind "builtin": a preset on the built-in world; kind "config": a method of a study file (its model and data)."""
-    kind: str = "builtin"
-    smoke: bool = False
-    world: str = "near"
-    path: str | None = None
-    searches: tuple = ()      # builtin: ((preset, search space), ...) replacing a preset's search space
-
-    def describe(self) -> dict:
-        return asdict(self)
-
-    def method(self, name: str) -> Preset:
-        if self.kind == "builtin":
-            own = dict(self.searches)
-            return replace(PRESETS[name], search=tuple(own[name])) if name in own else PRESETS[name]
-        return load_study(self.path).methods[name]
-
-    def method_table(self, name: str) -> dict:
-        """The method's table as the study file writes it (config runner)."""
-        return load_study(self.path).tables[name] if self.kind == "config" else {}
-
-    def train_config(self, name: str):
-        m = self.method(name)
-        return m.smoke_train if self.smoke else m.train
-
-    def run(self, method: str, out_dir, seed: int = 0, overrides: dict | None = None, test: bool = True,
-            registry=None, hooks: tuple = (), resume: bool = False, tags: dict | None = None, reuse=None,
-            merge_with=None, device: str = "cpu", progress: bool = False, keep_weights: bool = True) -> dict:
-        """One run of `method` with TrainConfig `overrides`, into out_dir (experiment.run_setup)."""
-        from . import experiment
-        if self.kind == "builtin":
-            return experiment.run_experiment(method, out_dir, smoke=self.smoke, seed=seed, device=device,
-                                             progress=progress, overrides=overrides, test=test, registry=registry,
-                                             hooks=hooks, resume=resume, world=self.world, reuse=reuse,
-                                             merge_with=merge_with, tags=tags, keep_weights=keep_weights)
-        from .config import setup_from_config
-        study = load_study(self.path)
-        cfg = dict(study.config, seed=seed)
-        setup = setup_from_config(cfg, device=device, progress=progress, method=study.tables[method], name=method)
-        setup.train = replace(setup.train, **experiment.check_overrides(overrides))
-        setup.overrides = dict(overrides or {})
-        setup.source["tags"] = dict(tags or {})
-        if setup.post_hoc and merge_with is None:
-            merge_with = ()
-        return experiment.run_setup(setup, out_dir, device, progress, test, registry, hooks, resume, reuse,
-                                    tuple(merge_with or ()), keep_weights)
-
-
 @dataclass
 class Study:
     name: str
     runner: Runner
     methods: dict[str, Preset]
     protocol: Protocol
-    config: dict = field(default_factory=dict)     # the study file's parsed [model]/[data] (config runner)
-    tables: dict = field(default_factory=dict)     # each method's table as written (config runner)
+    config: dict = field(default_factory=dict)     # the study file's parsed [model]/[data] (a study file)
+    tables: dict = field(default_factory=dict)     # each method's table as written (a study file)
 
     @classmethod
     def builtin(cls, smoke: bool = False, presets: list[str] | None = None, world: str = "near",
-                protocol: Protocol | None = None, searches: dict | None = None) -> "Study":
+                protocol: Protocol | None = None, searches: dict | None = None,
+                runner: Runner | None = None) -> "Study":
         """The kit's comparison on the built-in world: toy-naive, toy-naive-long and `presets` (default: all).
-        searches: {preset: search space} to explore instead of a preset's own."""
+        searches: {preset: search space} to explore instead of a preset's own. runner: how its runs are made
+        (default `runners.Builtin(smoke, world, searches)`; a test gives its own)."""
         names = ["toy-naive", "toy-naive-long"] + [p for p in (presets if presets is not None else PRESETS)
                                                    if p not in ("toy-naive", "toy-naive-long")]
         unknown = sorted(set(names) - set(PRESETS))
@@ -163,7 +116,7 @@ class Study:
         if protocol is None:  # smoke: the baseline's search at its own short schedule
             protocol = Protocol(calibration_steps=PRESETS["toy-naive"].smoke_train.steps, core=CORE) if smoke else \
                 Protocol(core=CORE)
-        runner = Runner("builtin", smoke, world, None, tuple(sorted((searches or {}).items())))
+        runner = runner or Builtin(smoke, world, tuple(sorted((searches or {}).items())))
         return cls(f"builtin-{world}{'-smoke' if smoke else ''}", runner, {n: runner.method(n) for n in names},
                    protocol)
 
@@ -251,8 +204,8 @@ def _load_study(path: str, mtime: int) -> Study:
                         **{k: st[k] for k in ("calibration_steps", "constraint", "soup_ingredients", "stock_seed",
                                               "constraint_seeds") if k in st})
     protocol.check(where)
-    return Study(cfg["name"], Runner("config", False, "near", path), methods, protocol,
-                 {k: v for k, v in cfg.items() if k != "study"}, written)
+    config = {k: v for k, v in cfg.items() if k != "study"}
+    return Study(cfg["name"], StudyFile(path, config, written, methods), methods, protocol, config, written)
 
 
 def _ingredients(preset, post_hoc, space, where: str) -> str | None:

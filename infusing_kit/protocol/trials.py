@@ -10,26 +10,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..budget import deadline_passed
-from .experiment import run_experiment
 from .spaces import is_int, startup_count
 from .storage import fail_dead_trials, is_url, open_storage, open_study, worker_tag
-from .study import Runner
-
-
-def study_name(method: str, smoke: bool, seed: int, runner: Runner | None = None) -> str:
-    """The study's name in its storage (unique per study file, method and seed); what it is lives in its user
-    attributes ("method", "seed", "runner")."""
-    if runner is not None and runner.kind == "config":
-        return f"{Path(runner.path).stem}:{method}-seed{seed}"
-    return f"{method}{'-smoke' if smoke else ''}-seed{seed}"
-
-
-def seed_key(method: str, seed: int, runner: Runner | None = None) -> str:
-    """What a study's sampler seed is drawn from: the method, the seed and whether it runs the smoke schedule (not the
-    storage name), so a study file of the built-in world draws exactly the points the built-in comparison draws."""
-    smoke = runner is not None and (runner.smoke or (runner.kind == "config" and
-                                                     runner.method_table(method).get("schedule") == "smoke"))
-    return f"{method}{'-smoke' if smoke else ''}-seed{seed}"
+from .runners import Runner
 
 
 def _sqlite(storage) -> bool:
@@ -37,9 +20,7 @@ def _sqlite(storage) -> bool:
 
 
 def _run(runner: Runner, method: str, out, seed: int, device: str, overrides: dict, hooks: tuple) -> dict:
-    if runner.kind == "builtin":  # (module-level run_experiment: tests replace it)
-        return run_experiment(method, out, smoke=runner.smoke, seed=seed, device=device, progress=False,
-                              overrides=overrides, test=False, hooks=hooks, keep_weights=False)
+    """One trial: the method with the trial's values, validation only, no weights kept."""
     return runner.run(method, out, seed=seed, overrides=overrides, test=False, hooks=hooks, device=device,
                       keep_weights=False)
 
@@ -128,10 +109,10 @@ def _worker(runner, method, storage, out_root, seed, device, base, space, total,
         torch.set_num_threads(threads)
     if not distributed.is_main():
         return _follow(runner, method, seed, device, base)
-    name = study_name(method, runner.smoke, seed, runner)
+    name = runner.study_name(method, seed)
     cfg = replace(runner.train_config(method), **base)
     study = open_study(name, open_storage(storage), startup_count(len(space)),
-                       prune_warmup=max(1, int(0.4 * cfg.steps)), key=seed_key(method, seed, runner))
+                       prune_warmup=max(1, int(0.4 * cfg.steps)), key=runner.seed_key(method, seed))
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
     def budget(study, trial):  # --budget: no new trial once the deadline has passed (the running one finishes)

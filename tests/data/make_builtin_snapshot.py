@@ -27,7 +27,7 @@ def snapshot() -> dict:
                     "space": [[f, repr(lo), repr(hi), log, kind(f, lo, hi, log)] for f, lo, hi, log in space],
                     "train": {k: repr(v) for k, v in asdict(cfg).items()}}
             if space:
-                key = S.seed_key(name, 0, st.runner)
+                key = st.runner.seed_key(name, 0)
                 pts = spaces.startup_points(space, spaces.startup_count(len(space)), S.study_seed(key))
                 rows["startup"] = [{k: repr(v) for k, v in p.items()} for p in pts]
                 rows["from_unit"] = [[repr(spaces.from_unit(u, lo, hi, log, f)) for u in (0.0, 0.37, 0.999)]
