@@ -134,7 +134,7 @@ def compare_cmd(args) -> int:
 
 def _compare_args(p):
     p.add_argument("--out", default="runs/compare", help="folder of the comparison (studies, runs, registry)")
-    p.add_argument("--config", help="a study file (README, 'Reproduce the paper's protocol on your data')")
+    p.add_argument("--config", help="a study file (docs/your-data.md, 'Reproduce the paper's protocol on your data')")
     p.add_argument("--presets", nargs="*", help="built-in comparison: presets besides toy-naive (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (2 on 2 CPU cores; 8-16 on one large GPU)")
     p.add_argument("--device", default="cpu")

@@ -265,7 +265,7 @@ class WorldSplits:
     - the toy VLM's pretraining (`caption_stream`) drew from all combinations, and the captions of text_test
       are strings of the same two templates that pretraining saw (as "a photo of a dog" is for CLIP).
     `seen_in_generic_train` tells which val/test items have a combination that generic_train also has, so
-    retention can be measured on both parts (README, "The built-in world")."""
+    retention can be measured on both parts (docs/world.md)."""
     config: WorldConfig
     generic_train: Split
     generic_val: Split
