@@ -208,3 +208,38 @@ def test_a_chapters_sweeps_are_one_figure_on_each_searchs_own_scale(tmp_path):
     assert [a.get_xscale() for a in fig.axes] == ["log", "linear"]
     assert [t["params"]["l2sp"] for t in trials["toy-l2sp"]] == [0.1, 1, 10, 100, 1e3, 1e4]
     assert Compared([], {}, "trained here", None).sweeps({"toy-l2sp": "l2sp"}) == (None, {"toy-l2sp": []})
+
+
+def test_a_chapter_names_its_methods_from_the_study_and_says_what_it_lacks(world, tmp_path):
+    """Chapters 04-07 on a study file: each preset's part is played by the study's method of that name, the
+    baseline's by the study's baseline whatever its name (`methods_of`); a study without one of a chapter's methods
+    is refused with what to add, an optional section's missing methods are listed (`lacks`: the chapter skips it);
+    a registry of the study's comparison gives each method's rows on the seeds all of them ran, under the study's
+    names, and trains nothing (`compared(config=...)`)."""
+    import re
+
+    from infusing_kit.teaching import chapters
+    configs = world / "configs"
+    text = (configs / "quick-study.toml").read_text()  # your own study: the baseline named "naive", no EWC
+    text = re.sub(r'(?<!preset = )"toy-naive"', '"naive"', text).replace("[study.method.toy-naive]", "[study.method.naive]")
+    text = re.sub(r'"toy-ewc", |, "toy-ewc"', "", text)
+    text = re.sub(r"\[study\.method\.toy-ewc\]\n(?:[^\[\n][^\n]*\n)*", "", text)
+    mine = configs / "mine.toml"
+    mine.write_text(text)
+    assert chapters.methods_of(["toy-naive", "toy-l2sp", "toy-spd"], mine) == ["naive", "toy-l2sp", "toy-spd"]
+    assert chapters.methods_of(["toy-naive", "toy-l2sp"], None) == ["toy-naive", "toy-l2sp"]
+    assert chapters.lacks(["toy-naive", "toy-ewc", "toy-tpgm"], mine) == ["toy-ewc"] and not chapters.lacks(["toy-ewc"], None)
+    with pytest.raises(ValueError, match=r"no method for \['toy-ewc'\]"):
+        chapters.methods_of(["toy-naive", "toy-l2sp", "toy-ewc"], mine)
+    with pytest.raises(ValueError, match="experiment file"):
+        chapters.methods_of(["toy-naive", "toy-l2sp"], configs / "toy-l2sp.toml")
+    assert chapters.train_config("toy-l2sp", mine).steps == 20  # the study's own schedule, whatever SMOKE says
+    assert chapters.train_config("toy-naive", mine, smoke=True) == chapters.train_config("toy-naive", None, smoke=True)
+    rows = [dict(r, method="naive" if r["method"] == "toy-naive" else r["method"]) for r in _rows()]
+    rows.append(dict(rows[0], seed=3))  # a seed the others did not run
+    registry = tmp_path / "results.jsonl"
+    registry.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = chapters.compared(["toy-naive", "toy-paper", "toy-l2sp"], tmp_path / "runs", config=mine, comparison=registry)
+    assert sorted({r["method"] for r in got.rows}) == ["naive", "toy-l2sp", "toy-paper"], got.rows
+    assert {r["seed"] for r in got.rows} == {0, 1, 2} and len(got.rows) == 9 and "seeds 0-2" in got.source
+    assert got.histories == {} and got.trials_path is None and not (tmp_path / "runs").exists()

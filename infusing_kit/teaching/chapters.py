@@ -6,9 +6,11 @@ Every chapter that trains starts with the same call; `CONFIG` is its parameter:
     run.metrics, run.tuned, run.pretrained, run.data     # data: experiment.Domains (target_*, generic_*, text_test)
 
 A chapter that compares methods reads them from one world's current comparison (results/current.json), or trains
-them here in SMOKE mode:
+them here in SMOKE mode; with a study file, it trains the study's methods that play the presets' parts here (or
+reads them from a registry of that study's comparison):
 
-    got = chapters.compared(PRESETS, RESULTS_DIR, smoke=SMOKE, seed=SEED, comparison=COMPARISON)
+    METHODS = chapters.methods_of(PRESETS, CONFIG)      # their names (a study that lacks one is refused, saying so)
+    got = chapters.compared(PRESETS, RESULTS_DIR, smoke=SMOKE, seed=SEED, comparison=COMPARISON, config=CONFIG)
     got.rows, got.histories, got.source, got.trials("toy-l2sp")
 
 config=None: the preset on the built-in world (`experiment.cached_run`). config=a study file (its `[study]`
@@ -57,17 +59,65 @@ def method_of(method: str, config: str | Path | None) -> str:
     if config is None:
         return method
     from ..protocol.config import load_config
-    from ..protocol.presets import PRESETS
     if not is_study(config):
         return load_config(config)["name"]
     from ..protocol.study import load_study
     study = load_study(config)
+    name = _plays(method, study)
+    if name is None:
+        raise ValueError(f"{config} has no method {method!r} (its methods: {sorted(study.methods)}); set the chapter's "
+                         "parameter that names it to one of them")
+    return name
+
+
+def _plays(method: str, study) -> str | None:
+    """The study's method that plays `method`'s part (method_of), None where it has none."""
+    from ..protocol.presets import PRESETS
     if method in study.methods:
         return method
     if method == "toy-naive" or (method in PRESETS and PRESETS[method].family == "baseline"):
         return study.protocol.baseline
-    raise ValueError(f"{config} has no method {method!r} (its methods: {sorted(study.methods)}); set the chapter's "
-                     "parameter that names it to one of them")
+    return None
+
+
+def lacks(presets: list[str], config: str | Path | None) -> list[str]:
+    """The presets that `config` has no method for (`method_of`); none on the built-in world. A chapter skips the
+    part that needs them, saying so."""
+    if config is None or not is_study(config):  # (an experiment file: `methods_of` refuses it)
+        return []
+    from ..protocol.study import load_study
+    study = load_study(config)
+    return [p for p in presets if _plays(p, study) is None]
+
+
+def methods_of(presets: list[str], config: str | Path | None) -> list[str]:
+    """The names of the methods that play `presets`' parts (`method_of`), in order: the presets themselves on the
+    built-in world. A chapter that compares methods needs a study file: an experiment file (one method), or a study
+    without one of them, is refused with what to add to it."""
+    if config is None:
+        return list(presets)
+    if not is_study(config):
+        raise ValueError(f"{config} is an experiment file (one method); this chapter compares {presets}: set CONFIG to "
+                         "a study file (docs/your-data.md; `export-world` writes one)")
+    missing = lacks(presets, config)
+    if missing:
+        tables = "".join(f'\n  [study.method.{p}]\n  preset = "{p}"' for p in missing)
+        raise ValueError(f"{config} has no method for {missing}, which this chapter compares; add them to its "
+                         f"[study] methods list and their tables:{tables}")
+    return [method_of(p, config) for p in presets]
+
+
+def train_config(method: str, config: str | Path | None = None, smoke: bool = False):
+    """The TrainConfig that `method` trains with: the preset's (its SMOKE schedule with smoke) on the built-in world;
+    on a study file, that of the study's method that plays its part (its own schedule, whatever smoke says)."""
+    if config is None:
+        from ..protocol.presets import PRESETS
+        return PRESETS[method].smoke_train if smoke else PRESETS[method].train
+    if not is_study(config):
+        from ..protocol.config import load_config, train_config as config_train
+        return config_train(load_config(config))
+    from ..protocol.study import load_study
+    return load_study(config).methods[method_of(method, config)].train
 
 
 def run(method: str, root: str | Path, config: str | Path | None = None, smoke: bool = False, seed: int = 0,
@@ -93,9 +143,9 @@ def run(method: str, root: str | Path, config: str | Path | None = None, smoke: 
             load_study(config).runner.run(name, out, seed=seed, registry=registry, resume=resume, device=device,
                                           progress=progress)
         else:
-            from ..protocol.experiment import run_setup
+            from ..protocol.experiment import run_merged
             setup = setup_from_config(dict(load_config(config), seed=seed), device=device, progress=progress)
-            run_setup(setup, out, device=device, progress=progress, registry=registry, resume=resume)
+            run_merged(setup, out, device=device, progress=progress, registry=registry, resume=resume)
     return load_run(out, device, progress)
 
 
@@ -187,14 +237,22 @@ class Compared:
 
 def compared(presets: list[str], root: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu",
              comparison: str | Path | None = "current", trials: str | Path | None = "current", world: str = "near",
-             progress: bool = True) -> Compared:
+             progress: bool = True, config: str | Path | None = None) -> Compared:
     """The rows a chapter compares. SMOKE, or comparison=None: each preset trained here once (seed `seed`, cached
     in `root`). Otherwise a comparison registry's rows of those presets (each method's main choice, on the seeds
     every one of them ran): "current" is `world`'s current comparison (results/current.json names it); a path is
     that registry. A world without a current comparison trains here too (a one-seed table; `source` says so): a
     chapter never shows another world's numbers. trials="current": the world's current search trials (validation
-    only, so shown beside runs trained here as well); a path: that trials file; None: no sweeps."""
-    from ..protocol.results import RESULTS, current, label
+    only, so shown beside runs trained here as well); a path: that trials file; None: no sweeps.
+
+    config=a study file: the study's methods that play the presets' parts (`methods_of`; rows and histories under
+    their names). comparison "current" or None, or smoke: each trained here once by `run` (the study's schedule,
+    seed `seed`), the rows of those runs; a path: that registry's rows of them (`compare --config STUDY --out DIR`
+    writes DIR/results.jsonl), on the seeds all of them ran. trials: a path only (the built-in world's searches
+    are not the study's)."""
+    from ..protocol.results import RESULTS, current
+    if config is not None:
+        return _compared_on(config, presets, root, smoke, seed, device, comparison, trials, progress)
     what = "the comparison registry"
     if trials == "current":  # the searches are validation only: shown beside runs trained here too
         trials = current(world, "trials")
@@ -206,14 +264,42 @@ def compared(presets: list[str], root: str | Path, smoke: bool = False, seed: in
         return Compared(rows, histories, f"trained here ({'SMOKE schedule, ' if smoke else ''}seed {seed})", trials)
     comparison = Path(comparison)
     rows, histories = chapter_rows(presets, root, comparison=comparison)
-    rows = [r for r in rows if label(r) == r["method"]]  # the main choices (a rule's or search seed's variant: 09)
-    seeds = set.intersection(*({r["seed"] for r in rows if r["method"] == p} for p in presets))
-    if not seeds:
-        raise ValueError(f"{comparison}: no seed on which all of {presets} ran; compare them on shared seeds")
-    rows = [r for r in rows if r["seed"] in seeds]  # every method on the same seeds: a fair table
     name = comparison.name if comparison.parent.resolve() == RESULTS.resolve() else str(comparison)
-    return Compared(rows, histories, f"{what} {name} (seeds {_span(sorted(seeds))}, those every method here ran: "
-                                     f"{len(rows)} runs)", trials)
+    return _on_shared_seeds(rows, presets, comparison, f"{what} {name}", trials)
+
+
+def _on_shared_seeds(rows: list[dict], methods: list[str], comparison: Path, what: str, trials) -> Compared:
+    """A registry's rows of `methods`: each method's main choice, on the seeds every one of them ran."""
+    from ..protocol.results import label
+    rows = [r for r in rows if label(r) == r["method"]]  # the main choices (a rule's or search seed's variant: 09)
+    seeds = set.intersection(*({r["seed"] for r in rows if r["method"] == p} for p in methods))
+    if not seeds:
+        raise ValueError(f"{comparison}: no seed on which all of {methods} ran; compare them on shared seeds")
+    rows = [r for r in rows if r["seed"] in seeds]  # every method on the same seeds: a fair table
+    return Compared(rows, {}, f"{what} (seeds {_span(sorted(seeds))}, those every method here ran: {len(rows)} runs)",
+                    trials)
+
+
+def _compared_on(config, presets, root, smoke, seed, device, comparison, trials, progress) -> Compared:
+    """`compared` on a study file (its docstring)."""
+    from ..protocol.registry import load_results, row_of
+    names = methods_of(presets, config)
+    trials = None if trials in (None, "current") else Path(trials)
+    if smoke or comparison in (None, "current"):
+        rows, histories = [], {}
+        for p, name in zip(presets, names):
+            r = run(p, root, config=config, smoke=smoke, seed=seed, device=device, progress=progress)
+            rows.append(row_of(r.metrics, method=name))
+            histories[name] = r.metrics["history"]
+        return Compared(rows, histories, f"trained here on {Path(config).name} (its schedule, seed {seed})", trials)
+    comparison = Path(comparison)
+    rows = [r for r in load_results(comparison) if r["method"] in names and r.get("finetuned")]
+    missing = [n for n in names if n not in {r["method"] for r in rows}]
+    if missing:
+        raise ValueError(f"{comparison} has no finished rows of {missing}: run `python -m infusing_kit compare "
+                         f"--config {config} --out DIR` and set COMPARISON to DIR/results.jsonl, or COMPARISON = None "
+                         "to train them here")
+    return _on_shared_seeds(rows, names, comparison, f"the comparison registry {comparison}", trials)
 
 
 def _span(seeds: list[int]) -> str:
