@@ -215,3 +215,12 @@ def test_a_new_post_hoc_method_is_a_function_and_one_row_that_a_config_names(smo
     assert m["post_hoc_chosen"] == {"keep": best["keep"]} and m["val"]["mean_map@20"] == best["mean_map@20"]
     saved = json.loads((tmp_path / "trim" / "metrics.json").read_text())
     assert saved["post_hoc_chosen"] == m["post_hoc_chosen"]
+
+
+def test_a_presets_ingredients_are_its_post_hoc_rows():
+    """A merge's ingredients live in its post-hoc row (`posthoc.METHODS`); a preset's `ingredients` field (which the
+    built-in study snapshot records) must say the same, or a study file and the preset would merge different runs."""
+    from infusing_kit.methods.posthoc import ingredients_of
+    from infusing_kit.protocol.presets import PRESETS
+    assert {n: p.ingredients for n, p in PRESETS.items()} == {n: ingredients_of(p.post_hoc) for n, p in PRESETS.items()}
+    assert {p.ingredients for p in PRESETS.values()} == {None, "seeds", "lrs"}

@@ -80,8 +80,8 @@ class Builtin(Runner):
     def seed_key(self, method: str, seed: int) -> str:
         """What a study's sampler seed is drawn from: the method, the seed and whether it runs the smoke schedule
         (not the storage name), so a study file of the built-in world draws exactly the points the built-in
-        comparison draws."""
-        return f"{method}{'-smoke' if self.smoke else ''}-seed{seed}"
+        comparison draws. Here the storage name says exactly that."""
+        return self.study_name(method, seed)
 
     def model_name(self) -> str:
         from .experiment import pretrain_config

@@ -192,7 +192,7 @@ def _load_study(path: str, mtime: int) -> Study:
                                 f"{t.get('preset', 'toy-naive')})", train=trained, smoke_train=trained,
                                 search=() if ablation_of else space, post_hoc=post_hoc_of(t),
                                 ablation_of=ablation_of, ablation=ablation,
-                                ingredients=_ingredients(preset, post_hoc_of(t), space if not ablation_of else (), w))
+                                ingredients=_ingredients(post_hoc_of(t), space if not ablation_of else (), w))
         written[name] = t
     protocol = Protocol(baseline=st["baseline"], **{k: tuple(st[k]) for k in ("search_seeds", "final_seeds",
                                                                                "heldout_seeds") if k in st},
@@ -208,7 +208,7 @@ def _load_study(path: str, mtime: int) -> Study:
     return Study(cfg["name"], StudyFile(path, config, written, methods), methods, protocol, config, written)
 
 
-def _ingredients(preset, post_hoc, space, where: str) -> str | None:
+def _ingredients(post_hoc, space, where: str) -> str | None:
     """What a study method's post-hoc merge takes besides its own run (comparison.py makes them): Model Stock a
     second fine-tuning seed, soups the baseline at other learning rates. A merge of several runs has no search of
     its own (a trial has no other runs to merge: it would train and then fail)."""
@@ -216,7 +216,7 @@ def _ingredients(preset, post_hoc, space, where: str) -> str | None:
     if ingredients_of(post_hoc) and space:
         raise ValueError(f"{where}: post_hoc = {post_hoc!r} merges several runs that the comparison makes; it has no "
                          "search of its own: set search = [] (its strength is chosen on validation as it merges)")
-    return preset.ingredients if preset.post_hoc == post_hoc else ingredients_of(post_hoc)
+    return ingredients_of(post_hoc)
 
 
 def check_method_name(name, where: str) -> str:
